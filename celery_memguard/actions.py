@@ -1,0 +1,68 @@
+"""Carries decisions out: verify the target against the live process table, then act.
+
+The only place that turns a Decision into an effect. Every recycle is re-checked right before
+its signal (same pid, same start time, same parent, which is the worker's main process), so a
+pid reused since the sample is never touched; holds and dry runs are logged and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery_memguard.model import Decision
+from celery_memguard.procs import Procs
+from celery_memguard.state import State
+
+
+class Actor:
+    def __init__(self, procs: Procs, state: State, log: Any, dry_run: bool) -> None:
+        self.procs = procs
+        self.state = state
+        self.log = log
+        self.dry_run = dry_run
+        self._last_hold: dict[int, str] = {}  # pid -> hold reason last logged
+
+    def carry_out(self, decisions: list[Decision], now: float) -> None:
+        for decision in decisions:
+            if decision.hold is not None:
+                self._hold(decision)
+            else:
+                self._recycle(decision, now)
+
+    def _hold(self, d: Decision) -> None:
+        if self._last_hold.get(d.proc.pid) == d.hold:
+            return
+        assert d.hold is not None
+        self._last_hold[d.proc.pid] = d.hold
+        if len(self._last_hold) > 4096:
+            self._last_hold.clear()
+        self.log.info("recycle_held", worker=d.worker, index=d.index, pid=d.proc.pid,
+                      reason=d.reason.value, held_by=d.hold.value, measured_bytes=d.measured,
+                      threshold_bytes=d.threshold)
+
+    def _recycle(self, d: Decision, now: float) -> None:
+        fields = {"worker": d.worker, "index": d.index, "pid": d.proc.pid,
+                  "reason": d.reason.value, "measured_bytes": d.measured,
+                  "threshold_bytes": d.threshold}
+        live = self.procs.stat(d.proc.pid)
+        if live is None or live.proc != d.proc or live.ppid != d.ppid or d.ppid != d.worker_pid:
+            self.log.warning("recycle_dropped", why="not_a_verified_pool_child", **fields)
+            return
+        if self.dry_run:
+            self.state.noted(d.worker, d.proc.pid, now)
+            self.state.dry_run_recycles[(d.worker, d.reason.value)] += 1
+            self.log.info("recycle_would_request", dry_run=True, **fields)
+            return
+        assert d.signal is not None
+        try:
+            delivered = self.procs.send_signal(d.proc.pid, d.signal)
+        except PermissionError:
+            self.log.error("recycle_failed", why="permission_denied", **fields)
+            return
+        if not delivered:
+            self.log.info("recycle_dropped", why="process_gone", **fields)
+            return
+        self.state.requested(d.worker, d.proc.pid, now)
+        self.state.recycles[(d.worker, d.reason.value)] += 1
+        self._last_hold.pop(d.proc.pid, None)
+        self.log.info("recycle_requested", **fields)

@@ -1,0 +1,271 @@
+"""The in-worker side: Celery signal hooks, reports to the daemon, recycle-after-task.
+
+The only module that imports Celery. It is small on purpose and must never slow or break a
+worker: every hook swallows its own errors, sends are non-blocking datagrams that are simply
+lost when no daemon listens, and nothing here waits.
+
+How a recycle is carried out: the daemon sends ``RECYCLE_SIGNAL`` (a real-time signal that
+neither Celery nor billiard uses) to a verified pool child. The handler only sets a flag. The
+child's ``wait_for_job`` - the call billiard's ``Worker.workloop`` makes between two tasks,
+after the previous result has been handed to the parent - is wrapped to check the flag and,
+when set, to leave with ``sys.exit(EX_RECYCLE)``: the same exit code and the same
+``_ensure_messages_consumed`` path that ``--max-tasks-per-child`` takes, so the pool starts a
+replacement and no task is lost or run twice. Celery's pool children block in that read with
+no timeout, so a child that is idle when the signal comes leaves from the handler itself:
+it has acknowledged no job, and the parent puts back a job written to a child that exits
+before acknowledging it (celery/concurrency/asynpool.py ``on_job_process_down``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from celery import Celery, signals
+
+from celery_memguard import __version__, wire
+from celery_memguard.config import DEFAULT_SOCKET, SOCKET_ENV
+
+RECYCLE_SIGNAL = signal.SIGRTMIN + 4
+EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE, repeated to avoid importing billiard internals here
+HEARTBEAT_SECONDS = 2.0
+CHILD_HELLO_SECONDS = 5.0
+_VERSION = __version__
+
+_socket_path: str = DEFAULT_SOCKET
+_sender: _Sender | None = None
+_child: _ChildAgent | None = None
+_installed_apps: set[int] = set()
+
+
+class _Sender:
+    """A non-blocking datagram socket owned by one process; a lost datagram is only counted."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.sent = 0
+        self.lost = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+
+    def send(self, message: wire.Message) -> None:
+        try:
+            self._sock.sendto(wire.encode(message), self.path)
+            self.sent += 1
+        except OSError:
+            self.lost += 1
+
+
+def _send(message: wire.Message) -> None:
+    global _sender
+    try:
+        if _sender is None or _sender.pid != os.getpid():
+            _sender = _Sender(_socket_path)
+        _sender.send(message)
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+class _StatmReader:
+    """Reads this process's RSS through one open descriptor (pread regenerates the file)."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+class _ChildAgent:
+    """Per pool child: its index, task count, the recycle flag and the task in progress."""
+
+    def __init__(self, index: int) -> None:
+        self.pid = os.getpid()
+        self.ppid = os.getppid()
+        self.index = index
+        self.tasks = 0
+        self.recycle_requested = False
+        self.waiting = False  # blocked in billiard's read of the next job
+        self.rss_before = 0
+        self.statm = _StatmReader()
+        self.last_hello = 0.0
+
+    def hello(self) -> None:
+        self.last_hello = time.monotonic()
+        _send(wire.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
+                              tasks=self.tasks, rss=self.statm.rss()))
+
+    def on_recycle_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.recycle_requested = True
+        if self.waiting:
+            # Idle, blocked reading the next job: nothing has been acknowledged to the parent,
+            # which puts back a job written to a child that exits before its ACK.
+            self.waiting = False
+            self.leave()
+
+    def leave(self) -> None:
+        _send(wire.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
+                             tasks=self.tasks, reason="requested"))
+        sys.exit(EX_RECYCLE)  # billiard's own sys.exit wrapper records the exit code
+
+    def wrap_wait_for_job(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+            if self.recycle_requested:
+                self.leave()
+            if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
+                self.hello()
+            self.waiting = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.waiting = False
+
+        return wait_for_job
+
+
+def install(app: Celery, socket: str | None = None) -> None:
+    """Hook celery-memguard into a Celery app; call once in the module that defines ``app``.
+
+    The socket path is taken from ``CELERY_MEMGUARD_SOCKET`` when set, else ``socket``, else
+    the documented default. Installing twice is harmless.
+    """
+    global _socket_path
+    _socket_path = os.environ.get(SOCKET_ENV) or socket or DEFAULT_SOCKET
+    if id(app) in _installed_apps:
+        return
+    _installed_apps.add(id(app))
+    uid = f"celery_memguard.{id(app)}"
+    signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid=uid + ".ready")
+    signals.worker_shutdown.connect(_on_worker_shutdown, weak=False, dispatch_uid=uid + ".shutdown")
+    signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid=uid + ".init")
+    signals.task_prerun.connect(_on_task_prerun, weak=False, dispatch_uid=uid + ".prerun")
+    signals.task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid=uid + ".postrun")
+
+
+# -- main process ----------------------------------------------------------------------------
+
+def _worker_hello(consumer: Any) -> wire.WorkerHello:
+    pool = consumer.pool
+    controller = getattr(consumer, "controller", None)
+    conf = consumer.app.conf
+    max_tasks = getattr(controller, "max_tasks_per_child", None) or conf.worker_max_tasks_per_child
+    max_mem = getattr(controller, "max_memory_per_child", None) or conf.worker_max_memory_per_child
+    kids: list[tuple[int, int]] = []
+    inner = getattr(pool, "_pool", None)
+    for proc in list(getattr(inner, "_pool", None) or ()):
+        pid, index = getattr(proc, "pid", None), getattr(proc, "index", None)
+        if isinstance(pid, int) and isinstance(index, int):
+            kids.append((pid, index))
+    concurrency = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
+    return wire.WorkerHello(
+        pid=os.getpid(), node=str(consumer.hostname)[: wire.MAX_NAME],
+        pool=type(pool).__module__.rsplit(".", 1)[-1][:40],
+        concurrency=int(concurrency), max_tasks=int(max_tasks) if max_tasks else None,
+        max_memory_kib=int(max_mem) if max_mem else None,
+        recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: wire.MAX_KIDS]), agent=_VERSION,
+    )
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    consumer = sender
+    try:
+        _send(_worker_hello(consumer))
+        timer = getattr(consumer, "timer", None)
+        if timer is not None:
+            timer.call_repeatedly(HEARTBEAT_SECONDS, _heartbeat, (consumer,))
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def _heartbeat(consumer: Any) -> None:
+    with contextlib.suppress(Exception):
+        _send(_worker_hello(consumer))
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    with contextlib.suppress(Exception):
+        _send(wire.WorkerBye(pid=os.getpid()))
+
+
+# -- pool child ------------------------------------------------------------------------------
+
+def _find_pool_worker() -> Any:
+    """The billiard Worker whose initializer is running us, found on the call stack.
+
+    worker_process_init is sent from the pool initializer, which billiard calls from
+    ``Worker.after_fork`` before ``workloop`` binds ``wait_for_job``: wrapping it now is the
+    one place where the recycle check can join billiard's own loop. None outside a pool child
+    (the solo pool sends the same signal from the main process).
+    """
+    try:
+        from billiard.pool import Worker  # noqa: PLC0415 - only meaningful inside a child
+    except ImportError:  # pragma: no cover - billiard always ships with Celery
+        return None
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Worker):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _on_process_init(**_: Any) -> None:
+    global _child
+    try:
+        pool_worker = _find_pool_worker()
+        if pool_worker is None or not hasattr(pool_worker, "wait_for_job"):
+            return
+        from billiard.process import current_process  # noqa: PLC0415
+
+        index = getattr(current_process(), "index", None)
+        agent = _ChildAgent(index if isinstance(index, int) else 0)
+        signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
+        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job)
+        _child = agent
+        agent.hello()
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def _on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    agent = _child
+    if agent is None or agent.pid != os.getpid():
+        return
+    try:
+        agent.rss_before = rss = agent.statm.rss()
+        _send(wire.TaskStart(pid=agent.pid, ppid=agent.ppid, index=agent.index,
+                             task=_name(task), id=str(task_id)[: wire.MAX_NAME], rss=rss))
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | None = None,
+                     **_: Any) -> None:
+    agent = _child
+    if agent is None or agent.pid != os.getpid():
+        return
+    try:
+        agent.tasks += 1
+        _send(wire.TaskEnd(pid=agent.pid, ppid=agent.ppid, index=agent.index, task=_name(task),
+                           id=str(task_id)[: wire.MAX_NAME], rss_before=agent.rss_before,
+                           rss=agent.statm.rss(), tasks=agent.tasks, ok=state == "SUCCESS"))
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def _name(task: Any) -> str:
+    name = getattr(task, "name", None) or "unknown"
+    return "".join(ch for ch in str(name) if ch.isprintable())[: wire.MAX_NAME]

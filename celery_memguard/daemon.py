@@ -1,0 +1,279 @@
+"""The daemon loop: receive -> sample -> decide -> act -> publish.
+
+One thread owns the state. It waits on the agent socket and a signal wake-up pipe until the
+next tick, so a task-end report is decided on the moment it arrives (a child that runs
+hundreds of tasks a second must not overshoot by more than a task or two), and the tick
+samples every child's RSS for the children that send nothing. Signal handlers only enqueue;
+the loop dispatches them. The clock and the process table are injected for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from celery_memguard import policy, wire
+from celery_memguard.actions import Actor
+from celery_memguard.config import Config, ConfigError, split_listen
+from celery_memguard.inbox import Datagram, Inbox
+from celery_memguard.metrics import HttpServer, Metrics, View, status_document
+from celery_memguard.procs import Procs
+from celery_memguard.state import Rejected, State, WorkerRec
+
+DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
+_MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
+                  "s": "task_start", "e": "task_end", "x": "child_exit"}
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        procs: Procs | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log: Any = None,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
+        from celery_memguard import log as logmod  # noqa: PLC0415 - avoids a cycle at import
+
+        self.config = config
+        self.procs = procs if procs is not None else Procs()
+        self.clock = clock
+        self.log = log if log is not None else logmod.get()
+        self._reload = reload
+        self.state = State(self.procs.stat)
+        self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
+        self.metrics = Metrics(lambda: self.view)
+        self.stopping = threading.Event()
+        self.signals: deque[int] = deque()
+        self.last_tick = clock()
+        self._next_scan = 0.0
+        self._started_wall = time.time()
+        self.view = self._make_view(clock())
+        self.http: HttpServer | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def run(self, ready: Callable[[Daemon], None] | None = None) -> int:
+        """Bind, serve and loop until SIGTERM/SIGINT or ``stop()``; returns an exit code."""
+        inbox = Inbox(self.config.agent.socket)
+        inbox.open()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            host, port = split_listen(self.config.metrics.listen)
+            self.http = HttpServer(host, port, self.metrics, lambda: self.view, self.healthy,
+                                   status_document)
+        except OSError:
+            inbox.close()
+            raise
+        previous = self._install_signal_handlers()
+        self.http.start()
+        self.log.info("daemon_started", socket=str(self.config.agent.socket),
+                      listen="{}:{}".format(*self.http.address), soft_bytes=self.config.limits.soft,
+                      hard_bytes=self.config.limits.hard, measure=self.config.limits.measure,
+                      interval_seconds=self.config.sampling.interval,
+                      dry_run=self.config.recycle.dry_run, pid=os.getpid())
+        if ready is not None:
+            ready(self)
+        try:
+            self._loop(inbox)
+        finally:
+            self._restore_signal_handlers(previous)
+            self.http.stop()
+            inbox.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.log.info("daemon_stopped")
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
+
+    def healthy(self) -> bool:
+        return self.clock() - self.last_tick < max(5.0, 3 * self.config.sampling.interval)
+
+    def _loop(self, inbox: Inbox) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_tick = self.clock()
+        try:
+            while not self.stopping.is_set():
+                now = self.clock()
+                if now >= next_tick:
+                    self.tick(now)
+                    interval = self.config.sampling.interval
+                    next_tick += interval
+                    if next_tick <= now:  # fell behind: skip, do not burst
+                        next_tick = now + interval
+                for key, _ in selector.select(max(0.0, next_tick - self.clock())):
+                    if key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 512)
+                    else:
+                        for datagram in inbox.drain(DRAIN_BATCH):
+                            self.receive(datagram, self.clock())
+                while self.signals:
+                    self._dispatch_signal(self.signals.popleft())
+        finally:
+            selector.close()
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous  # embedded in a test or the demo: stop() is the way out
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        previous[-1] = signal.set_wakeup_fd(self._wake_w)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            if signum == -1:
+                signal.set_wakeup_fd(handler)
+            else:
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _dispatch_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.log.info("stop_requested", signal=signal.Signals(signum).name)
+            self.stopping.set()
+        elif signum == signal.SIGHUP:
+            self.handle_reload()
+
+    def handle_reload(self) -> None:
+        """Re-read the config file; a bad one is refused and the old config stays."""
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            self.log.error("config_reload_refused", key=exc.key, why=exc.reason)
+            return
+        fixed = ("agent", "metrics")
+        if any(getattr(new, name) != getattr(self.config, name) for name in fixed):
+            self.log.warning("config_reload_partial",
+                             why="agent.socket and metrics.listen change only on restart")
+            new = new.model_copy(update={name: getattr(self.config, name) for name in fixed})
+        self.config = new
+        self.actor.dry_run = new.recycle.dry_run
+        self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
+                      dry_run=new.recycle.dry_run)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def receive(self, datagram: Datagram, now: float) -> None:
+        """Fold one datagram in; a task-end report is decided on at once."""
+        state = self.state
+        if datagram.truncated:
+            state.dropped["oversized"] += 1
+            return
+        try:
+            message = wire.decode(datagram.data)
+        except wire.WireError as exc:
+            state.dropped[exc.reason] += 1
+            return
+        if datagram.pid != message.pid:
+            state.dropped["forged_sender"] += 1  # the kernel says another process sent it
+            return
+        try:
+            worker = state.apply(message, now)
+        except Rejected as exc:
+            state.dropped[exc.reason] += 1
+            return
+        state.messages[_MESSAGE_NAMES[message.t]] += 1
+        if isinstance(message, wire.WorkerHello) and worker is not None:
+            self._refresh_children(worker)
+        if isinstance(message, wire.TaskEnd | wire.ChildHello) and worker is not None:
+            self._measure_near_limit(worker)
+            self._decide(now, worker)
+
+    # -- tick ----------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Scan when due, sample every child, decide for all workers, publish."""
+        started = self.clock()
+        if now >= self._next_scan:
+            self._scan()
+            self._next_scan = now + self.config.sampling.scan_interval
+        for pid, rec in list(self.state.workers.items()):
+            live = self.procs.stat(pid)
+            if live is None or live.proc != rec.proc:
+                self.state.drop_worker(pid)
+                self.log.info("worker_gone", worker=rec.name, pid=pid)
+                continue
+            rec.rss = self.procs.rss(pid) or 0
+            self._refresh_children(rec)
+            for child in rec.children.values():
+                rss = self.procs.rss(child.proc.pid)
+                if rss is not None:
+                    child.rss = rss
+            self._measure_near_limit(rec)
+        self._decide(now, None)
+        self.last_tick = now
+        self.metrics.tick_seconds.observe(self.clock() - started)
+
+    def _scan(self) -> None:
+        for found in self.procs.scan_workers():
+            known = found.stat.pid in self.state.workers
+            rec = self.state.found(found)
+            if not known:
+                self.log.info("worker_found", worker=rec.name, pid=found.stat.pid,
+                              agent=rec.agent, children=len(found.children))
+
+    def _refresh_children(self, rec: WorkerRec) -> None:
+        for child in self.state.sync_children(rec, self.procs.children(rec.proc.pid)):
+            self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
+                          tasks=child.tasks, rss_bytes=child.rss,
+                          requested=child.requested_at is not None)
+
+    def _measure_near_limit(self, rec: WorkerRec) -> None:
+        """Read USS/PSS (about 30x dearer than RSS) only where it decides something."""
+        limits = self.config.limits
+        if limits.measure == "rss":
+            return
+        floor = limits.soft * (1.0 - self.config.recycle.jitter)
+        for child in rec.children.values():
+            if child.rss >= floor:
+                figures = self.procs.uss_pss(child.proc.pid)
+                if figures is not None:
+                    child.uss, child.pss = figures
+            else:
+                child.uss = child.pss = None
+
+    def _decide(self, now: float, only: WorkerRec | None) -> None:
+        snapshot = self.state.snapshot(now, only=only)
+        decisions = policy.decide(snapshot, self.config.limits, self.config.recycle,
+                                  self.state.requests, now)
+        if decisions:
+            self.actor.carry_out(decisions, now)
+        if only is None or any(d.acts for d in decisions):
+            self.view = self._make_view(now)
+
+    def _make_view(self, now: float) -> View:
+        state = self.state
+        return View(
+            snapshot=state.snapshot(now),
+            limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
+            measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
+            recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
+            messages=dict(state.messages), dropped=dict(state.dropped),
+            published_at=now, started_at=self._started_wall,
+        )
+

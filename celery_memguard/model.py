@@ -1,0 +1,94 @@
+"""Frozen value types that flow from state to policy to actions and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Reason(str, Enum):
+    """Why a child is recycled; the values are the ``reason`` label of recycles_total."""
+
+    SOFT = "soft"
+
+
+class Hold(str, Enum):
+    """Why a child over its limit is left alone for now."""
+
+    NO_AGENT = "no_agent"  # observe-only: nothing in that worker can recycle safely
+    MAX_TASKS_SOON = "max_tasks_soon"  # --max-tasks-per-child will recycle it within a few tasks
+    SHARE_CAP = "share_cap"  # too much of the pool is already recycling
+    RATE_LIMIT = "rate_limit"  # recycle.max_per_minute reached for this worker
+
+
+@dataclass(frozen=True, slots=True)
+class ProcId:
+    """A process identity that survives pid reuse: pid plus its start time in clock ticks."""
+
+    pid: int
+    start: int
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    worker: str
+    index: int
+    proc: ProcId
+    ppid: int
+    rss: int
+    uss: int | None
+    pss: int | None
+    tasks: int
+    task: str | None  # the task name it runs now, None when idle
+    agent: bool  # its agent has spoken, so it can carry out a recycle request
+    requested_at: float | None  # when we asked it to recycle (monotonic)
+    noted: bool  # a dry run already counted it as a would-be recycle
+    leaving: bool  # it said it is leaving through the recycle path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    name: str
+    proc: ProcId
+    pool: str
+    concurrency: int
+    max_tasks: int | None
+    max_memory_kib: int | None
+    agent: bool
+    recycle_signal: int | None
+    rss: int
+    children: tuple[Child, ...] = ()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    taken_at: float  # monotonic
+    workers: tuple[Worker, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A recycle to carry out, or a hold to log; policy output, never an effect."""
+
+    worker: str
+    worker_pid: int
+    index: int
+    proc: ProcId
+    ppid: int
+    measured: int  # the figure compared, in bytes
+    threshold: int  # the child's own threshold after jitter
+    reason: Reason
+    hold: Hold | None = None
+    signal: int | None = None
+
+    @property
+    def acts(self) -> bool:
+        return self.hold is None

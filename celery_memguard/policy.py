@@ -1,0 +1,110 @@
+"""The pure recycle policy: a snapshot and the config in, decisions out.
+
+No clock, no I/O: ``now`` and the recent request times are arguments, so every rule here is
+tested with tables. The daemon carries the decisions out (actions.py) and logs them.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+
+from celery_memguard.config import LimitsConfig, RecycleConfig
+from celery_memguard.model import Child, Decision, Hold, ProcId, Reason, Snapshot, Worker
+
+RATE_WINDOW = 60.0
+
+
+def jitter_fraction(proc: ProcId) -> float:
+    """A stable number in [0, 1) per process, so a child's threshold does not move between ticks."""
+    return zlib.crc32(f"{proc.pid}:{proc.start}".encode()) / 2**32
+
+
+def soft_threshold(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId) -> int:
+    """The soft limit lowered by this child's share of the jitter, never raised above it."""
+    return int(limits.soft * (1.0 - recycle.jitter * jitter_fraction(proc)))
+
+
+def measured(child: Child, measure: str) -> int:
+    """The figure the limits compare: USS/PSS when configured and sampled, else RSS.
+
+    RSS is an upper bound of both, so a child whose dear figure was not sampled (because its
+    RSS is under the limit) is compared by RSS and is correctly under.
+    """
+    if measure == "uss" and child.uss is not None:
+        return child.uss
+    if measure == "pss" and child.pss is not None:
+        return child.pss
+    return child.rss
+
+
+def share_cap(worker: Worker, recycle: RecycleConfig) -> int:
+    """How many children of this pool may be asked to recycle and still be running at once."""
+    pool = max(worker.concurrency, len(worker.children), 1)
+    return max(1, math.floor(recycle.max_share * pool))
+
+
+def decide(
+    snapshot: Snapshot,
+    limits: LimitsConfig,
+    recycle: RecycleConfig,
+    requests: Mapping[str, Sequence[float]],
+    now: float,
+    only: Iterable[str] | None = None,
+) -> list[Decision]:
+    """Return the recycles to request now and the holds that explain the others.
+
+    ``requests`` holds the times of recent recycle requests per worker name (rate limit);
+    ``only`` limits the decision to some workers (a task-end report concerns one worker).
+    """
+    names = set(only) if only is not None else None
+    decisions: list[Decision] = []
+    for worker in snapshot.workers:
+        if names is not None and worker.name not in names:
+            continue
+        decisions.extend(_decide_worker(worker, limits, recycle, requests.get(worker.name, ()), now))
+    return decisions
+
+
+def _decide_worker(
+    worker: Worker,
+    limits: LimitsConfig,
+    recycle: RecycleConfig,
+    recent: Sequence[float],
+    now: float,
+) -> list[Decision]:
+    over: list[tuple[Child, int, int]] = []
+    for child in worker.children:
+        if child.requested_at is not None or child.leaving or child.noted:
+            continue
+        threshold = soft_threshold(limits, recycle, child.proc)
+        value = measured(child, limits.measure)
+        if value >= threshold:
+            over.append((child, value, threshold))
+    if not over:
+        return []
+    over.sort(key=lambda item: item[1], reverse=True)
+    in_flight = sum(1 for c in worker.children if c.requested_at is not None and not c.leaving)
+    cap = share_cap(worker, recycle)
+    used = sum(1 for t in recent if now - t < RATE_WINDOW)
+    decisions = []
+    for child, value, threshold in over:
+        hold = None
+        if not (worker.agent and child.agent and worker.recycle_signal):
+            hold = Hold.NO_AGENT
+        elif worker.max_tasks and child.tasks >= worker.max_tasks - recycle.skip_within_tasks:
+            hold = Hold.MAX_TASKS_SOON
+        elif in_flight >= cap:
+            hold = Hold.SHARE_CAP
+        elif used >= recycle.max_per_minute:
+            hold = Hold.RATE_LIMIT
+        else:
+            in_flight += 1
+            used += 1
+        decisions.append(Decision(
+            worker=worker.name, worker_pid=worker.pid, index=child.index, proc=child.proc,
+            ppid=child.ppid, measured=value, threshold=threshold, reason=Reason.SOFT, hold=hold,
+            signal=worker.recycle_signal,
+        ))
+    return decisions

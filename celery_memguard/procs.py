@@ -1,0 +1,192 @@
+"""The OS seam: find workers and their children, read memory, send signals.
+
+Everything that touches ``/proc``, psutil or ``os.kill`` lives here, behind one class whose
+root directory is an argument, so the rest of the daemon can be driven by a fake table. A
+process that vanished is normal (None / False); access denied is reported to the caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from celery_memguard.model import ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    pid: int
+    ppid: int
+    start: int  # start time in clock ticks after boot: with the pid, a unique identity
+
+    @property
+    def proc(self) -> ProcId:
+        return ProcId(self.pid, self.start)
+
+
+@dataclass(frozen=True, slots=True)
+class FoundWorker:
+    """A Celery worker main process found by scanning the process table."""
+
+    stat: ProcStat
+    name: str
+    children: tuple[ProcStat, ...]
+
+
+class Procs:
+    """Reads and signals real processes. ``root`` is the procfs mount (a fixture tree in tests)."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def stat(self, pid: int) -> ProcStat | None:
+        """ppid and start time from /proc/PID/stat, or None if the process is gone."""
+        try:
+            with open(f"{self.root}/{pid}/stat", "rb") as fh:
+                data = fh.read()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.ENOENT):
+                return None
+            raise
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        fields = data[data.rindex(b")") + 2 :].split()
+        return ProcStat(pid=pid, ppid=int(fields[1]), start=int(fields[19]))
+
+    def rss(self, pid: int) -> int | None:
+        """Resident set size in bytes from /proc/PID/statm (a few microseconds), None if gone."""
+        try:
+            with open(f"{self.root}/{pid}/statm", "rb") as fh:
+                return int(fh.read().split()[1]) * self.page_size
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+
+    def uss_pss(self, pid: int) -> tuple[int, int] | None:
+        """USS and PSS in bytes from /proc/PID/smaps_rollup (tens of microseconds), None if gone."""
+        try:
+            with open(f"{self.root}/{pid}/smaps_rollup", "rb") as fh:
+                data = fh.read()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        values: dict[bytes, int] = {}
+        for line in data.splitlines():
+            key, _, rest = line.partition(b":")
+            if key in (b"Pss", b"Private_Clean", b"Private_Dirty", b"Private_Hugetlb"):
+                values[key] = int(rest.split()[0]) * 1024
+        uss = values.get(b"Private_Clean", 0) + values.get(b"Private_Dirty", 0)
+        uss += values.get(b"Private_Hugetlb", 0)
+        return uss, values.get(b"Pss", 0)
+
+    def children(self, pid: int) -> list[ProcStat]:
+        """Direct children of pid, from /proc/PID/task/*/children where the kernel has it."""
+        pids: list[int] = []
+        task_dir = Path(self.root, str(pid), "task")
+        try:
+            for task in task_dir.iterdir():
+                pids.extend(int(p) for p in (task / "children").read_bytes().split())
+        except FileNotFoundError:
+            if not task_dir.parent.exists():
+                return []
+            pids = [s.pid for s in self._all_stats() if s.ppid == pid]
+        stats = [self.stat(child) for child in pids]
+        return [s for s in stats if s is not None and s.ppid == pid]
+
+    def cmdline(self, pid: int) -> list[str]:
+        try:
+            data = Path(self.root, str(pid), "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return []
+        return [part.decode(errors="replace") for part in data.split(b"\0") if part]
+
+    def scan_workers(self) -> list[FoundWorker]:
+        """Every Celery worker main process with its direct children, agent or not."""
+        stats = {s.pid: s for s in self._all_stats()}
+        matched = {pid: cmd for pid in stats if (cmd := self.cmdline(pid)) and is_worker_cmdline(cmd)}
+        found = []
+        for pid, cmd in matched.items():
+            stat = stats[pid]
+            if stat.ppid in matched:
+                continue  # a pool child (forked, so it shares its parent's command line)
+            kids = tuple(s for s in stats.values() if s.ppid == pid)
+            found.append(FoundWorker(stat=stat, name=worker_name(cmd, pid), children=kids))
+        return found
+
+    def _all_stats(self) -> Iterator[ProcStat]:
+        for entry in os.scandir(self.root):
+            if entry.name.isdigit():
+                stat = self.stat(int(entry.name))
+                if stat is not None:
+                    yield stat
+
+    def memory_total(self) -> int:
+        """The memory a percentage refers to: the cgroup limit if one is set, else the host's."""
+        for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+            try:
+                text = Path(path).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < psutil.virtual_memory().total:
+                return int(text)
+        return int(psutil.virtual_memory().total)
+
+    # -- acting ------------------------------------------------------------------------------
+
+    def send_signal(self, pid: int, signum: int) -> bool:
+        """Deliver a signal; False if the process is gone, PermissionError if not ours to signal."""
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def is_worker_cmdline(cmdline: list[str]) -> bool:
+    """True for ``celery ... worker`` command lines and Celery's own process titles."""
+    if not cmdline:
+        return False
+    if cmdline[0].startswith("[celeryd:"):
+        return True
+    names = [os.path.basename(part) for part in cmdline[:3]]
+    is_celery = "celery" in names or any(
+        cmdline[i] == "-m" and cmdline[i + 1] == "celery" for i in range(len(cmdline) - 1)
+    )
+    return is_celery and "worker" in cmdline
+
+
+def worker_name(cmdline: list[str], pid: int) -> str:
+    """The nodename Celery would use: ``-n/--hostname`` with %h/%n/%d expanded, else celery@host."""
+    if cmdline and cmdline[0].startswith("[celeryd:"):
+        title = " ".join(cmdline)
+        name = title[len("[celeryd: "):].split(":")[0].strip()
+        if name:
+            return name
+    host = socket.gethostname()
+    name = f"celery@{host}"
+    args = iter(cmdline)
+    for arg in args:
+        if arg in ("-n", "--hostname"):
+            name = next(args, name)
+        elif arg.startswith("--hostname="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("-n") and len(arg) > 2 and not arg.startswith("--"):
+            name = arg[2:]
+    short, _, domain = host.partition(".")
+    name = name.replace("%h", host).replace("%n", short).replace("%d", domain)
+    if "@" not in name:
+        name = f"celery@{name}"
+    return name
+
+
+def describe(cmdline: list[str]) -> str:
+    return shlex.join(cmdline)[:200]

@@ -1,0 +1,226 @@
+"""What the daemon knows: workers, their pool children, counters. No I/O.
+
+The daemon feeds it agent messages (already decoded and checked against the sender's
+credentials) and process-table readings, and asks it for immutable snapshots that the
+policy decides on and the metrics render. A restart rebuilds it from a scan and from the
+agents' periodic hellos; the counters restart, as Prometheus counters may.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from celery_memguard import wire
+from celery_memguard.model import Child, ProcId, Snapshot, Worker
+from celery_memguard.procs import FoundWorker, ProcStat
+
+StatFn = Callable[[int], ProcStat | None]
+
+
+class Rejected(Exception):
+    """A well-formed message the state refuses (it names a process that is not what it claims)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ChildRec:
+    proc: ProcId
+    ppid: int
+    index: int | None
+    rss: int = 0
+    uss: int | None = None
+    pss: int | None = None
+    tasks: int = 0
+    task: str | None = None
+    task_id: str | None = None
+    agent: bool = False
+    requested_at: float | None = None
+    noted: bool = False  # a dry run has counted it already
+    leaving: bool = False
+
+
+@dataclass
+class WorkerRec:
+    proc: ProcId
+    name: str | None
+    pool: str = "prefork"
+    concurrency: int = 0
+    max_tasks: int | None = None
+    max_memory_kib: int | None = None
+    agent: bool = False
+    recycle_signal: int | None = None
+    rss: int = 0
+    kid_index: dict[int, int] = field(default_factory=dict)
+    children: dict[int, ChildRec] = field(default_factory=dict)
+
+
+class State:
+    """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
+
+    def __init__(self, stat: StatFn) -> None:
+        self._stat = stat
+        self.workers: dict[int, WorkerRec] = {}
+        self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
+        self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
+        self.messages: Counter[str] = Counter()  # by message type
+        self.dropped: Counter[str] = Counter()  # by reason
+        self.requests: dict[str, deque[float]] = {}  # recent recycle requests per worker name
+
+    # -- agent messages ----------------------------------------------------------------------
+
+    def apply(self, message: wire.Message, now: float) -> WorkerRec | None:
+        """Fold one message into the state; return the worker it concerns, if any."""
+        if isinstance(message, wire.WorkerHello):
+            return self._worker_hello(message)
+        if isinstance(message, wire.WorkerBye):
+            rec = self.workers.pop(message.pid, None)
+            return None if rec is None else rec
+        worker, child = self._child_of(message)
+        child.agent = True
+        if isinstance(message, wire.TaskStart):
+            child.task, child.task_id, child.rss = message.task, message.id, message.rss
+        elif isinstance(message, wire.TaskEnd):
+            child.task = child.task_id = None
+            child.rss, child.tasks = message.rss, message.tasks
+        elif isinstance(message, wire.ChildHello):
+            child.rss, child.tasks = message.rss, message.tasks
+        elif isinstance(message, wire.ChildExit):
+            child.leaving = True
+            child.tasks = message.tasks
+        return worker
+
+    def _worker_hello(self, msg: wire.WorkerHello) -> WorkerRec:
+        rec = self.workers.get(msg.pid)
+        if rec is None:
+            stat = self._stat(msg.pid)
+            if stat is None:
+                raise Rejected("gone")
+            rec = self.workers[msg.pid] = WorkerRec(proc=stat.proc, name=None)
+        rec.name = self._unique_name(msg.node, msg.pid)
+        rec.pool, rec.concurrency = msg.pool, msg.concurrency
+        rec.max_tasks, rec.max_memory_kib = msg.max_tasks, msg.max_memory_kib
+        rec.agent, rec.recycle_signal = True, msg.recycle_signal
+        rec.kid_index = dict(msg.kids)
+        for pid, index in rec.kid_index.items():
+            if pid in rec.children:
+                rec.children[pid].index = index
+        return rec
+
+    def _child_of(self, msg: wire.ChildHello | wire.TaskStart | wire.TaskEnd | wire.ChildExit,
+                  ) -> tuple[WorkerRec, ChildRec]:
+        worker = self.workers.get(msg.ppid)
+        child = worker.children.get(msg.pid) if worker is not None else None
+        if worker is not None and child is not None:
+            if child.index is None:
+                child.index = msg.index
+            return worker, child
+        stat = self._stat(msg.pid)
+        if stat is None:
+            raise Rejected("gone")
+        if stat.ppid != msg.ppid:
+            raise Rejected("not_a_child")
+        if worker is None:
+            parent = self._stat(msg.ppid)
+            if parent is None:
+                raise Rejected("gone")
+            worker = self.workers[msg.ppid] = WorkerRec(proc=parent.proc, name=None)
+        child = worker.children[msg.pid] = ChildRec(proc=stat.proc, ppid=msg.ppid, index=msg.index)
+        return worker, child
+
+    def _unique_name(self, name: str, pid: int) -> str:
+        """Two workers must not share a label set: a clash gets the pid appended."""
+        for other_pid, other in self.workers.items():
+            if other_pid != pid and other.name == name:
+                return f"{name}#{pid}"
+        return name
+
+    # -- process-table readings --------------------------------------------------------------
+
+    def found(self, found: FoundWorker) -> WorkerRec:
+        """A worker seen by the scan: known ones keep their agent data; new ones are observe-only."""
+        rec = self.workers.get(found.stat.pid)
+        if rec is not None and rec.proc != found.stat.proc:
+            rec = None  # the pid was reused by another worker
+        if rec is None:
+            rec = self.workers[found.stat.pid] = WorkerRec(proc=found.stat.proc, name=None)
+        if rec.name is None:
+            rec.name = self._unique_name(found.name, found.stat.pid)
+        if not rec.agent:
+            rec.concurrency = len(found.children)
+        self.sync_children(rec, found.children)
+        return rec
+
+    def sync_children(self, rec: WorkerRec, stats: list[ProcStat] | tuple[ProcStat, ...]) -> list[ChildRec]:
+        """Make the worker's children those the process table lists; return the ones gone."""
+        live = {s.pid: s for s in stats}
+        gone = [c for pid, c in rec.children.items()
+                if pid not in live or live[pid].proc != c.proc]
+        for child in gone:
+            del rec.children[child.proc.pid]
+        for pid, stat in live.items():
+            if pid not in rec.children:
+                index = rec.kid_index.get(pid)
+                if index is None and not rec.agent:
+                    index = _free_slot(rec)
+                rec.children[pid] = ChildRec(proc=stat.proc, ppid=rec.proc.pid, index=index)
+        return gone
+
+    def drop_worker(self, pid: int) -> WorkerRec | None:
+        return self.workers.pop(pid, None)
+
+    # -- decisions taken -----------------------------------------------------------------------
+
+    def requested(self, worker: str, pid: int, now: float) -> None:
+        """A recycle request was delivered to this child."""
+        child = self._child_named(worker, pid)
+        if child is not None:
+            child.requested_at = now
+        self.requests.setdefault(worker, deque(maxlen=1024)).append(now)
+
+    def noted(self, worker: str, pid: int, now: float) -> None:
+        """A dry run counted this child: the same rate limit applies, the child stays."""
+        child = self._child_named(worker, pid)
+        if child is not None:
+            child.noted = True
+        self.requests.setdefault(worker, deque(maxlen=1024)).append(now)
+
+    def _child_named(self, worker: str, pid: int) -> ChildRec | None:
+        for rec in self.workers.values():
+            if rec.name == worker and pid in rec.children:
+                return rec.children[pid]
+        return None
+
+    # -- views -------------------------------------------------------------------------------
+
+    def snapshot(self, now: float, only: WorkerRec | None = None) -> Snapshot:
+        recs = [only] if only is not None else list(self.workers.values())
+        return Snapshot(taken_at=now, workers=tuple(
+            _worker_view(rec) for rec in recs if rec.name is not None
+        ))
+
+
+def _free_slot(rec: WorkerRec) -> int:
+    used = {c.index for c in rec.children.values()}
+    slot = 0
+    while slot in used:
+        slot += 1
+    return slot
+
+
+def _worker_view(rec: WorkerRec) -> Worker:
+    assert rec.name is not None
+    children = tuple(
+        Child(worker=rec.name, index=c.index, proc=c.proc, ppid=c.ppid, rss=c.rss, uss=c.uss,
+              pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent,
+              requested_at=c.requested_at, noted=c.noted, leaving=c.leaving)
+        for c in sorted(rec.children.values(), key=lambda c: c.index or 0)
+        if c.index is not None
+    )
+    return Worker(name=rec.name, proc=rec.proc, pool=rec.pool, concurrency=rec.concurrency,
+                  max_tasks=rec.max_tasks, max_memory_kib=rec.max_memory_kib, agent=rec.agent,
+                  recycle_signal=rec.recycle_signal, rss=rec.rss, children=children)

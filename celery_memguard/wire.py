@@ -1,0 +1,188 @@
+"""The datagram format shared by the agent and the daemon: encode, decode, validate.
+
+One datagram is one compact JSON object with a version ``v`` and a type ``t``. Decoding is
+strict (types, ranges, sizes) because the socket is a trust boundary: anything malformed is
+refused with a short reason the daemon counts, and never reaches the state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+VERSION = 1
+MAX_DATAGRAM = 4096
+MAX_NAME = 200
+MAX_KIDS = 1024
+
+
+class WireError(ValueError):
+    """A datagram that is not a valid message; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHello:
+    """Sent by a worker's main process at start and then periodically (its heartbeat)."""
+
+    pid: int
+    node: str
+    pool: str
+    concurrency: int
+    max_tasks: int | None
+    max_memory_kib: int | None
+    recycle_signal: int
+    kids: tuple[tuple[int, int], ...]  # (pid, pool index) of the live pool children
+    agent: str
+    t: str = "w"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBye:
+    """Sent by a worker's main process when it shuts down."""
+
+    pid: int
+    t: str = "b"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildHello:
+    """Sent by a pool child when its agent is ready, and again now and then while idle."""
+
+    pid: int
+    ppid: int
+    index: int
+    tasks: int
+    rss: int
+    t: str = "c"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStart:
+    pid: int
+    ppid: int
+    index: int
+    task: str
+    id: str
+    rss: int
+    t: str = "s"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEnd:
+    pid: int
+    ppid: int
+    index: int
+    task: str
+    id: str
+    rss_before: int
+    rss: int
+    tasks: int
+    ok: bool
+    t: str = "e"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExit:
+    """Sent by a child just before it leaves through billiard's recycle path."""
+
+    pid: int
+    ppid: int
+    index: int
+    tasks: int
+    reason: str
+    t: str = "x"
+
+
+Message = WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | ChildExit
+
+_FIELDS: dict[str, tuple[type[Any], dict[str, str]]] = {
+    "w": (WorkerHello, {"pid": "pid", "node": "name", "pool": "name", "concurrency": "count",
+                        "max_tasks": "count?", "max_memory_kib": "count?",
+                        "recycle_signal": "count", "kids": "kids", "agent": "name"}),
+    "b": (WorkerBye, {"pid": "pid"}),
+    "c": (ChildHello, {"pid": "pid", "ppid": "pid", "index": "count", "tasks": "count",
+                       "rss": "count"}),
+    "s": (TaskStart, {"pid": "pid", "ppid": "pid", "index": "count", "task": "name",
+                      "id": "name", "rss": "count"}),
+    "e": (TaskEnd, {"pid": "pid", "ppid": "pid", "index": "count", "task": "name", "id": "name",
+                    "rss_before": "count", "rss": "count", "tasks": "count", "ok": "bool"}),
+    "x": (ChildExit, {"pid": "pid", "ppid": "pid", "index": "count", "tasks": "count",
+                      "reason": "name"}),
+}
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message; the agent keeps names short so a datagram stays far below the cap."""
+    body = asdict(message)
+    body["v"] = VERSION
+    if isinstance(message, WorkerHello):
+        body["kids"] = [list(kid) for kid in message.kids]
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Message:
+    """Parse and validate one datagram, or raise WireError with a countable reason."""
+    if not data:
+        raise WireError("empty")
+    if len(data) > MAX_DATAGRAM:
+        raise WireError("oversized", f"{len(data)} bytes")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError("not_json", str(exc)[:80]) from None
+    if not isinstance(body, dict):
+        raise WireError("not_object")
+    if body.get("v") != VERSION:
+        raise WireError("bad_version", repr(body.get("v"))[:20])
+    kind = body.get("t")
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise WireError("unknown_type", repr(kind)[:20])
+    cls, fields = _FIELDS[kind]
+    extra = set(body) - set(fields) - {"v", "t"}
+    if extra:
+        raise WireError("unknown_field", ",".join(sorted(extra))[:80])
+    values = {}
+    for name, kind_of in fields.items():
+        if name not in body:
+            raise WireError("missing_field", name)
+        values[name] = _check(name, kind_of, body[name])
+    return cls(**values)  # type: ignore[no-any-return]
+
+
+def _check(name: str, kind: str, value: object) -> object:
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise WireError("bad_field", name)
+        return value
+    if kind in ("pid", "count"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise WireError("bad_field", name)
+        low = 1 if kind == "pid" else 0
+        if not low <= value < 2**62:
+            raise WireError("bad_field", name)
+        return value
+    if kind == "name":
+        if not isinstance(value, str) or len(value) > MAX_NAME or not value.isprintable():
+            raise WireError("bad_field", name)
+        return value
+    if kind == "kids":
+        if not isinstance(value, list) or len(value) > MAX_KIDS:
+            raise WireError("bad_field", name)
+        kids = []
+        for item in value:
+            if (not isinstance(item, list) or len(item) != 2
+                    or not all(type(x) is int and 0 <= x < 2**31 for x in item)
+                    or item[0] == 0):
+                raise WireError("bad_field", name)
+            kids.append((item[0], item[1]))
+        return tuple(kids)
+    raise AssertionError(kind)  # pragma: no cover - the table above is closed

@@ -1,0 +1,51 @@
+"""A Celery app for the integration tests: tasks that really allocate and keep memory.
+
+The broker and result backend come from the environment (MEMGUARD_TEST_BROKER,
+MEMGUARD_TEST_BACKEND), so one app serves Redis, RabbitMQ and the filesystem transport.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+import celery_memguard
+
+app = Celery(
+    "leaky",
+    broker=os.environ.get("MEMGUARD_TEST_BROKER", "redis://127.0.0.1:6379/0"),
+    backend=os.environ.get("MEMGUARD_TEST_BACKEND", "redis://127.0.0.1:6379/1"),
+)
+app.conf.update(
+    task_acks_late=os.environ.get("MEMGUARD_TEST_ACKS_LATE") == "1",
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    result_expires=600,
+)
+if os.environ.get("MEMGUARD_TEST_NO_AGENT") != "1":
+    celery_memguard.install(app)
+
+_kept: list[bytes] = []
+_RUN_LOG = os.environ.get("MEMGUARD_TEST_RUN_LOG")
+
+
+def _log_run(task_id: str) -> None:
+    """Append the task id and pid to a file, so a test can tell whether any task ran twice."""
+    if _RUN_LOG:
+        with open(_RUN_LOG, "a", encoding="ascii") as fh:
+            fh.write(f"{task_id} {os.getpid()}\n")
+
+
+@app.task(bind=True)
+def keep(self, mib: float = 2.0) -> int:
+    """Keep ``mib`` MiB for the life of the process (written, so it is resident)."""
+    _log_run(self.request.id)
+    _kept.append(b"\x01" * int(mib * 1024 * 1024))
+    return os.getpid()
+
+
+@app.task(bind=True)
+def noop(self) -> int:
+    _log_run(self.request.id)
+    return os.getpid()
