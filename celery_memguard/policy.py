@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from celery_memguard.config import LimitsConfig, RecycleConfig
 from celery_memguard.model import Child, Decision, Hold, ProcId, Reason, Snapshot, Worker
@@ -51,18 +51,13 @@ def decide(
     recycle: RecycleConfig,
     requests: Mapping[str, Sequence[float]],
     now: float,
-    only: Iterable[str] | None = None,
 ) -> list[Decision]:
     """Return the recycles to request now and the holds that explain the others.
 
-    ``requests`` holds the times of recent recycle requests per worker name (rate limit);
-    ``only`` limits the decision to some workers (a task-end report concerns one worker).
+    ``requests`` holds the times of recent recycle requests per worker name (rate limit).
     """
-    names = set(only) if only is not None else None
     decisions: list[Decision] = []
     for worker in snapshot.workers:
-        if names is not None and worker.name not in names:
-            continue
         decisions.extend(_decide_worker(worker, limits, recycle, requests.get(worker.name, ()), now))
     return decisions
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shlex
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ class Procs:
     # -- reading -----------------------------------------------------------------------------
 
     def stat(self, pid: int) -> ProcStat | None:
-        """ppid and start time from /proc/PID/stat, or None if the process is gone."""
+        """ppid and start time from /proc/PID/stat, or None if the process is gone or a zombie."""
         try:
             with open(f"{self.root}/{pid}/stat", "rb") as fh:
                 data = fh.read()
@@ -62,6 +61,8 @@ class Procs:
             raise
         # The command name may hold spaces and parentheses: split after the last ')'.
         fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return None  # exited, waiting to be reaped: it has no memory and takes no signal
         return ProcStat(pid=pid, ppid=int(fields[1]), start=int(fields[19]))
 
     def rss(self, pid: int) -> int | None:
@@ -157,10 +158,13 @@ def is_worker_cmdline(cmdline: list[str]) -> bool:
         return False
     if cmdline[0].startswith("[celeryd:"):
         return True
-    names = [os.path.basename(part) for part in cmdline[:3]]
-    is_celery = "celery" in names or any(
-        cmdline[i] == "-m" and cmdline[i + 1] == "celery" for i in range(len(cmdline) - 1)
-    )
+    program = os.path.basename(cmdline[0])
+    if program == "celery":
+        is_celery = True
+    elif program.startswith("python") and len(cmdline) > 1:
+        is_celery = os.path.basename(cmdline[1]) == "celery" or cmdline[1:3] == ["-m", "celery"]
+    else:
+        is_celery = False  # e.g. `timeout 60 celery ... worker`: the wrapper is not the worker
     return is_celery and "worker" in cmdline
 
 
@@ -187,6 +191,3 @@ def worker_name(cmdline: list[str], pid: int) -> str:
         name = f"celery@{name}"
     return name
 
-
-def describe(cmdline: list[str]) -> str:
-    return shlex.join(cmdline)[:200]

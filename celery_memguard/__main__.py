@@ -1,0 +1,5 @@
+import sys
+
+from celery_memguard.cli import main
+
+sys.exit(main())

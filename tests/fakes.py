@@ -1,0 +1,80 @@
+"""A scripted process table and a manual clock for driving the daemon without processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from celery_memguard.procs import FoundWorker, Procs, ProcStat
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class FakeProc:
+    pid: int
+    ppid: int
+    start: int
+    rss: int = 50 * MiB
+    uss: int | None = None
+    cmdline: tuple[str, ...] = ()
+    name: str = ""
+
+
+@dataclass
+class FakeProcs(Procs):
+    """Processes are entries in ``table``; signals sent are recorded, never delivered."""
+
+    table: dict[int, FakeProc] = field(default_factory=dict)
+    signals: list[tuple[int, int]] = field(default_factory=list)
+    denied: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.root = "/nonexistent"
+        self.page_size = 4096
+
+    def add(self, pid: int, ppid: int, start: int | None = None, **kw: object) -> FakeProc:
+        proc = FakeProc(pid=pid, ppid=ppid, start=start if start is not None else pid * 10, **kw)  # type: ignore[arg-type]
+        self.table[pid] = proc
+        return proc
+
+    def stat(self, pid: int) -> ProcStat | None:
+        p = self.table.get(pid)
+        return None if p is None else ProcStat(pid, p.ppid, p.start)
+
+    def rss(self, pid: int) -> int | None:
+        p = self.table.get(pid)
+        return None if p is None else p.rss
+
+    def uss_pss(self, pid: int) -> tuple[int, int] | None:
+        p = self.table.get(pid)
+        return None if p is None or p.uss is None else (p.uss, p.uss)
+
+    def children(self, pid: int) -> list[ProcStat]:
+        return [ProcStat(p.pid, p.ppid, p.start) for p in self.table.values() if p.ppid == pid]
+
+    def scan_workers(self) -> list[FoundWorker]:
+        return [FoundWorker(stat=ProcStat(p.pid, p.ppid, p.start), name=p.name,
+                            children=tuple(self.children(p.pid)))
+                for p in self.table.values() if p.name]
+
+    def memory_total(self) -> int:
+        return 16 * 1024 * MiB
+
+    def send_signal(self, pid: int, signum: int) -> bool:
+        if pid in self.denied:
+            raise PermissionError(pid)
+        if pid not in self.table:
+            return False
+        self.signals.append((pid, signum))
+        return True
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -1,0 +1,258 @@
+"""Real processes for the integration tests: brokers, a Celery worker, the daemon, a sampler.
+
+Every process is started in its own session and killed by its fixture, also when the test
+fails; nothing is ever killed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from celery_memguard.procs import Procs
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def answers(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class PrivateRedis:
+    """A redis-server on a free loopback port, for machines where none runs."""
+
+    def __init__(self, tmp: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no Redis answers on 127.0.0.1:6379 and redis-server is not installed")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not redis_pings(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+
+def kill_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM the process, then SIGKILL its whole session if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+class Worker:
+    """``celery -A tests.apps.leaky worker`` (prefork) with its own queue and nodename."""
+
+    def __init__(self, tmp: Path, broker: str, backend: str, *, socket_path: Path | None,
+                 concurrency: int = 2, acks_late: bool = False, agent: bool = True,
+                 extra_args: tuple[str, ...] = (), name: str | None = None) -> None:
+        self.queue = f"q{os.getpid()}_{free_port()}"
+        self.name = name or f"{self.queue}@memguard-test"
+        self.concurrency = concurrency
+        self.run_log = tmp / f"{self.queue}.runs"
+        self.log_path = tmp / f"{self.queue}.worker.log"
+        self.client = Celery("client", broker=broker, backend=backend)
+        self.client.conf.broker_connection_retry_on_startup = True
+        env = dict(os.environ)
+        env.update({
+            "MEMGUARD_TEST_BROKER": broker, "MEMGUARD_TEST_BACKEND": backend,
+            "MEMGUARD_TEST_ACKS_LATE": "1" if acks_late else "0",
+            "MEMGUARD_TEST_NO_AGENT": "0" if agent else "1",
+            "MEMGUARD_TEST_RUN_LOG": str(self.run_log),
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        })
+        if socket_path is not None:
+            env["CELERY_MEMGUARD_SOCKET"] = str(socket_path)
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.apps.leaky", "worker",
+             "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}: {self.output()}")
+            if len(Procs().children(self.pid)) >= self.concurrency and self.client.control.ping(
+                    destination=[self.name], timeout=0.5):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s: {self.output()}")
+
+    def send(self, task: str, *args: Any) -> Any:
+        return self.client.send_task(f"tests.apps.leaky.{task}", args=args, queue=self.queue)
+
+    def runs(self) -> list[str]:
+        if not self.run_log.exists():
+            return []
+        return [line.split()[0] for line in self.run_log.read_text().splitlines() if line]
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self.log.close()
+        self.client.close()
+
+
+class Daemon:
+    """``python -m celery_memguard run`` with a config written to tmp."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+        import yaml  # noqa: PLC0415
+
+        self.port = free_port()
+        self.socket_path = tmp / "sock" / "agent.sock"
+        self.url = f"http://127.0.0.1:{self.port}"
+        merged: dict[str, Any] = {"agent": {"socket": str(self.socket_path)},
+                                  "metrics": {"listen": f"127.0.0.1:{self.port}"},
+                                  "log": {"format": "json", "level": "debug"}}
+        for section, values in config.items():
+            merged.setdefault(section, {}).update(values)
+        self.config_path = tmp / "memguard.yaml"
+        self.config_path.write_text(yaml.safe_dump(merged))
+        self.log_path = tmp / "daemon.log"
+        self.log = self.log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if k != "CELERY_MEMGUARD_SOCKET"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery_memguard", "run", "--config", str(self.config_path)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"daemon did not start: {self.output()}")
+            time.sleep(0.05)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return str(response.read().decode())
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.get("/status")))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.get("/metrics")):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def events(self) -> list[dict[str, Any]]:
+        self.log.flush()
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self.log.close()
+
+
+class RssSampler:
+    """Reads the RSS of every child of a worker every 50 ms, independently of the daemon."""
+
+    def __init__(self, worker_pid: int, period: float = 0.05) -> None:
+        self.worker_pid = worker_pid
+        self.period = period
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        procs = Procs()
+        while not self._stop.wait(self.period):
+            for child in procs.children(self.worker_pid):
+                rss = procs.rss(child.pid)
+                if rss is not None:
+                    self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
+
+    @property
+    def max_rss(self) -> int:
+        return max(self.peak.values(), default=0)
+

@@ -1,0 +1,288 @@
+"""The daemon loop driven by a scripted process table and a manual clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from celery_memguard import config, wire
+from celery_memguard.actions import Actor
+from celery_memguard.daemon import Daemon
+from celery_memguard.inbox import Datagram
+from celery_memguard.model import Decision, ProcId, Reason
+from tests.fakes import Clock, FakeProcs, MiB
+
+MAIN, KID0, KID1 = 10, 11, 12
+
+
+def dgram(message: wire.Message, sender: int | None = None) -> Datagram:
+    return Datagram(data=wire.encode(message), pid=message.pid if sender is None else sender,
+                    uid=0, truncated=False)
+
+
+def hello(kids: tuple[tuple[int, int], ...] = ((KID0, 0), (KID1, 1)), **kw: Any) -> wire.WorkerHello:
+    values: dict[str, Any] = {"pid": MAIN, "node": "w@h", "pool": "prefork", "concurrency": 2,
+                                  "max_tasks": None, "max_memory_kib": None, "recycle_signal": 38,
+                                  "kids": kids, "agent": "t"}
+    values.update(kw)
+    return wire.WorkerHello(**values)
+
+
+def task_end(pid: int, rss_mib: float, tasks: int = 1, index: int | None = None) -> wire.TaskEnd:
+    return wire.TaskEnd(pid=pid, ppid=MAIN, index=index if index is not None else pid - KID0,
+                        task="app.leak", id=f"id-{pid}-{tasks}", rss_before=0,
+                        rss=int(rss_mib * MiB), tasks=tasks, ok=True)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    with capture_logs() as captured:
+        yield captured
+
+
+@pytest.fixture
+def procs() -> FakeProcs:
+    fake = FakeProcs()
+    fake.add(MAIN, 1, cmdline=("celery", "worker"))
+    fake.add(KID0, MAIN)
+    fake.add(KID1, MAIN)
+    return fake
+
+
+def make(procs: FakeProcs, clock: Clock | None = None, **sections: Any) -> Daemon:
+    data: dict[str, Any] = {"limits": {"soft": "100MiB", "hard": "200MiB"},
+                            "recycle": {"jitter": 0}}
+    for key, values in sections.items():
+        data.setdefault(key, {}).update(values)
+    cfg = config.parse(data, memory_total=16 * 1024 * MiB, env={})
+    return Daemon(cfg, procs=procs, clock=clock or Clock(), log=structlog.get_logger())
+
+
+def test_a_task_end_over_the_limit_is_acted_on_at_once(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """No tick is needed: the report that crosses the limit triggers the request."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(task_end(KID0, 99)), 0.0)
+    assert procs.signals == []
+    daemon.receive(dgram(task_end(KID0, 101, tasks=2)), 0.1)
+    assert procs.signals == [(KID0, 38)]
+    assert daemon.state.recycles[("w@h", "soft")] == 1
+    [event] = [e for e in logs if e["event"] == "recycle_requested"]
+    assert event | {"worker": "w@h", "index": 0, "pid": KID0, "reason": "soft",
+                    "measured_bytes": 101 * MiB, "threshold_bytes": 100 * MiB} == event
+    assert b'celery_memguard_recycles_total{reason="soft",worker="w@h"} 1.0' in daemon.metrics.render()
+
+
+def test_the_same_child_is_asked_only_once(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    for n in range(1, 5):
+        daemon.receive(dgram(task_end(KID0, 100 + n, tasks=n)), 0.1 * n)
+    daemon.tick(1.0)
+    assert procs.signals == [(KID0, 38)]
+
+
+def test_a_datagram_claiming_another_pid_is_dropped_as_forged(procs: FakeProcs) -> None:
+    """The kernel's sender pid must match the message: one process cannot steer another."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(task_end(KID0, 150), sender=KID1), 0.0)
+    daemon.receive(dgram(hello(), sender=KID1), 0.0)
+    assert procs.signals == []
+    assert daemon.state.dropped["forged_sender"] == 2
+
+
+def test_a_message_from_a_process_that_is_not_the_named_child_is_dropped(procs: FakeProcs) -> None:
+    procs.add(99, 1)  # an unrelated process, not a child of MAIN
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.TaskEnd(pid=99, ppid=MAIN, index=5, task="t", id="i", rss_before=0,
+                                      rss=500 * MiB, tasks=1, ok=True)), 0.0)
+    daemon.tick(0.5)
+    assert procs.signals == []
+    assert daemon.state.dropped["not_a_child"] == 1
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "empty"), (b"{", "not_json"), (b'{"v":1,"t":"q"}', "unknown_type"),
+    (b'{"v":9}', "bad_version"),
+])
+def test_malformed_datagrams_are_counted_and_change_nothing(procs: FakeProcs, data: bytes,
+                                                          reason: str) -> None:
+    daemon = make(procs)
+    daemon.receive(Datagram(data=data, pid=KID0, uid=0, truncated=False), 0.0)
+    daemon.tick(0.0)
+    assert daemon.state.dropped[reason] == 1
+    assert f'celery_memguard_messages_dropped_total{{reason="{reason}"}} 1.0'.encode() in \
+        daemon.metrics.render()
+
+
+def test_a_truncated_datagram_is_counted_as_oversized(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(Datagram(data=b"{}", pid=KID0, uid=0, truncated=True), 0.0)
+    assert daemon.state.dropped["oversized"] == 1
+
+
+def test_the_tick_samples_rss_and_recycles_idle_children(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    procs.table[KID1].rss = 130 * MiB
+    daemon.tick(1.0)
+    assert procs.signals == [(KID1, 38)]
+
+
+def test_a_vanished_child_is_not_an_error_and_loses_its_series(procs: FakeProcs,
+                                                              logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    assert b'celery_memguard_child_rss_bytes{index="1",worker="w@h"}' in daemon.metrics.render()
+    del procs.table[KID1]
+    daemon.tick(1.0)
+    text = daemon.metrics.render()
+    assert b'index="1"' not in text
+    assert b'celery_memguard_child_rss_bytes{index="0",worker="w@h"}' in text
+    assert any(e["event"] == "child_gone" and e["pid"] == KID1 for e in logs)
+
+
+def test_a_replacement_child_takes_the_slot_index_not_the_pid(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    del procs.table[KID1]
+    procs.add(13, MAIN)
+    daemon.receive(dgram(wire.ChildHello(pid=13, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.5)
+    daemon.tick(1.0)
+    text = daemon.metrics.render().decode()
+    assert 'celery_memguard_child_tasks{index="1",worker="w@h"} 0.0' in text
+    assert "13" not in [line.split('"')[1] for line in text.splitlines() if "index=" in line]
+
+
+def test_dry_run_counts_once_per_child_and_sends_nothing(procs: FakeProcs,
+                                                        logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs, recycle={"dry_run": True})
+    daemon.receive(dgram(hello()), 0.0)
+    for n in range(3):
+        daemon.receive(dgram(task_end(KID0, 150, tasks=n + 1)), float(n))
+        daemon.tick(float(n))
+    assert procs.signals == []
+    assert daemon.state.dry_run_recycles[("w@h", "soft")] == 1
+    assert daemon.state.recycles == {}
+    assert [e["event"] for e in logs].count("recycle_would_request") == 1
+
+
+def test_an_agentless_worker_found_by_the_scan_is_shown_and_only_held(
+        logs: list[dict[str, Any]]) -> None:
+    procs = FakeProcs()
+    procs.add(20, 1, name="plain@h")
+    procs.add(21, 20, rss=300 * MiB)
+    procs.add(22, 20)
+    daemon = make(procs)
+    daemon.tick(0.0)
+    daemon.tick(1.0)
+    assert procs.signals == []
+    doc = daemon.view.snapshot.workers
+    assert [(w.name, w.agent, [c.index for c in w.children]) for w in doc] == [
+        ("plain@h", False, [0, 1])]
+    held = [e for e in logs if e["event"] == "recycle_held"]
+    assert len(held) == 1  # logged once, not every tick
+    assert held[0]["held_by"] == "no_agent"
+
+
+def test_a_worker_that_is_gone_is_dropped_with_its_children(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    for pid in (MAIN, KID0, KID1):
+        del procs.table[pid]
+    daemon.tick(1.0)
+    assert daemon.view.snapshot.workers == ()
+    assert b"child_rss_bytes{" not in daemon.metrics.render()
+
+
+def test_worker_bye_forgets_the_worker(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.WorkerBye(pid=MAIN)), 0.1)
+    assert daemon.state.workers == {}
+
+
+def test_the_rate_limit_holds_requests_past_max_per_minute(procs: FakeProcs) -> None:
+    for pid in range(13, 19):
+        procs.add(pid, MAIN)
+    kids = tuple((pid, pid - KID0) for pid in range(KID0, 19))
+    daemon = make(procs, recycle={"max_per_minute": 2, "max_share": 1.0})
+    daemon.receive(dgram(hello(kids=kids, concurrency=8)), 0.0)
+    for pid in range(KID0, 19):
+        daemon.receive(dgram(task_end(pid, 150)), 1.0)
+    assert len(procs.signals) == 2
+
+
+def test_a_reused_pid_is_never_signalled(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """Between the decision and the action the pid now names another process: dropped."""
+    daemon = make(procs)
+    actor = Actor(procs, daemon.state, structlog.get_logger(), dry_run=False)
+    stale = Decision(worker="w@h", worker_pid=MAIN, index=0, proc=ProcId(KID0, 1), ppid=MAIN,
+                     measured=150 * MiB, threshold=100 * MiB, reason=Reason.SOFT, signal=38)
+    actor.carry_out([stale], 0.0)
+    wrong_parent = Decision(worker="w@h", worker_pid=MAIN, index=0,
+                            proc=ProcId(KID0, procs.table[KID0].start), ppid=1,
+                            measured=150 * MiB, threshold=100 * MiB, reason=Reason.SOFT, signal=38)
+    actor.carry_out([wrong_parent], 0.0)
+    assert procs.signals == []
+    assert [e["why"] for e in logs if e["event"] == "recycle_dropped"] == [
+        "not_a_verified_pool_child"] * 2
+
+
+def test_permission_denied_is_reported_not_raised(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    procs.denied.add(KID0)
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(task_end(KID0, 150)), 0.0)
+    assert [e["why"] for e in logs if e["event"] == "recycle_failed"] == ["permission_denied"]
+    assert daemon.state.recycles == {}
+
+
+def test_uss_is_read_only_for_children_near_the_limit(procs: FakeProcs) -> None:
+    procs.table[KID0].rss, procs.table[KID0].uss = 150 * MiB, 60 * MiB
+    procs.table[KID1].rss, procs.table[KID1].uss = 50 * MiB, 40 * MiB
+    daemon = make(procs, limits={"measure": "uss"})
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    children = {c.index: c for c in daemon.view.snapshot.workers[0].children}
+    assert children[0].uss == 60 * MiB
+    assert children[1].uss is None  # far under the limit by RSS: never read
+    assert procs.signals == []  # USS 60 MiB is under the soft limit
+
+
+def test_reload_applies_a_valid_config_and_keeps_the_old_one_on_error(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs)
+    results: list[Any] = [config.ConfigError("limits.soft", "bad"),
+                          config.parse({"limits": {"soft": "50MiB", "hard": "200MiB"}}, env={})]
+
+    def reload() -> config.Config:
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    daemon._reload = reload
+    daemon.handle_reload()
+    assert daemon.config.limits.soft == 100 * MiB
+    assert [e["key"] for e in logs if e["event"] == "config_reload_refused"] == ["limits.soft"]
+    daemon.handle_reload()
+    assert daemon.config.limits.soft == 50 * MiB
+
+
+def test_healthz_turns_unhealthy_when_the_loop_stops_ticking(procs: FakeProcs) -> None:
+    clock = Clock(0.0)
+    daemon = make(procs, clock=clock)
+    daemon.tick(clock())
+    assert daemon.healthy()
+    clock.advance(30)
+    assert not daemon.healthy()

@@ -1,0 +1,96 @@
+"""The agent socket: safe binding, sender credentials, refusal of a live or foreign socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from celery_memguard.inbox import Inbox, SocketError
+
+
+def test_bind_is_not_world_writable_and_credentials_name_the_sender(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "agent.sock"
+    inbox = Inbox(path)
+    inbox.open()
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o660
+        assert not stat.S_IMODE(path.parent.stat().st_mode) & stat.S_IWOTH
+        subprocess.run([sys.executable, "-c",
+                        "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM);"
+                        "s.sendto(b'hello', sys.argv[1]); print(__import__('os').getpid())",
+                        str(path)], check=True, capture_output=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"from me", str(path))
+        got = list(inbox.drain(10))
+        assert [d.data for d in got] == [b"hello", b"from me"]
+        assert got[1].pid == os.getpid()
+        assert got[0].pid not in (0, os.getpid())
+        assert got[1].uid == os.getuid()
+    finally:
+        inbox.close()
+    assert not path.exists()
+
+
+def test_an_oversized_datagram_is_marked_truncated(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "a.sock")
+    inbox.open()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x" * 10000, str(tmp_path / "a.sock"))
+        [got] = list(inbox.drain(10))
+        assert got.truncated
+    finally:
+        inbox.close()
+
+
+def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    first = Inbox(path)
+    first.open()
+    try:
+        with pytest.raises(SocketError, match="another celery-memguard daemon"):
+            Inbox(path).open()
+    finally:
+        first.close()
+
+
+def test_a_regular_file_in_the_way_is_not_removed(tmp_path: Path) -> None:
+    path = tmp_path / "a.sock"
+    path.write_text("important")
+    with pytest.raises(SocketError, match="not a socket"):
+        Inbox(path).open()
+    assert path.read_text() == "important"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "theirs"
+    directory.mkdir()
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(SocketError, match="belongs to uid 65534"):
+        Inbox(directory / "a.sock").open()
+
+
+def test_a_world_writable_directory_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "open"
+    directory.mkdir()
+    directory.chmod(0o777)
+    with pytest.raises(SocketError, match="writable by every user"):
+        Inbox(directory / "a.sock").open()
+
+
+def test_an_unwritable_location_says_what_to_do(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SocketError, match="CELERY_MEMGUARD_SOCKET"):
+        Inbox(blocker / "sub" / "a.sock").open()

@@ -1,0 +1,117 @@
+"""The pure recycle policy: who is recycled, who is held and why."""
+
+from __future__ import annotations
+
+from celery_memguard import policy
+from celery_memguard.model import Hold, ProcId, Reason
+from tests.builders import MiB, child, limits, recycle, snapshot, worker
+
+
+def test_children_under_the_soft_limit_are_left_alone() -> None:
+    snap = snapshot(worker(child(0, 99), child(1, 50)))
+    assert policy.decide(snap, limits(), recycle(), {}, now=0.0) == []
+
+
+def test_a_child_over_the_soft_limit_is_recycled_with_its_figures() -> None:
+    snap = snapshot(worker(child(0, 101), child(1, 50)))
+    [decision] = policy.decide(snap, limits(), recycle(), {}, now=0.0)
+    assert decision.acts
+    assert decision.reason is Reason.SOFT
+    assert (decision.index, decision.proc, decision.ppid) == (0, ProcId(100, 1000), 10)
+    assert decision.measured == 101 * MiB
+    assert decision.threshold == 100 * MiB
+    assert decision.signal == 38
+    assert decision.worker_pid == 10
+
+
+def test_a_busy_child_is_asked_too_since_it_leaves_only_after_its_task() -> None:
+    snap = snapshot(worker(child(0, 150, task="app.report")))
+    [decision] = policy.decide(snap, limits(), recycle(), {}, now=0.0)
+    assert decision.acts
+
+
+def test_jitter_lowers_each_threshold_stably_and_never_raises_it() -> None:
+    procs = [ProcId(pid, 5) for pid in range(1000, 1200)]
+    thresholds = [policy.soft_threshold(limits(), recycle(jitter=0.1), p) for p in procs]
+    assert all(90 * MiB <= t <= 100 * MiB for t in thresholds)
+    assert len(set(thresholds)) > 150  # spread, not lock-step
+    again = [policy.soft_threshold(limits(), recycle(jitter=0.1), p) for p in procs]
+    assert again == thresholds
+
+
+def test_children_already_asked_leaving_or_noted_are_not_asked_again() -> None:
+    snap = snapshot(worker(child(0, 150, requested_at=1.0), child(1, 150, leaving=True),
+                           child(2, 150, noted=True), concurrency=8))
+    assert policy.decide(snap, limits(), recycle(), {}, now=2.0) == []
+
+
+def test_a_worker_without_agent_is_held_observe_only() -> None:
+    snap = snapshot(worker(child(0, 150, agent=False), agent=False, recycle_signal=None))
+    [decision] = policy.decide(snap, limits(), recycle(), {}, now=0.0)
+    assert decision.hold is Hold.NO_AGENT
+    assert not decision.acts
+
+
+def test_a_child_whose_agent_never_spoke_is_held() -> None:
+    snap = snapshot(worker(child(0, 150, agent=False)))
+    [decision] = policy.decide(snap, limits(), recycle(), {}, now=0.0)
+    assert decision.hold is Hold.NO_AGENT
+
+
+def test_max_tasks_per_child_that_will_recycle_soon_is_left_to_do_it() -> None:
+    snap = snapshot(worker(child(0, 150, tasks=98), child(1, 150, tasks=97), max_tasks=100,
+                           concurrency=4))
+    first, second = policy.decide(snap, limits(), recycle(skip_within_tasks=2), {}, now=0.0)
+    assert first.hold is Hold.MAX_TASKS_SOON
+    assert second.acts
+
+
+def test_the_share_cap_holds_the_rest_of_a_pool_and_takes_the_largest_first() -> None:
+    snap = snapshot(worker(*(child(i, 110 + i) for i in range(4)), concurrency=4))
+    decisions = policy.decide(snap, limits(), recycle(max_share=0.5), {}, now=0.0)
+    acting = [d.index for d in decisions if d.acts]
+    held = [(d.index, d.hold) for d in decisions if not d.acts]
+    assert acting == [3, 2]
+    assert held == [(1, Hold.SHARE_CAP), (0, Hold.SHARE_CAP)]
+
+
+def test_children_still_running_after_a_request_count_against_the_share_cap() -> None:
+    snap = snapshot(worker(child(0, 150, requested_at=0.5), child(1, 150), concurrency=2))
+    [decision] = policy.decide(snap, limits(), recycle(max_share=0.5), {}, now=1.0)
+    assert decision.hold is Hold.SHARE_CAP
+
+
+def test_a_child_that_said_it_is_leaving_frees_its_place_under_the_cap() -> None:
+    snap = snapshot(worker(child(0, 150, requested_at=0.5, leaving=True), child(1, 150)))
+    [decision] = policy.decide(snap, limits(), recycle(max_share=0.5), {}, now=1.0)
+    assert decision.acts
+
+
+def test_the_share_cap_allows_at_least_one_child() -> None:
+    snap = snapshot(worker(child(0, 150), concurrency=1))
+    [decision] = policy.decide(snap, limits(), recycle(max_share=0.1), {}, now=0.0)
+    assert decision.acts
+
+
+def test_the_rate_limit_counts_requests_of_the_last_minute() -> None:
+    snap = snapshot(worker(child(0, 150), concurrency=2))
+    recent = {"w@h": [100.0, 130.0, 150.0]}
+    [held] = policy.decide(snap, limits(), recycle(max_per_minute=3), recent, now=155.0)
+    assert held.hold is Hold.RATE_LIMIT
+    [acts] = policy.decide(snap, limits(), recycle(max_per_minute=3), recent, now=161.0)
+    assert acts.acts
+
+
+def test_uss_is_compared_when_configured_and_sampled() -> None:
+    shared_heavy = child(0, 150, uss=80 * MiB)
+    snap = snapshot(worker(shared_heavy))
+    assert policy.decide(snap, limits(measure="uss"), recycle(), {}, now=0.0) == []
+    [decision] = policy.decide(snap, limits(measure="rss"), recycle(), {}, now=0.0)
+    assert decision.acts
+
+
+def test_pss_falls_back_to_rss_when_not_sampled() -> None:
+    snap = snapshot(worker(child(0, 150, pss=None)))
+    [decision] = policy.decide(snap, limits(measure="pss"), recycle(), {}, now=0.0)
+    assert decision.measured == 150 * MiB
+

@@ -1,0 +1,142 @@
+"""The OS seam against real processes and the real /proc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_memguard.procs import Procs, is_worker_cmdline, worker_name
+from tests.support import kill_group
+
+MiB = 1024 * 1024
+HOLDER = ("import sys, time; x = b'\\x01' * (int(sys.argv[1]) * 1048576); "
+          "print('ready', flush=True); time.sleep(60)")
+
+
+@pytest.fixture
+def holder() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, "64"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    yield proc
+    kill_group(proc, grace=1)
+
+
+def test_rss_of_a_process_holding_64_mib(holder: subprocess.Popen[str]) -> None:
+    rss = Procs().rss(holder.pid)
+    assert rss is not None
+    assert 64 * MiB < rss < 120 * MiB
+
+
+def test_uss_and_pss_are_read_and_bounded_by_rss(holder: subprocess.Popen[str]) -> None:
+    procs = Procs()
+    figures = procs.uss_pss(holder.pid)
+    rss = procs.rss(holder.pid)
+    assert figures is not None
+    assert rss is not None
+    uss, pss = figures
+    assert 64 * MiB <= uss <= pss <= rss
+
+
+def test_stat_gives_parent_and_a_start_time_that_identifies_the_process(
+        holder: subprocess.Popen[str]) -> None:
+    procs = Procs()
+    stat = procs.stat(holder.pid)
+    assert stat is not None
+    assert stat.ppid == os.getpid()
+    assert stat.start > 0
+    assert procs.stat(holder.pid) == stat
+    assert [c.pid for c in procs.children(os.getpid())].count(holder.pid) == 1
+
+
+def test_a_vanished_process_reads_as_none_not_an_error(holder: subprocess.Popen[str]) -> None:
+    procs = Procs()
+    pid = holder.pid
+    holder.kill()
+    holder.wait()
+    assert procs.stat(pid) is None
+    assert procs.rss(pid) is None
+    assert procs.uss_pss(pid) is None
+    assert procs.children(pid) == []
+    assert procs.send_signal(pid, signal.SIGTERM) is False
+
+
+def test_a_zombie_is_treated_as_gone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert Procs().stat(proc.pid) is None
+    finally:
+        proc.wait()
+
+
+def test_scan_finds_a_worker_command_line_and_its_children(tmp_path: Path) -> None:
+    """A process run as `python .../celery worker -n NAME` is found with its child."""
+    script = tmp_path / "celery"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script), "-A", "x", "worker", "-n", "scan@%h"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        found = [w for w in Procs().scan_workers() if w.stat.pid == proc.pid]
+        assert len(found) == 1
+        assert found[0].name.startswith("scan@")
+        assert len(found[0].children) == 1
+    finally:
+        kill_group(proc, grace=1)
+
+
+@pytest.mark.parametrize(("cmdline", "expected"), [
+    (["celery", "-A", "app", "worker"], True),
+    (["/venv/bin/celery", "worker", "-c", "4"], True),
+    (["/usr/bin/python3", "-m", "celery", "-A", "app", "worker"], True),
+    (["python3.11", "/venv/bin/celery", "-A", "app", "worker"], True),
+    (["[celeryd: w1@host:MainProcess] -active- (worker)"], True),
+    (["celery", "-A", "app", "beat"], False),
+    (["timeout", "60", "celery", "-A", "app", "worker"], False),
+    (["bash", "-c", "celery worker"], False),
+    (["python3", "worker.py"], False),
+    ([], False),
+])
+def test_worker_command_lines(cmdline: list[str], expected: bool) -> None:
+    assert is_worker_cmdline(cmdline) is expected
+
+
+@pytest.mark.parametrize(("cmdline", "expected"), [
+    (["celery", "worker", "-n", "w1@box"], "w1@box"),
+    (["celery", "worker", "--hostname=w2@box"], "w2@box"),
+    (["celery", "worker", "-nw3@box"], "w3@box"),
+    (["celery", "worker", "--hostname", "w4"], "celery@w4"),
+    (["[celeryd: w5@box:MainProcess] -active-"], "w5@box"),
+])
+def test_worker_names(cmdline: list[str], expected: str) -> None:
+    assert worker_name(cmdline, 1) == expected
+
+
+def test_default_worker_name_expands_the_host() -> None:
+    import socket  # noqa: PLC0415
+
+    assert worker_name(["celery", "worker"], 1) == f"celery@{socket.gethostname()}"
+    assert worker_name(["celery", "worker", "-n", "a@%h"], 1) == f"a@{socket.gethostname()}"
+
+
+def test_memory_total_is_positive_and_at_most_the_host() -> None:
+    import psutil  # noqa: PLC0415
+
+    total = Procs().memory_total()
+    assert 0 < total <= psutil.virtual_memory().total

@@ -1,0 +1,97 @@
+"""The datagram format: every message round-trips; anything malformed is refused with a reason."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from celery_memguard import wire
+
+MESSAGES: list[wire.Message] = [
+    wire.WorkerHello(pid=10, node="celery@host", pool="prefork", concurrency=4, max_tasks=100,
+                     max_memory_kib=None, recycle_signal=38, kids=((11, 0), (12, 1)), agent="0.1.0"),
+    wire.WorkerBye(pid=10),
+    wire.ChildHello(pid=11, ppid=10, index=0, tasks=0, rss=50_000_000),
+    wire.TaskStart(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1),
+    wire.TaskEnd(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123",
+                 rss_before=1, rss=3, tasks=7, ok=True),
+    wire.ChildExit(pid=11, ppid=10, index=0, tasks=7, reason="requested"),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: wire.Message) -> None:
+    data = wire.encode(message)
+    assert len(data) < 300
+    assert wire.decode(data) == message
+
+
+def _body(**changes: object) -> bytes:
+    body = json.loads(wire.encode(MESSAGES[4]))
+    body.update(changes)
+    return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "empty"),
+    (b"x" * (wire.MAX_DATAGRAM + 1), "oversized"),
+    (b"\xff\xfe", "not_json"),
+    (b'{"v":1,"t":"e"', "not_json"),
+    (b"[1,2]", "not_object"),
+    (_body(v=2), "bad_version"),
+    (_body(t="z"), "unknown_type"),
+    (_body(extra=1), "unknown_field"),
+    (_body(rss=...), "missing_field"),
+    (_body(rss="12"), "bad_field"),
+    (_body(rss=-1), "bad_field"),
+    (_body(pid=0), "bad_field"),
+    (_body(pid=True), "bad_field"),
+    (_body(ok=1), "bad_field"),
+    (_body(task="x" * 500), "bad_field"),
+    (_body(task="bad\nname"), "bad_field"),
+    (_body(tasks=2**70), "bad_field"),
+])
+def test_malformed_datagrams_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(wire.WireError) as info:
+        wire.decode(data)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("kids", [[[0, 1]], [[1]], "x", [[1, -1]], [[1, 2, 3]], [[True, 1]]])
+def test_bad_kid_lists_are_refused(kids: object) -> None:
+    body = json.loads(wire.encode(MESSAGES[0]))
+    body["kids"] = kids
+    with pytest.raises(wire.WireError, match="bad_field"):
+        wire.decode(json.dumps(body).encode())
+
+
+@given(st.binary(max_size=600))
+def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
+    with contextlib.suppress(wire.WireError):
+        wire.decode(data)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@given(st.sampled_from(MESSAGES), st.sampled_from(["pid", "ppid", "rss", "task", "kids", "ok", "t"]),
+       json_values)
+def test_any_field_replaced_by_any_json_decodes_or_is_refused(
+        message: wire.Message, field: str, value: object) -> None:
+    """Wrong types in any field are refused, never crash the decoder or pass unchecked."""
+    body = json.loads(wire.encode(message))
+    body[field] = value
+    try:
+        decoded = wire.decode(json.dumps(body).encode())
+    except wire.WireError:
+        return
+    for name in ("pid", "ppid", "rss"):
+        if hasattr(decoded, name):
+            assert isinstance(getattr(decoded, name), int)
