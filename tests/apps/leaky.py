@@ -49,3 +49,14 @@ def keep(self, mib: float = 2.0) -> int:
 def noop(self) -> int:
     _log_run(self.request.id)
     return os.getpid()
+
+
+@app.task(bind=True)
+def sleep_then_keep(self, seconds: float, mib: float) -> int:
+    """A task long enough for a recycle request to arrive while it runs."""
+    import time  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    time.sleep(seconds)
+    _kept.append(b"\x01" * int(mib * 1024 * 1024))
+    return os.getpid()

@@ -1,0 +1,115 @@
+"""The agent inside a real prefork worker: what it reports and how a child leaves."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_memguard import wire
+from celery_memguard.agent import RECYCLE_SIGNAL
+from celery_memguard.inbox import Inbox
+from celery_memguard.procs import Procs
+from tests.support import Worker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Iterator[Inbox]:
+    box = Inbox(tmp_path / "sock" / "agent.sock")
+    box.open()
+    yield box
+    box.close()
+
+
+def collect(box: Inbox, until: Callable[[list[wire.Message]], bool], timeout: float = 10.0,
+            seen: list[wire.Message] | None = None) -> list[wire.Message]:
+    messages = seen if seen is not None else []
+    deadline = time.monotonic() + timeout
+    while not until(messages):
+        assert time.monotonic() < deadline, f"timed out; got {messages}"
+        for datagram in box.drain(100):
+            messages.append(wire.decode(datagram.data))
+        time.sleep(0.01)
+    return messages
+
+
+def test_agent_reports_worker_children_and_tasks(inbox: Inbox,
+                                                 start_worker: Callable[..., Worker]) -> None:
+    """Hellos name the pool slots; each task is reported at start and end with RSS."""
+    worker = start_worker(socket_path=inbox.path, extra_args=("--max-tasks-per-child", "50"))
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.WorkerHello) for x in m))
+    hello = next(m for m in messages if isinstance(m, wire.WorkerHello))
+    assert hello.pid == worker.pid
+    assert hello.node == worker.name
+    assert hello.pool == "prefork"
+    assert hello.concurrency == 2
+    assert hello.max_tasks == 50
+    assert sorted(index for _, index in hello.kids) == [0, 1]
+    assert {pid for pid, _ in hello.kids} == {c.pid for c in Procs().children(worker.pid)}
+
+    result = worker.send("keep", 8)
+    child_pid = result.get(timeout=20)
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskEnd) for x in m), seen=messages)
+    start = next(m for m in messages if isinstance(m, wire.TaskStart))
+    end = next(m for m in messages if isinstance(m, wire.TaskEnd))
+    assert start.pid == end.pid == child_pid
+    assert start.task == end.task == "tests.apps.leaky.keep"
+    assert start.id == end.id == result.id
+    assert end.ok
+    assert end.tasks == 1
+    assert end.rss - end.rss_before >= 8 * 1024 * 1024  # the 8 MiB it kept
+
+
+def test_an_idle_child_asked_to_recycle_leaves_at_once_and_its_slot_is_refilled(
+        inbox: Inbox, start_worker: Callable[..., Worker]) -> None:
+    """Celery's children block reading the next job; the handler leaves from there, losing nothing."""
+    worker = start_worker(socket_path=inbox.path)
+    messages = collect(inbox, lambda m: sum(isinstance(x, wire.ChildHello) for x in m) >= 2)
+    first = next(m for m in messages if isinstance(m, wire.ChildHello))
+    asked = time.monotonic()
+    os.kill(first.pid, RECYCLE_SIGNAL)
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildExit) for x in m), seen=messages)
+    left_after = time.monotonic() - asked
+    assert left_after < 1.0
+    exit_message = next(m for m in messages if isinstance(m, wire.ChildExit))
+    assert (exit_message.pid, exit_message.index, exit_message.reason) == (
+        first.pid, first.index, "requested")
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildHello) and x.pid != first.pid
+                                            and x.index == first.index for x in m),
+                       seen=messages)
+    deadline = time.monotonic() + 10
+    while Procs().stat(first.pid) is not None:
+        assert time.monotonic() < deadline, "the recycled child never exited"
+        time.sleep(0.05)
+    results = [worker.send("noop") for _ in range(20)]
+    assert all(r.get(timeout=20) for r in results)
+    assert len(worker.runs()) == 20
+
+
+def test_a_busy_child_finishes_its_task_before_leaving(inbox: Inbox,
+                                                      start_worker: Callable[..., Worker]) -> None:
+    """The request arrives mid-task; the task still succeeds, then the child leaves."""
+    worker = start_worker(socket_path=inbox.path, concurrency=1)
+    result = worker.send("sleep_then_keep", 1.0, 1)
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskStart) for x in m))
+    busy = next(m for m in messages if isinstance(m, wire.TaskStart)).pid
+    os.kill(busy, RECYCLE_SIGNAL)
+    assert result.get(timeout=20) == busy
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildExit) for x in m), seen=messages)
+    kinds = [type(m).__name__ for m in messages if getattr(m, "pid", None) == busy]
+    assert kinds.index("TaskEnd") < kinds.index("ChildExit")
+    assert worker.send("noop").get(timeout=20) != busy
+
+
+def test_no_daemon_listening_changes_nothing(tmp_path: Path, start_worker: Callable[..., Worker]) -> None:
+    """Without a daemon the sends fail silently and every task runs as usual."""
+    worker = start_worker(socket_path=tmp_path / "nobody" / "here.sock")
+    results = [worker.send("keep", 1) for _ in range(20)]
+    assert all(r.get(timeout=20) for r in results)
+    assert "Traceback" not in worker.output()
+    assert len(worker.runs()) == len(set(worker.runs())) == 20
