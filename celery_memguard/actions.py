@@ -7,9 +7,10 @@ pid reused since the sample is never touched; holds and dry runs are logged and 
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
-from celery_memguard.model import Decision
+from celery_memguard.model import Decision, Reason
 from celery_memguard.procs import Procs
 from celery_memguard.state import State
 
@@ -48,6 +49,9 @@ class Actor:
         if live is None or live.proc != d.proc or live.ppid != d.ppid or d.ppid != d.worker_pid:
             self.log.warning("recycle_dropped", why="not_a_verified_pool_child", **fields)
             return
+        if d.reason is Reason.KILL:
+            self._kill(d, now, fields)
+            return
         if self.dry_run:
             self.state.noted(d.worker, d.proc.pid, now)
             self.state.dry_run_recycles[(d.worker, d.reason.value)] += 1
@@ -66,3 +70,24 @@ class Actor:
         self.state.recycles[(d.worker, d.reason.value)] += 1
         self._last_hold.pop(d.proc.pid, None)
         self.log.info("recycle_requested", **fields)
+
+    def _kill(self, d: Decision, now: float, fields: dict[str, Any]) -> None:
+        assert d.signal is not None
+        name = signal.Signals(d.signal).name
+        if self.dry_run:
+            if d.signal == signal.SIGTERM:
+                self.state.dry_run_recycles[(d.worker, d.reason.value)] += 1
+            self.state.signalled(d.worker, d.proc.pid, d.signal, now)
+            self.log.warning("kill_would_send", dry_run=True, signal=name, **fields)
+            return
+        try:
+            delivered = self.procs.send_signal(d.proc.pid, d.signal)
+        except PermissionError:
+            self.log.error("kill_failed", why="permission_denied", signal=name, **fields)
+            return
+        self.state.signalled(d.worker, d.proc.pid, d.signal, now)
+        if not delivered:
+            return
+        if d.signal == signal.SIGTERM:
+            self.state.recycles[(d.worker, d.reason.value)] += 1
+        self.log.warning("kill_sent", signal=name, **fields)

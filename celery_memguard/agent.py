@@ -25,13 +25,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from celery import Celery, signals
 
 from celery_memguard import __version__, wire
 from celery_memguard.config import DEFAULT_SOCKET, SOCKET_ENV
+from celery_memguard.watch import Watch
 
 RECYCLE_SIGNAL = signal.SIGRTMIN + 4
 EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE, repeated to avoid importing billiard internals here
@@ -89,7 +90,7 @@ class _StatmReader:
 
 
 class _ChildAgent:
-    """Per pool child: its index, task count, the recycle flag and the task in progress."""
+    """Per pool child: its index, task count, the recycle flag, the task in progress, its watch."""
 
     def __init__(self, index: int) -> None:
         self.pid = os.getpid()
@@ -97,15 +98,43 @@ class _ChildAgent:
         self.index = index
         self.tasks = 0
         self.recycle_requested = False
+        self.exit_reason = "requested"
         self.waiting = False  # blocked in billiard's read of the next job
         self.rss_before = 0
+        self.task_name = ""
+        self.task_id = ""
         self.statm = _StatmReader()
         self.last_hello = 0.0
+        self.watch = Watch(self.statm.rss, self.on_hard_limit)
+        self._settings_mtime = 0.0
 
     def hello(self) -> None:
         self.last_hello = time.monotonic()
+        self.load_settings()
         _send(wire.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
                               tasks=self.tasks, rss=self.statm.rss()))
+
+    def load_settings(self) -> None:
+        """Pick up the hard limit the daemon publishes beside its socket, when it changed."""
+        path = wire.settings_path(_socket_path)
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime == self._settings_mtime:
+                return
+            with open(path, "rb") as fh:
+                settings = wire.decode_settings(fh.read(4096))
+        except OSError:
+            return
+        if settings is not None:
+            self._settings_mtime = mtime
+            self.watch.configure(settings.hard, settings.watch_interval)
+
+    def on_hard_limit(self, rss: int, limit: int) -> None:
+        """Called by the watch thread: report the task, and leave after it in any case."""
+        self.recycle_requested = True
+        self.exit_reason = "hard"
+        _send(wire.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
+                                   task=self.task_name, id=self.task_id, rss=rss, limit=limit))
 
     def on_recycle_signal(self, signum: int, frame: FrameType | None) -> None:
         self.recycle_requested = True
@@ -117,7 +146,7 @@ class _ChildAgent:
 
     def leave(self) -> None:
         _send(wire.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
-                             tasks=self.tasks, reason="requested"))
+                             tasks=self.tasks, reason=self.exit_reason))
         sys.exit(EX_RECYCLE)  # billiard's own sys.exit wrapper records the exit code
 
     def wrap_wait_for_job(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,12 +210,36 @@ def _worker_hello(consumer: Any) -> wire.WorkerHello:
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     consumer = sender
     try:
+        _watch_child_exits(getattr(consumer.pool, "_pool", None))
         _send(_worker_hello(consumer))
         timer = getattr(consumer, "timer", None)
         if timer is not None:
             timer.call_repeatedly(HEARTBEAT_SECONDS, _heartbeat, (consumer,))
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
+
+
+def _watch_child_exits(pool: Any) -> None:
+    """Report each reaped pool child with its exit code (a SIGKILL we did not send is an OOM kill).
+
+    billiard calls ``pool.on_process_down(process)`` after joining an exited child; Celery's
+    AsynPool sets it once at start, before worker_ready. The wrapper calls it unchanged.
+    """
+    original = getattr(pool, "on_process_down", None)
+    if original is None or getattr(original, "_memguard", False):
+        return
+
+    def on_process_down(proc: Any) -> Any:
+        try:
+            return original(proc)
+        finally:
+            with contextlib.suppress(Exception):
+                code, pid, index = proc.exitcode, proc.pid, getattr(proc, "index", None)
+                if isinstance(code, int) and isinstance(pid, int) and isinstance(index, int):
+                    _send(wire.ChildDied(pid=os.getpid(), child=pid, index=index, exitcode=code))
+
+    on_process_down._memguard = True  # type: ignore[attr-defined]
+    pool.on_process_down = on_process_down
 
 
 def _heartbeat(consumer: Any) -> None:
@@ -233,6 +286,7 @@ def _on_process_init(**_: Any) -> None:
         index = getattr(current_process(), "index", None)
         agent = _ChildAgent(index if isinstance(index, int) else 0)
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
+        agent.watch.install()
         pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job)
         _child = agent
         agent.hello()
@@ -246,8 +300,10 @@ def _on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> N
         return
     try:
         agent.rss_before = rss = agent.statm.rss()
+        agent.task_name, agent.task_id = _name(task), str(task_id)[: wire.MAX_NAME]
         _send(wire.TaskStart(pid=agent.pid, ppid=agent.ppid, index=agent.index,
-                             task=_name(task), id=str(task_id)[: wire.MAX_NAME], rss=rss))
+                             task=agent.task_name, id=agent.task_id, rss=rss))
+        agent.watch.task_started(_run_code(task))
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
 
@@ -258,12 +314,21 @@ def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | 
     if agent is None or agent.pid != os.getpid():
         return
     try:
+        agent.watch.task_ended()
         agent.tasks += 1
-        _send(wire.TaskEnd(pid=agent.pid, ppid=agent.ppid, index=agent.index, task=_name(task),
-                           id=str(task_id)[: wire.MAX_NAME], rss_before=agent.rss_before,
+        _send(wire.TaskEnd(pid=agent.pid, ppid=agent.ppid, index=agent.index, task=agent.task_name,
+                           id=agent.task_id, rss_before=agent.rss_before,
                            rss=agent.statm.rss(), tasks=agent.tasks, ok=state == "SUCCESS"))
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
+
+
+def _run_code(task: Any) -> CodeType | None:
+    """The code object of the task's body, which marks the frames the interrupt may hit."""
+    run = getattr(task, "run", None)
+    run = getattr(run, "__func__", run)
+    code = getattr(run, "__code__", None)
+    return code if isinstance(code, CodeType) else None
 
 
 def _name(task: Any) -> str:

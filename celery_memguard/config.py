@@ -81,6 +81,11 @@ class MetricsConfig(_Section):
         description="host:port for /metrics, /healthz and /status. Loopback unless you mean otherwise.",
     )
 
+    max_task_names: int = Field(
+        default=50, ge=1, le=10000,
+        description="Task names kept as label values; later names are counted as 'other'.",
+    )
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
@@ -106,7 +111,17 @@ class LimitsConfig(_Section):
     )
     kill_after: float = Field(
         default=10.0,
-        description="A child still above the hard limit this long after being told is killed.",
+        description=(
+            "A child still above the hard limit this long after crossing it (stuck in C code, "
+            "or swallowing the interruption) gets SIGTERM, then SIGKILL one tick later."
+        ),
+    )
+    watch_interval: float = Field(
+        default=0.01,
+        description=(
+            "How often each child reads its own RSS while a task runs, to interrupt a runaway "
+            "task at the hard limit (a tick is too slow for a task that grows 1 GiB a second)."
+        ),
     )
 
     @field_validator("hard", mode="before")
@@ -128,6 +143,14 @@ class LimitsConfig(_Section):
     @classmethod
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
+
+    @field_validator("watch_interval", mode="before")
+    @classmethod
+    def _watch(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if not 0.001 <= seconds <= 10:
+            raise ValueError(f"must be between 1ms and 10s, got {value!r}")
+        return seconds
 
 
 class RecycleConfig(_Section):

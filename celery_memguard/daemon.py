@@ -29,7 +29,8 @@ from celery_memguard.state import Rejected, State, WorkerRec
 
 DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
-                  "s": "task_start", "e": "task_end", "x": "child_exit"}
+                  "s": "task_start", "e": "task_end", "x": "child_exit",
+                  "h": "task_interrupted", "d": "child_died"}
 
 
 class Daemon:
@@ -48,7 +49,8 @@ class Daemon:
         self.clock = clock
         self.log = log if log is not None else logmod.get()
         self._reload = reload
-        self.state = State(self.procs.stat)
+        self.state = State(self.procs.stat, hard=config.limits.hard,
+                           max_task_names=config.metrics.max_task_names)
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
         self.metrics = Metrics(lambda: self.view)
         self.stopping = threading.Event()
@@ -66,6 +68,7 @@ class Daemon:
         """Bind, serve and loop until SIGTERM/SIGINT or ``stop()``; returns an exit code."""
         inbox = Inbox(self.config.agent.socket)
         inbox.open()
+        self._publish_settings()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             host, port = split_listen(self.config.metrics.listen)
@@ -89,6 +92,8 @@ class Daemon:
             self._restore_signal_handlers(previous)
             self.http.stop()
             inbox.close()
+            with contextlib.suppress(OSError):
+                os.unlink(wire.settings_path(str(self.config.agent.socket)))
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.log.info("daemon_stopped")
@@ -173,6 +178,9 @@ class Daemon:
             new = new.model_copy(update={name: getattr(self.config, name) for name in fixed})
         self.config = new
         self.actor.dry_run = new.recycle.dry_run
+        self.state.hard = new.limits.hard
+        if self.http is not None:  # running: the agents re-read the file within seconds
+            self._publish_settings()
         self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
                       dry_run=new.recycle.dry_run)
 
@@ -198,6 +206,7 @@ class Daemon:
             state.dropped[exc.reason] += 1
             return
         state.messages[_MESSAGE_NAMES[message.t]] += 1
+        self._log_events()
         if isinstance(message, wire.WorkerHello) and worker is not None:
             self._refresh_children(worker)
         if isinstance(message, wire.TaskEnd | wire.ChildHello) and worker is not None:
@@ -223,9 +232,10 @@ class Daemon:
             for child in rec.children.values():
                 rss = self.procs.rss(child.proc.pid)
                 if rss is not None:
-                    child.rss = rss
+                    self.state.observe(child, rss, now)
             self._measure_near_limit(rec)
         self._decide(now, None)
+        self._log_events()
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - started)
 
@@ -260,11 +270,29 @@ class Daemon:
     def _decide(self, now: float, only: WorkerRec | None) -> None:
         snapshot = self.state.snapshot(now, only=only)
         decisions = policy.decide(snapshot, self.config.limits, self.config.recycle,
-                                  self.state.requests, now)
+                                  self.state.requests, now,
+                                  term_grace=self.config.sampling.interval)
         if decisions:
             self.actor.carry_out(decisions, now)
         if only is None or any(d.acts for d in decisions):
             self.view = self._make_view(now)
+
+    def _log_events(self) -> None:
+        events = self.state.events
+        while events:
+            name, fields = events.pop(0)
+            self.log.warning(name, **fields)
+
+    def _publish_settings(self) -> None:
+        """Write the hard limit beside the socket, where every child's agent reads it."""
+        path = wire.settings_path(str(self.config.agent.socket))
+        data = wire.encode_settings(wire.AgentSettings(
+            hard=self.config.limits.hard, watch_interval=self.config.limits.watch_interval))
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
     def _make_view(self, now: float) -> View:
         state = self.state
@@ -273,6 +301,7 @@ class Daemon:
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
+            interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
             messages=dict(state.messages), dropped=dict(state.dropped),
             published_at=now, started_at=self._started_wall,
         )

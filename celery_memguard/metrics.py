@@ -36,6 +36,8 @@ class View:
     dry_run: bool
     recycles: dict[tuple[str, str], int] = field(default_factory=dict)
     dry_run_recycles: dict[tuple[str, str], int] = field(default_factory=dict)
+    interrupted: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    oom_kills: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     published_at: float = 0.0  # monotonic
@@ -109,6 +111,18 @@ class StateCollector(Collector):
             labels=["worker", "reason"])
         for (worker_name, reason), count in sorted(view.dry_run_recycles.items()):
             would.add_metric([worker_name, reason], count)
+        interrupted = CounterMetricFamily(
+            PREFIX + "interrupted_tasks",
+            "Tasks interrupted or killed for memory, by task name (bounded) and reason.",
+            labels=["worker", "task", "reason"])
+        for (worker_name, task, reason), count in sorted(view.interrupted.items()):
+            interrupted.add_metric([worker_name, task, reason], count)
+        oom = CounterMetricFamily(
+            PREFIX + "oom_kills",
+            "Pool children killed by a SIGKILL celery-memguard did not send (the OOM killer).",
+            labels=["worker"])
+        for worker_name, count in sorted(view.oom_kills.items()):
+            oom.add_metric([worker_name], count)
         messages = CounterMetricFamily(
             PREFIX + "messages", "Agent messages accepted, by type.", labels=["type"])
         for kind, count in sorted(view.messages.items()):
@@ -119,7 +133,7 @@ class StateCollector(Collector):
             dropped.add_metric([reason], count)
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (recycles, would, messages, dropped, build)
+        yield from (recycles, would, interrupted, oom, messages, dropped, build)
 
 
 class Metrics:

@@ -9,7 +9,9 @@ from enum import Enum
 class Reason(str, Enum):
     """Why a child is recycled; the values are the ``reason`` label of recycles_total."""
 
-    SOFT = "soft"
+    SOFT = "soft"  # past the soft limit: leave after the current task
+    HARD = "hard"  # past the hard limit during a task: interrupted by the in-child watch
+    KILL = "kill"  # still past the hard limit kill_after later: SIGTERM, then SIGKILL
 
 
 class Hold(str, Enum):
@@ -44,6 +46,9 @@ class Child:
     requested_at: float | None  # when we asked it to recycle (monotonic)
     noted: bool  # a dry run already counted it as a would-be recycle
     leaving: bool  # it said it is leaving through the recycle path
+    over_hard_since: float | None = None  # when it was first seen above the hard limit
+    terminated_at: float | None = None  # when kill escalation sent SIGTERM
+    killed_at: float | None = None  # when kill escalation sent SIGKILL
 
     @property
     def pid(self) -> int:

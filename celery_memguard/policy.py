@@ -7,6 +7,7 @@ tested with tables. The daemon carries the decisions out (actions.py) and logs t
 from __future__ import annotations
 
 import math
+import signal
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -51,14 +52,42 @@ def decide(
     recycle: RecycleConfig,
     requests: Mapping[str, Sequence[float]],
     now: float,
+    term_grace: float = 1.0,
 ) -> list[Decision]:
     """Return the recycles to request now and the holds that explain the others.
 
-    ``requests`` holds the times of recent recycle requests per worker name (rate limit).
+    ``requests`` holds the times of recent recycle requests per worker name (rate limit);
+    ``term_grace`` is how long a SIGTERM gets before SIGKILL (the daemon passes one tick).
     """
     decisions: list[Decision] = []
     for worker in snapshot.workers:
+        decisions.extend(_kills(worker, limits, now, term_grace))
         decisions.extend(_decide_worker(worker, limits, recycle, requests.get(worker.name, ()), now))
+    return decisions
+
+
+def _kills(worker: Worker, limits: LimitsConfig, now: float, term_grace: float) -> list[Decision]:
+    """The last resort, outside every rate limit: a child still above the hard limit
+    ``kill_after`` after it crossed it (stuck in C code, or swallowing the interrupt) gets
+    SIGTERM, and SIGKILL one grace period later. Only children whose agent has spoken."""
+    if not (worker.agent and worker.recycle_signal):
+        return []
+    decisions = []
+    for child in worker.children:
+        if not child.agent or child.over_hard_since is None or child.killed_at is not None:
+            continue
+        if child.terminated_at is None:
+            if now - child.over_hard_since < limits.kill_after:
+                continue
+            signum = signal.SIGTERM
+        elif now - child.terminated_at >= term_grace:
+            signum = signal.SIGKILL
+        else:
+            continue
+        decisions.append(Decision(
+            worker=worker.name, worker_pid=worker.pid, index=child.index, proc=child.proc,
+            ppid=child.ppid, measured=child.rss, threshold=limits.hard, reason=Reason.KILL,
+            signal=int(signum)))
     return decisions
 
 
@@ -71,7 +100,8 @@ def _decide_worker(
 ) -> list[Decision]:
     over: list[tuple[Child, int, int]] = []
     for child in worker.children:
-        if child.requested_at is not None or child.leaving or child.noted:
+        if (child.requested_at is not None or child.leaving or child.noted
+                or child.terminated_at is not None):
             continue
         threshold = soft_threshold(limits, recycle, child.proc)
         value = measured(child, limits.measure)

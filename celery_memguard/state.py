@@ -8,7 +8,8 @@ agents' periodic hellos; the counters restart, as Prometheus counters may.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import signal
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +43,9 @@ class ChildRec:
     requested_at: float | None = None
     noted: bool = False  # a dry run has counted it already
     leaving: bool = False
+    over_hard_since: float | None = None  # first time seen above the hard limit, this spell
+    terminated_at: float | None = None  # SIGTERM sent (kill escalation)
+    killed_at: float | None = None  # SIGKILL sent
 
 
 @dataclass
@@ -62,14 +66,21 @@ class WorkerRec:
 class State:
     """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
 
-    def __init__(self, stat: StatFn) -> None:
+    def __init__(self, stat: StatFn, hard: int = 0, max_task_names: int = 50) -> None:
         self._stat = stat
+        self.hard = hard  # bytes: above it a child's over_hard_since clock runs
         self.workers: dict[int, WorkerRec] = {}
         self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
+        self.interrupted: Counter[tuple[str, str, str]] = Counter()  # (worker, task, reason)
+        self.oom_kills: Counter[str] = Counter()  # by worker
         self.messages: Counter[str] = Counter()  # by message type
         self.dropped: Counter[str] = Counter()  # by reason
         self.requests: dict[str, deque[float]] = {}  # recent recycle requests per worker name
+        self.task_names = BoundedNames(max_task_names)
+        self.events: list[tuple[str, dict[str, object]]] = []  # for the daemon to log
+        self._gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
+        self._killed: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
 
     # -- agent messages ----------------------------------------------------------------------
 
@@ -80,18 +91,60 @@ class State:
         if isinstance(message, wire.WorkerBye):
             rec = self.workers.pop(message.pid, None)
             return None if rec is None else rec
+        if isinstance(message, wire.ChildDied):
+            return self._child_died(message)
         worker, child = self._child_of(message)
         child.agent = True
         if isinstance(message, wire.TaskStart):
-            child.task, child.task_id, child.rss = message.task, message.id, message.rss
+            child.task, child.task_id = message.task, message.id
+            self.observe(child, message.rss, now)
         elif isinstance(message, wire.TaskEnd):
             child.task = child.task_id = None
-            child.rss, child.tasks = message.rss, message.tasks
+            child.tasks = message.tasks
+            self.observe(child, message.rss, now)
         elif isinstance(message, wire.ChildHello):
-            child.rss, child.tasks = message.rss, message.tasks
+            child.tasks = message.tasks
+            self.observe(child, message.rss, now)
+        elif isinstance(message, wire.TaskInterrupted):
+            self.observe(child, message.rss, now)
+            name = self.task_names.label(message.task)
+            self.interrupted[(worker.name or "", name, "hard")] += 1
+            self.events.append(("task_interrupted", {
+                "worker": worker.name, "index": child.index, "pid": child.proc.pid,
+                "task": message.task, "task_id": message.id, "rss_bytes": message.rss,
+                "limit_bytes": message.limit, "reason": "hard"}))
         elif isinstance(message, wire.ChildExit):
             child.leaving = True
             child.tasks = message.tasks
+            if message.reason == "hard":
+                self.recycles[(worker.name or "", "hard")] += 1
+        return worker
+
+    def observe(self, child: ChildRec, rss: int, now: float) -> None:
+        """A fresh RSS reading; keeps the clock of how long the child has been over hard."""
+        child.rss = rss
+        if 0 < self.hard < rss:
+            if child.over_hard_since is None:
+                child.over_hard_since = now
+        else:
+            child.over_hard_since = None
+
+    def _child_died(self, msg: wire.ChildDied) -> WorkerRec | None:
+        """The main process reaped a child: a SIGKILL we did not send is counted as an OOM kill."""
+        worker = self.workers.get(msg.pid)
+        if worker is None or worker.name is None:
+            raise Rejected("unknown_worker")
+        if msg.exitcode != -signal.SIGKILL or self._killed.pop(msg.child, None) is not None:
+            return worker
+        self.oom_kills[worker.name] += 1
+        child = worker.children.get(msg.child)
+        if child is None:
+            gone = self._gone.get(msg.child)
+            child = gone[1] if gone is not None else None
+        self.events.append(("child_oom_killed", {
+            "worker": worker.name, "index": msg.index, "pid": msg.child,
+            "task": child.task if child else None, "task_id": child.task_id if child else None,
+            "rss_bytes": child.rss if child else None}))
         return worker
 
     def _worker_hello(self, msg: wire.WorkerHello) -> WorkerRec:
@@ -111,8 +164,8 @@ class State:
                 rec.children[pid].index = index
         return rec
 
-    def _child_of(self, msg: wire.ChildHello | wire.TaskStart | wire.TaskEnd | wire.ChildExit,
-                  ) -> tuple[WorkerRec, ChildRec]:
+    def _child_of(self, msg: wire.ChildHello | wire.TaskStart | wire.TaskEnd | wire.ChildExit
+                  | wire.TaskInterrupted) -> tuple[WorkerRec, ChildRec]:
         worker = self.workers.get(msg.ppid)
         child = worker.children.get(msg.pid) if worker is not None else None
         if worker is not None and child is not None:
@@ -162,6 +215,9 @@ class State:
                 if pid not in live or live[pid].proc != c.proc]
         for child in gone:
             del rec.children[child.proc.pid]
+            self._gone[child.proc.pid] = (rec.name or "", child)
+            if len(self._gone) > 256:
+                self._gone.popitem(last=False)
         for pid, stat in live.items():
             if pid not in rec.children:
                 index = rec.kid_index.get(pid)
@@ -189,6 +245,19 @@ class State:
             child.noted = True
         self.requests.setdefault(worker, deque(maxlen=1024)).append(now)
 
+    def signalled(self, worker: str, pid: int, signum: int, now: float) -> None:
+        """Kill escalation: remember SIGTERM/SIGKILL so we neither repeat nor count it as OOM."""
+        child = self._child_named(worker, pid)
+        if child is None:
+            return
+        if signum == signal.SIGKILL:
+            child.killed_at = now
+            self._killed[pid] = now
+            if len(self._killed) > 256:
+                self._killed.popitem(last=False)
+        else:
+            child.terminated_at = now
+
     def _child_named(self, worker: str, pid: int) -> ChildRec | None:
         for rec in self.workers.values():
             if rec.name == worker and pid in rec.children:
@@ -204,6 +273,23 @@ class State:
         ))
 
 
+class BoundedNames:
+    """Task names as metric labels: the first ``limit`` names seen keep theirs, later ones are
+    'other', so a flood of generated task names cannot grow the series without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._names: set[str] = set()
+
+    def label(self, name: str) -> str:
+        if name in self._names:
+            return name
+        if len(self._names) < self.limit:
+            self._names.add(name)
+            return name
+        return "other"
+
+
 def _free_slot(rec: WorkerRec) -> int:
     used = {c.index for c in rec.children.values()}
     slot = 0
@@ -217,7 +303,9 @@ def _worker_view(rec: WorkerRec) -> Worker:
     children = tuple(
         Child(worker=rec.name, index=c.index, proc=c.proc, ppid=c.ppid, rss=c.rss, uss=c.uss,
               pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent,
-              requested_at=c.requested_at, noted=c.noted, leaving=c.leaving)
+              requested_at=c.requested_at, noted=c.noted, leaving=c.leaving,
+              over_hard_since=c.over_hard_since, terminated_at=c.terminated_at,
+              killed_at=c.killed_at)
         for c in sorted(rec.children.values(), key=lambda c: c.index or 0)
         if c.index is not None
     )

@@ -8,6 +8,7 @@ refused with a short reason the daemon counts, and never reaches the state.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -98,7 +99,33 @@ class ChildExit:
     t: str = "x"
 
 
-Message = WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | ChildExit
+@dataclass(frozen=True, slots=True)
+class TaskInterrupted:
+    """Sent by a child whose watch found it past the hard limit during a task."""
+
+    pid: int
+    ppid: int
+    index: int
+    task: str
+    id: str
+    rss: int
+    limit: int
+    t: str = "h"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildDied:
+    """Sent by a worker's main process when it reaps a pool child, with its exit code."""
+
+    pid: int  # the main process (the sender)
+    child: int
+    index: int
+    exitcode: int  # negative: killed by that signal
+    t: str = "d"
+
+
+Message = (WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | ChildExit
+           | TaskInterrupted | ChildDied)
 
 _FIELDS: dict[str, tuple[type[Any], dict[str, str]]] = {
     "w": (WorkerHello, {"pid": "pid", "node": "name", "pool": "name", "concurrency": "count",
@@ -113,6 +140,9 @@ _FIELDS: dict[str, tuple[type[Any], dict[str, str]]] = {
                     "rss_before": "count", "rss": "count", "tasks": "count", "ok": "bool"}),
     "x": (ChildExit, {"pid": "pid", "ppid": "pid", "index": "count", "tasks": "count",
                       "reason": "name"}),
+    "h": (TaskInterrupted, {"pid": "pid", "ppid": "pid", "index": "count", "task": "name",
+                            "id": "name", "rss": "count", "limit": "count"}),
+    "d": (ChildDied, {"pid": "pid", "child": "pid", "index": "count", "exitcode": "code"}),
 }
 
 
@@ -154,35 +184,71 @@ def decode(data: bytes) -> Message:
     return cls(**values)  # type: ignore[no-any-return]
 
 
+def _int_in(low: int, high: int) -> Callable[[object], bool]:
+    return lambda v: type(v) is int and low <= v < high
+
+
+def _kids(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_KIDS and all(
+        isinstance(item, list) and len(item) == 2
+        and all(type(x) is int and 0 <= x < 2**31 for x in item) and item[0] != 0
+        for item in value)
+
+
+_CHECKS: dict[str, Callable[[object], bool]] = {
+    "bool": lambda v: isinstance(v, bool),
+    "pid": _int_in(1, 2**62),
+    "count": _int_in(0, 2**62),
+    "code": _int_in(-255, 256),
+    "name": lambda v: isinstance(v, str) and len(v) <= MAX_NAME and v.isprintable(),
+    "kids": _kids,
+}
+
+
 def _check(name: str, kind: str, value: object) -> object:
     optional = kind.endswith("?")
     kind = kind.rstrip("?")
     if value is None and optional:
         return None
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise WireError("bad_field", name)
-        return value
-    if kind in ("pid", "count"):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise WireError("bad_field", name)
-        low = 1 if kind == "pid" else 0
-        if not low <= value < 2**62:
-            raise WireError("bad_field", name)
-        return value
-    if kind == "name":
-        if not isinstance(value, str) or len(value) > MAX_NAME or not value.isprintable():
-            raise WireError("bad_field", name)
-        return value
+    if not _CHECKS[kind](value):
+        raise WireError("bad_field", name)
     if kind == "kids":
-        if not isinstance(value, list) or len(value) > MAX_KIDS:
-            raise WireError("bad_field", name)
-        kids = []
-        for item in value:
-            if (not isinstance(item, list) or len(item) != 2
-                    or not all(type(x) is int and 0 <= x < 2**31 for x in item)
-                    or item[0] == 0):
-                raise WireError("bad_field", name)
-            kids.append((item[0], item[1]))
-        return tuple(kids)
-    raise AssertionError(kind)  # pragma: no cover - the table above is closed
+        return tuple((item[0], item[1]) for item in value)  # type: ignore[attr-defined]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """What the daemon tells every child through a small file beside the socket.
+
+    Datagrams flow only from agents to the daemon; the settings a child needs before any
+    task (the hard limit its own watch enforces) are published as ``<socket>.settings.json``.
+    """
+
+    hard: int  # bytes; 0 disables the in-child watch
+    watch_interval: float  # seconds between two RSS reads while a task runs
+
+
+def settings_path(socket_path: str) -> str:
+    return socket_path + ".settings.json"
+
+
+def encode_settings(settings: AgentSettings) -> bytes:
+    return json.dumps({"v": VERSION, "hard": settings.hard,
+                       "watch_interval": settings.watch_interval}).encode()
+
+
+def decode_settings(data: bytes) -> AgentSettings | None:
+    """The settings, or None for anything malformed (the agent then keeps what it had)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or body.get("v") != VERSION:
+        return None
+    hard, interval = body.get("hard"), body.get("watch_interval")
+    if type(hard) is not int or hard < 0 or not isinstance(interval, int | float):
+        return None
+    if isinstance(interval, bool) or not 0.001 <= interval <= 10:
+        return None
+    return AgentSettings(hard=hard, watch_interval=float(interval))

@@ -286,3 +286,65 @@ def test_healthz_turns_unhealthy_when_the_loop_stops_ticking(procs: FakeProcs) -
     assert daemon.healthy()
     clock.advance(30)
     assert not daemon.healthy()
+
+
+def test_an_interrupted_task_is_counted_by_name_and_logged_with_its_id(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task="app.big",
+                                              id="t-1", rss=210 * MiB, limit=200 * MiB)), 0.0)
+    daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=1, reason="hard")), 0.1)
+    daemon.tick(0.2)
+    text = daemon.metrics.render().decode()
+    assert 'celery_memguard_interrupted_tasks_total{reason="hard",task="app.big",worker="w@h"} 1.0' in text
+    assert 'celery_memguard_recycles_total{reason="hard",worker="w@h"} 1.0' in text
+    [event] = [e for e in logs if e["event"] == "task_interrupted"]
+    assert (event["task_id"], event["rss_bytes"], event["limit_bytes"]) == ("t-1", 210 * MiB, 200 * MiB)
+
+
+def test_task_names_beyond_the_bound_are_counted_as_other(procs: FakeProcs) -> None:
+    daemon = make(procs, metrics={"max_task_names": 2})
+    daemon.receive(dgram(hello()), 0.0)
+    for n in range(4):
+        daemon.receive(dgram(wire.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task=f"app.t{n}",
+                                                  id=str(n), rss=1, limit=1)), 0.0)
+    assert {task for _, task, _ in daemon.state.interrupted} == {"app.t0", "app.t1", "other"}
+
+
+def test_a_sigkill_we_did_not_send_is_an_oom_kill(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.TaskStart(pid=KID0, ppid=MAIN, index=0, task="app.huge", id="x-9",
+                                        rss=900 * MiB)), 0.0)
+    del procs.table[KID0]
+    daemon.tick(1.0)  # the child is gone from /proc before its parent reports the exit code
+    daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), 1.1)
+    daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=155)), 1.2)
+    assert daemon.state.oom_kills == {"w@h": 1}
+    [event] = [e for e in logs if e["event"] == "child_oom_killed"]
+    assert (event["task"], event["task_id"], event["pid"]) == ("app.huge", "x-9", KID0)
+
+
+def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None:
+    clock = Clock(0.0)
+    daemon = make(procs, clock=clock, limits={"kill_after": "1s"}, sampling={"interval": "1s"})
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=0, rss=50 * MiB)), 0.0)
+    procs.table[KID0].rss = 250 * MiB
+    for _ in range(4):
+        daemon.tick(clock())
+        clock.advance(1.0)
+    assert [sig for pid, sig in procs.signals if pid == KID0] == [38, 15, 9]  # ask, TERM, KILL
+    assert daemon.state.recycles[("w@h", "kill")] == 1
+    daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), clock())
+    assert daemon.state.oom_kills == {}
+
+
+def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: Any) -> None:
+    """The children read the hard limit and watch interval from a file beside the socket."""
+    daemon = make(procs, agent={"socket": str(tmp_path / "a.sock")},
+                  limits={"watch_interval": "20ms"})
+    daemon._publish_settings()
+    data = (tmp_path / "a.sock.settings.json").read_bytes()
+    assert wire.decode_settings(data) == wire.AgentSettings(hard=200 * MiB, watch_interval=0.02)

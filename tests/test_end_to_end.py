@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from celery_memguard.procs import Procs
 from tests.support import Daemon, MiB, RssSampler, Worker
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def test_dry_run_counts_would_be_recycles_and_recycles_nothing(
     daemon = start_daemon(limits={"soft": "120MiB", "hard": "1GiB"},
                           sampling={"interval": "250ms"}, recycle={"dry_run": True})
     worker = start_worker(socket_path=daemon.socket_path)
-    first_children = {c["pid"] for w in daemon.status()["workers"] for c in w["children"]}
+    first_children = {c.pid for c in Procs().children(worker.pid)}
 
     sampler = _leak_run(worker, daemon)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from celery_memguard import policy
 from celery_memguard.model import Hold, ProcId, Reason
 from tests.builders import MiB, child, limits, recycle, snapshot, worker
@@ -115,3 +117,36 @@ def test_pss_falls_back_to_rss_when_not_sampled() -> None:
     [decision] = policy.decide(snap, limits(measure="pss"), recycle(), {}, now=0.0)
     assert decision.measured == 150 * MiB
 
+
+
+def test_a_child_over_hard_gets_sigterm_only_after_kill_after() -> None:
+    """Kill escalation waits kill_after from the crossing, then SIGTERM, outside rate limits."""
+    over = child(0, 250, over_hard_since=100.0)
+    snap = snapshot(worker(over))
+    early = policy.decide(snap, limits(kill_after=10), recycle(max_per_minute=1),
+                          {"w@h": [99.0]}, now=109.0)
+    assert [d.reason for d in early] == [Reason.SOFT]  # soft held by the rate limit, no kill yet
+    decisions = policy.decide(snap, limits(kill_after=10), recycle(max_per_minute=1),
+                              {"w@h": [99.0]}, now=110.0)
+    kills = [d for d in decisions if d.reason is Reason.KILL]
+    assert [(k.signal, k.acts) for k in kills] == [(signal.SIGTERM, True)]
+
+
+def test_sigkill_follows_sigterm_after_the_grace_and_only_once() -> None:
+    termed = child(0, 250, over_hard_since=100.0, terminated_at=110.0)
+    snap = snapshot(worker(termed))
+    assert policy.decide(snap, limits(kill_after=10), recycle(), {}, now=110.5, term_grace=1.0) == []
+    [kill] = policy.decide(snap, limits(kill_after=10), recycle(), {}, now=111.0, term_grace=1.0)
+    assert kill.signal == signal.SIGKILL
+    killed = child(0, 250, over_hard_since=100.0, terminated_at=110.0, killed_at=111.0)
+    assert policy.decide(snapshot(worker(killed)), limits(kill_after=10), recycle(), {},
+                         now=130.0) == []
+
+
+def test_no_kill_for_a_child_without_agent_or_back_under_hard() -> None:
+    silent = child(0, 250, over_hard_since=0.0, agent=False)
+    assert [d for d in policy.decide(snapshot(worker(silent)), limits(), recycle(), {}, now=100.0)
+            if d.reason is Reason.KILL] == []
+    recovered = child(0, 150, over_hard_since=None)
+    assert [d for d in policy.decide(snapshot(worker(recovered)), limits(), recycle(), {},
+                                     now=100.0) if d.reason is Reason.KILL] == []

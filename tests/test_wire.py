@@ -20,6 +20,8 @@ MESSAGES: list[wire.Message] = [
     wire.TaskEnd(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123",
                  rss_before=1, rss=3, tasks=7, ok=True),
     wire.ChildExit(pid=11, ppid=10, index=0, tasks=7, reason="requested"),
+    wire.TaskInterrupted(pid=11, ppid=10, index=0, task="app.big", id="x", rss=5, limit=4),
+    wire.ChildDied(pid=10, child=11, index=0, exitcode=-9),
 ]
 
 
@@ -95,3 +97,12 @@ def test_any_field_replaced_by_any_json_decodes_or_is_refused(
     for name in ("pid", "ppid", "rss"):
         if hasattr(decoded, name):
             assert isinstance(getattr(decoded, name), int)
+
+
+def test_settings_round_trip_and_bad_settings_are_ignored() -> None:
+    settings = wire.AgentSettings(hard=300 * 1024 * 1024, watch_interval=0.01)
+    assert wire.decode_settings(wire.encode_settings(settings)) == settings
+    for bad in (b"", b"{", b"[]", b'{"v":1,"hard":-1,"watch_interval":0.01}',
+                b'{"v":1,"hard":1,"watch_interval":60}', b'{"v":1,"hard":1,"watch_interval":true}',
+                b'{"v":2,"hard":1,"watch_interval":0.01}', b'{"v":1,"hard":"1","watch_interval":0.01}'):
+        assert wire.decode_settings(bad) is None

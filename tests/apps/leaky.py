@@ -60,3 +60,36 @@ def sleep_then_keep(self, seconds: float, mib: float) -> int:
     time.sleep(seconds)
     _kept.append(b"\x01" * int(mib * 1024 * 1024))
     return os.getpid()
+
+
+@app.task(bind=True)
+def runaway(self, step_mib: float = 16, every: float = 0.02, up_to_mib: float = 640) -> int:
+    """Allocates ``step_mib`` every ``every`` seconds up to ``up_to_mib``: a runaway task."""
+    import time  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    held = []
+    while len(held) * step_mib < up_to_mib:
+        held.append(b"\x01" * int(step_mib * 1024 * 1024))
+        time.sleep(every)
+    return os.getpid()
+
+
+@app.task(bind=True)
+def stubborn(self, step_mib: float = 16, every: float = 0.02, up_to_mib: float = 600,
+             then_sleep: float = 60) -> int:
+    """Swallows the memory exception and keeps allocating, then sits on the memory."""
+    import time  # noqa: PLC0415
+
+    from celery_memguard import MemoryLimitExceeded  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    held = []
+    while len(held) * step_mib < up_to_mib:
+        try:
+            held.append(b"\x01" * int(step_mib * 1024 * 1024))
+            time.sleep(every)
+        except MemoryLimitExceeded:
+            continue
+    time.sleep(then_sleep)
+    return os.getpid()
