@@ -20,4 +20,5 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
+	scripts/ensure-tools
 	$(VENV)/bin/pytest
