@@ -58,6 +58,7 @@ class Daemon:
         self.last_tick = clock()
         self._next_scan = 0.0
         self._started_wall = time.time()
+        self.memory = self.procs.memory_limit()  # what percentages in the config resolved against
         self.view = self._make_view(clock())
         self.http: HttpServer | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -254,13 +255,18 @@ class Daemon:
                           requested=child.requested_at is not None)
 
     def _measure_near_limit(self, rec: WorkerRec) -> None:
-        """Read USS/PSS (about 30x dearer than RSS) only where it decides something."""
+        """Read USS/PSS (about 30x dearer than RSS) only where it decides something.
+
+        RSS bounds both from above: a child under its soft limit by RSS is under by USS, and
+        a worker whose children's RSS sum is under worker_total is under by USS too.
+        """
         limits = self.config.limits
-        if limits.measure == "rss":
-            return
-        floor = limits.soft * (1.0 - self.config.recycle.jitter)
+        whole = (limits.worker_total is not None
+                 and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
+        floor = (limits.soft * (1.0 - self.config.recycle.jitter) if limits.measure != "rss"
+                 else float("inf"))
         for child in rec.children.values():
-            if child.rss >= floor:
+            if whole or child.rss >= floor:
                 figures = self.procs.uss_pss(child.proc.pid)
                 if figures is not None:
                     child.uss, child.pss = figures
@@ -303,6 +309,6 @@ class Daemon:
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
             messages=dict(state.messages), dropped=dict(state.dropped),
-            published_at=now, started_at=self._started_wall,
+            published_at=now, started_at=self._started_wall, memory=self.memory,
         )
 

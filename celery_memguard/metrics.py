@@ -40,6 +40,7 @@ class View:
     oom_kills: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    memory: tuple[int, str] = (0, "host")  # the total percentages resolve against, its source
     published_at: float = 0.0  # monotonic
     started_at: float = 0.0  # wall clock
 
@@ -131,9 +132,14 @@ class StateCollector(Collector):
             PREFIX + "messages_dropped", "Agent datagrams refused, by reason.", labels=["reason"])
         for reason, count in sorted(view.dropped.items()):
             dropped.add_metric([reason], count)
+        memory = GaugeMetricFamily(
+            PREFIX + "memory_total_bytes",
+            "The memory that percentage limits resolve against: the cgroup limit, else the host's.",
+            labels=["source"])
+        memory.add_metric([view.memory[1]], view.memory[0])
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (recycles, would, interrupted, oom, messages, dropped, build)
+        yield from (recycles, would, interrupted, oom, messages, dropped, memory, build)
 
 
 class Metrics:
@@ -240,6 +246,7 @@ def status_document(view: View) -> dict[str, Any]:
     return {
         "version": __version__, "limits": view.limits, "measure": view.measure,
         "dry_run": view.dry_run, "started_at": view.started_at,
+        "memory_total_bytes": view.memory[0], "memory_total_source": view.memory[1],
         "last_publish_seconds_ago": round(now - view.published_at, 3), "workers": workers,
         "messages": view.messages, "dropped": view.dropped,
     }

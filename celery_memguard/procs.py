@@ -42,8 +42,9 @@ class FoundWorker:
 class Procs:
     """Reads and signals real processes. ``root`` is the procfs mount (a fixture tree in tests)."""
 
-    def __init__(self, root: str = "/proc") -> None:
+    def __init__(self, root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.root = root
+        self.cgroup_root = cgroup_root
         self.page_size = os.sysconf("SC_PAGE_SIZE")
 
     # -- reading -----------------------------------------------------------------------------
@@ -132,14 +133,19 @@ class Procs:
 
     def memory_total(self) -> int:
         """The memory a percentage refers to: the cgroup limit if one is set, else the host's."""
-        for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-            try:
-                text = Path(path).read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit() and int(text) < psutil.virtual_memory().total:
-                return int(text)
-        return int(psutil.virtual_memory().total)
+        return self.memory_limit()[0]
+
+    def memory_limit(self) -> tuple[int, str]:
+        """(bytes, "cgroup" or "host"): the tightest cgroup memory limit above us, else RAM."""
+        host = int(psutil.virtual_memory().total)
+        try:
+            own = Path(self.root, "self", "cgroup").read_text()
+        except OSError:
+            return host, "host"
+        limit = cgroup_memory_limit(own, Path(self.cgroup_root))
+        if limit is not None and limit < host:
+            return limit, "cgroup"
+        return host, "host"
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -191,3 +197,34 @@ def worker_name(cmdline: list[str], pid: int) -> str:
         name = f"celery@{name}"
     return name
 
+
+
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def cgroup_memory_limit(proc_cgroup: str, root: Path) -> int | None:
+    """The tightest memory limit on the path of our cgroup, for cgroup v2 and v1.
+
+    ``proc_cgroup`` is the text of /proc/self/cgroup; ``root`` is where the hierarchy is
+    mounted. Limits are looked up from our cgroup up to the root, since a parent's limit
+    binds its children too; in a container with its own cgroup namespace the path is "/".
+    """
+    found: list[int] = []
+    for line in proc_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.strip().split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            try:
+                text = base.joinpath(*parts[:depth], name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < _UNLIMITED:
+                found.append(int(text))
+    return min(found) if found else None

@@ -57,8 +57,8 @@ class FakeProcs(Procs):
                             children=tuple(self.children(p.pid)))
                 for p in self.table.values() if p.name]
 
-    def memory_total(self) -> int:
-        return 16 * 1024 * MiB
+    def memory_limit(self) -> tuple[int, str]:
+        return 16 * 1024 * MiB, "host"
 
     def send_signal(self, pid: int, signum: int) -> bool:
         if pid in self.denied:

@@ -348,3 +348,30 @@ def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: 
     daemon._publish_settings()
     data = (tmp_path / "a.sock.settings.json").read_bytes()
     assert wire.decode_settings(data) == wire.AgentSettings(hard=200 * MiB, watch_interval=0.02)
+
+
+def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) -> None:
+    procs.table[KID0].rss, procs.table[KID0].uss = 80 * MiB, 60 * MiB
+    procs.table[KID1].rss, procs.table[KID1].uss = 80 * MiB, 80 * MiB
+    daemon = make(procs, limits={"worker_total": "170MiB"})
+    daemon.receive(dgram(hello()), 0.0)
+    for pid, index in ((KID0, 0), (KID1, 1)):
+        daemon.receive(dgram(wire.ChildHello(pid=pid, ppid=MAIN, index=index, tasks=0,
+                                             rss=80 * MiB)), 0.0)
+    daemon.tick(0.0)
+    assert [c.uss for c in daemon.view.snapshot.workers[0].children] == [None, None]  # 160 MiB RSS
+    procs.table[KID0].rss = procs.table[KID1].rss = 95 * MiB
+    daemon.tick(1.0)  # RSS 190 MiB >= 170: USS read, 140 MiB: under
+    assert [c.uss for c in daemon.view.snapshot.workers[0].children] == [60 * MiB, 80 * MiB]
+    assert procs.signals == []
+    procs.table[KID0].uss = 95 * MiB
+    daemon.tick(2.0)
+    assert procs.signals == [(KID0, 38)]
+    assert daemon.state.recycles[("w@h", "worker_total")] == 1
+
+
+def test_the_memory_total_and_its_source_are_exported(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.tick(0.0)
+    assert b'celery_memguard_memory_total_bytes{source="host"} 1.7179869184e+10' in \
+        daemon.metrics.render()
