@@ -38,8 +38,12 @@ class MemoryLimitExceeded(Exception):
                 f"({self.rss} > {self.limit} bytes)")
 
 
-def install(app: Celery, socket: str | None = None) -> None:
-    """Hook the agent into ``app`` (see celery_memguard.agent); safe to call more than once."""
+def install(app: Celery, socket: str | None = None, restart_worker: bool = False) -> None:
+    """Hook the agent into ``app`` (see celery_memguard.agent); safe to call more than once.
+
+    ``restart_worker=True`` opts a worker whose pool has no children (solo, threads, gevent,
+    eventlet) in to whole-worker restarts by the daemon.
+    """
     from celery_memguard import agent  # noqa: PLC0415 - keeps Celery out of the daemon
 
-    agent.install(app, socket=socket)
+    agent.install(app, socket=socket, restart_worker=restart_worker)

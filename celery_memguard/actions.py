@@ -41,7 +41,35 @@ class Actor:
                       reason=d.reason.value, held_by=d.hold.value, measured_bytes=d.measured,
                       threshold_bytes=d.threshold)
 
+    def _restart_worker(self, d: Decision, now: float) -> None:
+        """Warm (SIGTERM) or cold (SIGQUIT) shutdown of a whole worker, verified first."""
+        assert d.signal is not None
+        kind = "warm" if d.signal == signal.SIGTERM else "cold"
+        fields = {"worker": d.worker, "pid": d.proc.pid, "reason": d.reason.value,
+                  "shutdown": kind, "measured_bytes": d.measured, "threshold_bytes": d.threshold}
+        live = self.procs.stat(d.proc.pid)
+        if live is None or live.proc != d.proc:
+            self.log.warning("worker_restart_dropped", why="not_the_verified_worker", **fields)
+            return
+        if self.dry_run:
+            self.state.worker_signalled(d.proc.pid, d.signal, now)
+            self.state.dry_run_recycles[(d.worker, f"worker_{d.reason.value}")] += 1
+            self.log.info("worker_restart_would_request", dry_run=True, **fields)
+            return
+        try:
+            delivered = self.procs.send_signal(d.proc.pid, d.signal)
+        except PermissionError:
+            self.log.error("worker_restart_failed", why="permission_denied", **fields)
+            return
+        if delivered:
+            self.state.worker_signalled(d.proc.pid, d.signal, now)
+            self.state.restarts[(d.worker, d.reason.value)] += 1
+            self.log.warning("worker_restart_requested", **fields)
+
     def _recycle(self, d: Decision, now: float) -> None:
+        if d.whole:
+            self._restart_worker(d, now)
+            return
         fields = {"worker": d.worker, "index": d.index, "pid": d.proc.pid,
                   "reason": d.reason.value, "measured_bytes": d.measured,
                   "threshold_bytes": d.threshold}

@@ -44,6 +44,7 @@ _socket_path: str = DEFAULT_SOCKET
 _sender: _Sender | None = None
 _child: _ChildAgent | None = None
 _installed_apps: set[int] = set()
+_restart_worker = False
 
 
 class _Sender:
@@ -164,14 +165,18 @@ class _ChildAgent:
         return wait_for_job
 
 
-def install(app: Celery, socket: str | None = None) -> None:
+def install(app: Celery, socket: str | None = None, restart_worker: bool = False) -> None:
     """Hook celery-memguard into a Celery app; call once in the module that defines ``app``.
 
     The socket path is taken from ``CELERY_MEMGUARD_SOCKET`` when set, else ``socket``, else
-    the documented default. Installing twice is harmless.
+    the documented default. ``restart_worker`` lets the daemon restart a worker whose pool
+    has no children (solo, threads, gevent, eventlet) as a whole: a warm shutdown past the
+    soft limit, a cold one past the hard limit; its process manager must start it again.
+    Installing twice is harmless.
     """
-    global _socket_path
+    global _socket_path, _restart_worker
     _socket_path = os.environ.get(SOCKET_ENV) or socket or DEFAULT_SOCKET
+    _restart_worker = restart_worker
     if id(app) in _installed_apps:
         return
     _installed_apps.add(id(app))
@@ -204,6 +209,7 @@ def _worker_hello(consumer: Any) -> wire.WorkerHello:
         concurrency=int(concurrency), max_tasks=int(max_tasks) if max_tasks else None,
         max_memory_kib=int(max_mem) if max_mem else None,
         recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: wire.MAX_KIDS]), agent=_VERSION,
+        restart=_restart_worker,
     )
 
 

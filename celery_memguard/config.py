@@ -109,6 +109,14 @@ class LimitsConfig(_Section):
         default=512 * 1024**2,
         description="Past this a child is recycled right after its current task (size or % of memory).",
     )
+    worker_total: int | None = Field(
+        default=None,
+        description=(
+            "Limit on the sum of a worker's children (USS where sampled, since RSS counts "
+            "pages shared with the parent in every child); past it the largest child is "
+            "recycled after its task. Unset: no worker-wide limit."
+        ),
+    )
     kill_after: float = Field(
         default=10.0,
         description=(
@@ -138,6 +146,11 @@ class LimitsConfig(_Section):
         if hard is not None and soft >= hard:
             raise ValueError(f"soft ({soft} bytes) must be below limits.hard ({hard} bytes)")
         return soft
+
+    @field_validator("worker_total", mode="before")
+    @classmethod
+    def _total(cls, value: object, info: ValidationInfo) -> int | None:
+        return None if value is None else _size(value, info)
 
     @field_validator("kill_after", mode="before")
     @classmethod

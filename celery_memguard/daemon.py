@@ -308,6 +308,7 @@ class Daemon:
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
+            restarts=dict(state.restarts),
             messages=dict(state.messages), dropped=dict(state.dropped),
             published_at=now, started_at=self._started_wall, memory=self.memory,
         )

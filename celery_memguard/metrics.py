@@ -38,6 +38,7 @@ class View:
     dry_run_recycles: dict[tuple[str, str], int] = field(default_factory=dict)
     interrupted: dict[tuple[str, str, str], int] = field(default_factory=dict)
     oom_kills: dict[str, int] = field(default_factory=dict)
+    restarts: dict[tuple[str, str], int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     memory: tuple[int, str] = (0, "host")  # the total percentages resolve against, its source
@@ -124,6 +125,12 @@ class StateCollector(Collector):
             labels=["worker"])
         for worker_name, count in sorted(view.oom_kills.items()):
             oom.add_metric([worker_name], count)
+        restarts = CounterMetricFamily(
+            PREFIX + "worker_restarts",
+            "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
+            "hard (cold shutdown).", labels=["worker", "reason"])
+        for (worker_name, reason), count in sorted(view.restarts.items()):
+            restarts.add_metric([worker_name, reason], count)
         messages = CounterMetricFamily(
             PREFIX + "messages", "Agent messages accepted, by type.", labels=["type"])
         for kind, count in sorted(view.messages.items()):
@@ -139,7 +146,7 @@ class StateCollector(Collector):
         memory.add_metric([view.memory[1]], view.memory[0])
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (recycles, would, interrupted, oom, messages, dropped, memory, build)
+        yield from (recycles, would, interrupted, oom, restarts, messages, dropped, memory, build)
 
 
 class Metrics:
@@ -241,6 +248,9 @@ def status_document(view: View) -> dict[str, Any]:
             "max_tasks_per_child": worker.max_tasks, "main_rss_bytes": worker.rss,
             "recycles": {reason: n for (name, reason), n in view.recycles.items()
                          if name == worker.name},
+            "restarts": {reason: n for (name, reason), n in view.restarts.items()
+                         if name == worker.name},
+            "restartable": worker.restartable,
             "children": children,
         })
     return {

@@ -12,6 +12,7 @@ class Reason(str, Enum):
     SOFT = "soft"  # past the soft limit: leave after the current task
     HARD = "hard"  # past the hard limit during a task: interrupted by the in-child watch
     KILL = "kill"  # still past the hard limit kill_after later: SIGTERM, then SIGKILL
+    WORKER_TOTAL = "worker_total"  # the children together are past limits.worker_total
 
 
 class Hold(str, Enum):
@@ -21,6 +22,8 @@ class Hold(str, Enum):
     MAX_TASKS_SOON = "max_tasks_soon"  # --max-tasks-per-child will recycle it within a few tasks
     SHARE_CAP = "share_cap"  # too much of the pool is already recycling
     RATE_LIMIT = "rate_limit"  # recycle.max_per_minute reached for this worker
+    NOT_OPTED_IN = "not_opted_in"  # a childless pool whose app did not pass restart_worker=True
+    HOST_RESTARTING = "host_restarting"  # another worker of this host is restarting now
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,14 @@ class Worker:
     recycle_signal: int | None
     rss: int
     children: tuple[Child, ...] = ()
+    restartable: bool = False  # opted in to whole-worker restarts
+    restart_sent: int | None = None  # SIGTERM (warm) or SIGQUIT (cold) already sent
+    restart_at: float | None = None
+
+    @property
+    def has_children(self) -> bool:
+        """Pools whose tasks run in child processes; the others are supervised as a whole."""
+        return self.pool == "prefork"
 
     @property
     def pid(self) -> int:
@@ -93,6 +104,7 @@ class Decision:
     reason: Reason
     hold: Hold | None = None
     signal: int | None = None
+    whole: bool = False  # targets the worker's main process (a pool without children)
 
     @property
     def acts(self) -> bool:

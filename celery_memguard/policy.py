@@ -60,10 +60,45 @@ def decide(
     ``term_grace`` is how long a SIGTERM gets before SIGKILL (the daemon passes one tick).
     """
     decisions: list[Decision] = []
+    restarting = sum(1 for w in snapshot.workers if w.restart_sent is not None)
     for worker in snapshot.workers:
+        recent = requests.get(worker.name, ())
+        if not worker.has_children:
+            whole = _decide_whole(worker, limits, recycle, recent, now, restarting)
+            restarting += sum(1 for d in whole if d.acts and worker.restart_sent is None)
+            decisions.extend(whole)
+            continue
         decisions.extend(_kills(worker, limits, now, term_grace))
-        decisions.extend(_decide_worker(worker, limits, recycle, requests.get(worker.name, ()), now))
+        decisions.extend(_decide_worker(worker, limits, recycle, recent, now))
     return decisions
+
+
+def _decide_whole(worker: Worker, limits: LimitsConfig, recycle: RecycleConfig,
+                  recent: Sequence[float], now: float, restarting: int) -> list[Decision]:
+    """A pool without children (solo, threads, gevent, eventlet) is one unit: past soft it gets
+    a warm shutdown (SIGTERM: running tasks finish), past hard a cold one (SIGQUIT); its process
+    manager starts it again. Opt-in per worker, one restart per host at a time, so the workers
+    of a host never all stop together."""
+    soft = soft_threshold(limits, recycle, worker.proc)
+    if worker.rss >= limits.hard:
+        signum, threshold, reason = signal.SIGQUIT, limits.hard, Reason.HARD
+    elif worker.rss >= soft:
+        signum, threshold, reason = signal.SIGTERM, soft, Reason.SOFT
+    else:
+        return []
+    if worker.restart_sent in (signum, signal.SIGQUIT):
+        return []  # already sent this level (or the stronger one)
+    hold = None
+    if not (worker.agent and worker.restartable):
+        hold = Hold.NOT_OPTED_IN
+    elif worker.restart_sent is None and restarting > 0:
+        hold = Hold.HOST_RESTARTING
+    elif worker.restart_sent is None and (
+            sum(1 for t in recent if now - t < RATE_WINDOW) >= recycle.max_per_minute):
+        hold = Hold.RATE_LIMIT
+    return [Decision(worker=worker.name, worker_pid=worker.pid, index=-1, proc=worker.proc,
+                     ppid=0, measured=worker.rss, threshold=threshold, reason=reason, hold=hold,
+                     signal=int(signum), whole=True)]
 
 
 def _kills(worker: Worker, limits: LimitsConfig, now: float, term_grace: float) -> list[Decision]:
@@ -98,23 +133,14 @@ def _decide_worker(
     recent: Sequence[float],
     now: float,
 ) -> list[Decision]:
-    over: list[tuple[Child, int, int]] = []
-    for child in worker.children:
-        if (child.requested_at is not None or child.leaving or child.noted
-                or child.terminated_at is not None):
-            continue
-        threshold = soft_threshold(limits, recycle, child.proc)
-        value = measured(child, limits.measure)
-        if value >= threshold:
-            over.append((child, value, threshold))
-    if not over:
+    candidates = _over_soft(worker, limits, recycle) or _over_worker_total(worker, limits)
+    if not candidates:
         return []
-    over.sort(key=lambda item: item[1], reverse=True)
     in_flight = sum(1 for c in worker.children if c.requested_at is not None and not c.leaving)
     cap = share_cap(worker, recycle)
     used = sum(1 for t in recent if now - t < RATE_WINDOW)
     decisions = []
-    for child, value, threshold in over:
+    for child, value, threshold, reason in candidates:
         hold = None
         if not (worker.agent and child.agent and worker.recycle_signal):
             hold = Hold.NO_AGENT
@@ -129,7 +155,49 @@ def _decide_worker(
             used += 1
         decisions.append(Decision(
             worker=worker.name, worker_pid=worker.pid, index=child.index, proc=child.proc,
-            ppid=child.ppid, measured=value, threshold=threshold, reason=Reason.SOFT, hold=hold,
+            ppid=child.ppid, measured=value, threshold=threshold, reason=reason, hold=hold,
             signal=worker.recycle_signal,
         ))
     return decisions
+
+
+def _available(child: Child) -> bool:
+    """Not already on its way out (asked, leaving, noted by a dry run, or being killed)."""
+    return not (child.requested_at is not None or child.leaving or child.noted
+                or child.terminated_at is not None)
+
+
+def _over_soft(worker: Worker, limits: LimitsConfig,
+               recycle: RecycleConfig) -> list[tuple[Child, int, int, Reason]]:
+    over = []
+    for child in worker.children:
+        if not _available(child):
+            continue
+        threshold = soft_threshold(limits, recycle, child.proc)
+        value = measured(child, limits.measure)
+        if value >= threshold:
+            over.append((child, value, threshold, Reason.SOFT))
+    over.sort(key=lambda item: item[1], reverse=True)
+    return over
+
+
+def worker_total(worker: Worker) -> int:
+    """The sum the worker-wide limit compares: USS where sampled (RSS counts shared pages twice)."""
+    return sum(c.uss if c.uss is not None else c.rss for c in worker.children)
+
+
+def _over_worker_total(worker: Worker,
+                       limits: LimitsConfig) -> list[tuple[Child, int, int, Reason]]:
+    """Past limits.worker_total: the largest child goes first, one at a time, since each
+    recycle frees a child's worth and the sum is looked at again on the next report."""
+    if limits.worker_total is None or any(
+            c.requested_at is not None and not c.leaving for c in worker.children):
+        return []
+    total = worker_total(worker)
+    if total < limits.worker_total:
+        return []
+    available = [c for c in worker.children if _available(c)]
+    if not available:
+        return []
+    largest = max(available, key=lambda c: c.uss if c.uss is not None else c.rss)
+    return [(largest, total, limits.worker_total, Reason.WORKER_TOTAL)]

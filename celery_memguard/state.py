@@ -61,6 +61,9 @@ class WorkerRec:
     rss: int = 0
     kid_index: dict[int, int] = field(default_factory=dict)
     children: dict[int, ChildRec] = field(default_factory=dict)
+    restartable: bool = False
+    restart_sent: int | None = None
+    restart_at: float | None = None
 
 
 class State:
@@ -74,6 +77,7 @@ class State:
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
         self.interrupted: Counter[tuple[str, str, str]] = Counter()  # (worker, task, reason)
         self.oom_kills: Counter[str] = Counter()  # by worker
+        self.restarts: Counter[tuple[str, str]] = Counter()  # whole workers, (worker, reason)
         self.messages: Counter[str] = Counter()  # by message type
         self.dropped: Counter[str] = Counter()  # by reason
         self.requests: dict[str, deque[float]] = {}  # recent recycle requests per worker name
@@ -158,6 +162,7 @@ class State:
         rec.pool, rec.concurrency = msg.pool, msg.concurrency
         rec.max_tasks, rec.max_memory_kib = msg.max_tasks, msg.max_memory_kib
         rec.agent, rec.recycle_signal = True, msg.recycle_signal
+        rec.restartable = msg.restart
         rec.kid_index = dict(msg.kids)
         for pid, index in rec.kid_index.items():
             if pid in rec.children:
@@ -258,6 +263,14 @@ class State:
         else:
             child.terminated_at = now
 
+    def worker_signalled(self, pid: int, signum: int, now: float) -> None:
+        """A whole-worker restart was sent to this main process."""
+        rec = self.workers.get(pid)
+        if rec is not None:
+            rec.restart_sent, rec.restart_at = signum, now
+            if rec.name is not None:
+                self.requests.setdefault(rec.name, deque(maxlen=1024)).append(now)
+
     def _child_named(self, worker: str, pid: int) -> ChildRec | None:
         for rec in self.workers.values():
             if rec.name == worker and pid in rec.children:
@@ -311,4 +324,6 @@ def _worker_view(rec: WorkerRec) -> Worker:
     )
     return Worker(name=rec.name, proc=rec.proc, pool=rec.pool, concurrency=rec.concurrency,
                   max_tasks=rec.max_tasks, max_memory_kib=rec.max_memory_kib, agent=rec.agent,
-                  recycle_signal=rec.recycle_signal, rss=rec.rss, children=children)
+                  recycle_signal=rec.recycle_signal, rss=rec.rss, children=children,
+                  restartable=rec.restartable, restart_sent=rec.restart_sent,
+                  restart_at=rec.restart_at)

@@ -39,6 +39,7 @@ class WorkerHello:
     recycle_signal: int
     kids: tuple[tuple[int, int], ...]  # (pid, pool index) of the live pool children
     agent: str
+    restart: bool = False  # opted in to whole-worker restarts (pools without children)
     t: str = "w"
 
 
@@ -130,7 +131,8 @@ Message = (WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | ChildExi
 _FIELDS: dict[str, tuple[type[Any], dict[str, str]]] = {
     "w": (WorkerHello, {"pid": "pid", "node": "name", "pool": "name", "concurrency": "count",
                         "max_tasks": "count?", "max_memory_kib": "count?",
-                        "recycle_signal": "count", "kids": "kids", "agent": "name"}),
+                        "recycle_signal": "count", "kids": "kids", "agent": "name",
+                        "restart": "bool"}),
     "b": (WorkerBye, {"pid": "pid"}),
     "c": (ChildHello, {"pid": "pid", "ppid": "pid", "index": "count", "tasks": "count",
                        "rss": "count"}),

@@ -97,12 +97,13 @@ class Worker:
 
     def __init__(self, tmp: Path, broker: str, backend: str, *, socket_path: Path | None,
                  concurrency: int = 2, acks_late: bool = False, agent: bool = True,
-                 extra_args: tuple[str, ...] = (), name: str | None = None) -> None:
-        self.queue = f"q{os.getpid()}_{free_port()}"
+                 extra_args: tuple[str, ...] = (), name: str | None = None,
+                 queue: str | None = None, restart: bool = False) -> None:
+        self.queue = queue or f"q{os.getpid()}_{free_port()}"
         self.name = name or f"{self.queue}@memguard-test"
         self.concurrency = concurrency
         self.run_log = tmp / f"{self.queue}.runs"
-        self.log_path = tmp / f"{self.queue}.worker.log"
+        self.log_path = tmp / f"{self.queue}.{free_port()}.worker.log"
         self.client = Celery("client", broker=broker, backend=backend)
         self.client.conf.broker_connection_retry_on_startup = True
         env = dict(os.environ)
@@ -110,12 +111,14 @@ class Worker:
             "MEMGUARD_TEST_BROKER": broker, "MEMGUARD_TEST_BACKEND": backend,
             "MEMGUARD_TEST_ACKS_LATE": "1" if acks_late else "0",
             "MEMGUARD_TEST_NO_AGENT": "0" if agent else "1",
+            "MEMGUARD_TEST_RESTART": "1" if restart else "0",
             "MEMGUARD_TEST_RUN_LOG": str(self.run_log),
             "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         })
         if socket_path is not None:
             env["CELERY_MEMGUARD_SOCKET"] = str(socket_path)
         self.log = self.log_path.open("wb")
+        self.args = extra_args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.apps.leaky", "worker",
              "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
@@ -131,7 +134,8 @@ class Worker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}: {self.output()}")
-            if len(Procs().children(self.pid)) >= self.concurrency and self.client.control.ping(
+            children_ready = "-P" in self.args or len(Procs().children(self.pid)) >= self.concurrency
+            if children_ready and self.client.control.ping(
                     destination=[self.name], timeout=0.5):
                 return
             time.sleep(0.2)

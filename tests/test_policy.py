@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from celery_memguard import policy
-from celery_memguard.model import Hold, ProcId, Reason
+from celery_memguard.model import Hold, ProcId, Reason, Worker
 from tests.builders import MiB, child, limits, recycle, snapshot, worker
 
 
@@ -150,3 +150,71 @@ def test_no_kill_for_a_child_without_agent_or_back_under_hard() -> None:
     recovered = child(0, 150, over_hard_since=None)
     assert [d for d in policy.decide(snapshot(worker(recovered)), limits(), recycle(), {},
                                      now=100.0) if d.reason is Reason.KILL] == []
+
+
+def test_worker_total_recycles_the_largest_child_by_uss() -> None:
+    """The sum uses USS where sampled; the child holding most of its own memory goes first."""
+    kids = [child(0, 95, uss=40 * MiB), child(1, 90, uss=70 * MiB), child(2, 80, uss=60 * MiB)]
+    snap = snapshot(worker(*kids, concurrency=3))
+    [decision] = policy.decide(snap, limits(worker_total="160MiB"), recycle(), {}, now=0.0)
+    assert (decision.reason, decision.index, decision.acts) == (Reason.WORKER_TOTAL, 1, True)
+    assert decision.measured == 170 * MiB
+    assert decision.threshold == 160 * MiB
+
+
+def test_worker_total_under_by_uss_does_nothing_although_rss_sums_over() -> None:
+    kids = [child(0, 95, uss=40 * MiB), child(1, 90, uss=50 * MiB)]
+    snap = snapshot(worker(*kids))
+    assert policy.decide(snap, limits(worker_total="160MiB"), recycle(), {}, now=0.0) == []
+
+
+def test_worker_total_waits_for_a_recycle_in_flight() -> None:
+    kids = [child(0, 95, requested_at=1.0), child(1, 90), child(2, 90)]
+    snap = snapshot(worker(*kids, concurrency=3))
+    assert policy.decide(snap, limits(worker_total="160MiB"), recycle(max_share=1), {},
+                         now=2.0) == []
+
+
+def test_soft_recycles_come_before_the_worker_total() -> None:
+    kids = [child(0, 120), child(1, 90)]
+    snap = snapshot(worker(*kids))
+    decisions = policy.decide(snap, limits(worker_total="160MiB"), recycle(), {}, now=0.0)
+    assert [(d.reason, d.index) for d in decisions] == [(Reason.SOFT, 0)]
+
+
+def whole(name: str = "solo@h", rss_mib: float = 50, pid: int = 30, **kw: object) -> Worker:
+    values: dict[str, object] = {"pool": "thread", "restartable": True, "name": name,
+                                 "proc": ProcId(pid, pid * 10), "rss": int(rss_mib * MiB)}
+    values.update(kw)
+    return worker(**values)
+
+
+def test_a_pool_without_children_past_soft_gets_a_warm_shutdown() -> None:
+    [d] = policy.decide(snapshot(whole(rss_mib=120)), limits(), recycle(), {}, now=0.0)
+    assert (d.whole, d.acts, d.signal, d.reason, d.proc) == (
+        True, True, signal.SIGTERM, Reason.SOFT, ProcId(30, 300))
+
+
+def test_past_hard_it_gets_a_cold_shutdown_even_during_a_warm_one() -> None:
+    [d] = policy.decide(snapshot(whole(rss_mib=250, restart_sent=signal.SIGTERM, restart_at=0.0)),
+                        limits(), recycle(), {}, now=1.0)
+    assert (d.signal, d.reason, d.acts) == (signal.SIGQUIT, Reason.HARD, True)
+    assert policy.decide(snapshot(whole(rss_mib=250, restart_sent=signal.SIGQUIT)), limits(),
+                         recycle(), {}, now=2.0) == []
+
+
+def test_a_worker_not_opted_in_is_only_held() -> None:
+    [d] = policy.decide(snapshot(whole(rss_mib=120, restartable=False)), limits(), recycle(), {},
+                        now=0.0)
+    assert d.hold is Hold.NOT_OPTED_IN
+
+
+def test_only_one_worker_of_a_host_restarts_at_a_time() -> None:
+    """Workers over the limit together are restarted one after the other, never all at once."""
+    a, b = whole("a@h", 120, pid=30), whole("b@h", 130, pid=31)
+    first, second = policy.decide(snapshot(a, b), limits(), recycle(), {}, now=0.0)
+    assert first.acts
+    assert second.hold is Hold.HOST_RESTARTING
+    busy = whole("a@h", 120, pid=30, restart_sent=signal.SIGTERM, restart_at=0.0)
+    [held] = policy.decide(snapshot(busy, b), limits(), recycle(), {}, now=1.0)
+    assert (held.worker, held.hold) == ("b@h", Hold.HOST_RESTARTING)

@@ -24,7 +24,7 @@ app.conf.update(
     result_expires=600,
 )
 if os.environ.get("MEMGUARD_TEST_NO_AGENT") != "1":
-    celery_memguard.install(app)
+    celery_memguard.install(app, restart_worker=os.environ.get("MEMGUARD_TEST_RESTART") == "1")
 
 _kept: list[bytes] = []
 _RUN_LOG = os.environ.get("MEMGUARD_TEST_RUN_LOG")
