@@ -130,3 +130,15 @@ def test_check_config_command_prints_one_line_and_no_traceback(tmp_path: Path) -
     assert done.stderr.strip().splitlines() == [
         f"{path}: invalid: limits.soft: soft (2147483648 bytes) must be below limits.hard "
         f"(1073741824 bytes)"]
+
+
+def test_the_configuration_reference_is_generated_from_the_models() -> None:
+    """docs/configuration.md is exactly what the generator prints, and names every key."""
+    from celery_memguard import config_reference  # noqa: PLC0415
+
+    text = config_reference.render()
+    assert (ROOT / "docs" / "configuration.md").read_text() == text, (
+        "regenerate: python -m celery_memguard.config_reference > docs/configuration.md")
+    for section, model in config.Config.model_fields.items():
+        for key in model.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"`{section}.{key}`" in text
