@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from celery_memguard import policy, wire
+from celery_memguard import growth, policy, wire
 from celery_memguard.actions import Actor
 from celery_memguard.config import Config, ConfigError, split_listen
 from celery_memguard.inbox import Datagram, Inbox
@@ -309,6 +309,8 @@ class Daemon:
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
             restarts=dict(state.restarts),
+            growth={task: (g.cumulative(), g.total) for task, g in state.growth.items()},
+            ranking=tuple(growth.rank(state.growth)),
             messages=dict(state.messages), dropped=dict(state.dropped),
             published_at=now, started_at=self._started_wall, memory=self.memory,
         )

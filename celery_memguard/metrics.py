@@ -16,14 +16,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client import utils as _prometheus_utils
 
 from celery_memguard import __version__
+from celery_memguard.growth import Ranked
 from celery_memguard.model import Snapshot
 
 PREFIX = "celery_memguard_"
+_le: Callable[[float], str] = _prometheus_utils.floatToGoString  # bucket bounds as clients print them
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class View:
     interrupted: dict[tuple[str, str, str], int] = field(default_factory=dict)
     oom_kills: dict[str, int] = field(default_factory=dict)
     restarts: dict[tuple[str, str], int] = field(default_factory=dict)
+    growth: dict[str, tuple[list[tuple[float, int]], int]] = field(default_factory=dict)
+    ranking: tuple[Ranked, ...] = ()
     messages: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     memory: tuple[int, str] = (0, "host")  # the total percentages resolve against, its source
@@ -125,6 +135,12 @@ class StateCollector(Collector):
             labels=["worker"])
         for worker_name, count in sorted(view.oom_kills.items()):
             oom.add_metric([worker_name], count)
+        growth = HistogramMetricFamily(
+            PREFIX + "task_memory_growth_bytes",
+            "RSS a task execution left behind (after minus before), by task name (bounded).",
+            labels=["task"])
+        for task, (buckets, total) in sorted(view.growth.items()):
+            growth.add_metric([task], [(_le(le), n) for le, n in buckets], total)
         restarts = CounterMetricFamily(
             PREFIX + "worker_restarts",
             "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
@@ -146,7 +162,8 @@ class StateCollector(Collector):
         memory.add_metric([view.memory[1]], view.memory[0])
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (recycles, would, interrupted, oom, restarts, messages, dropped, memory, build)
+        yield from (recycles, would, interrupted, oom, growth, restarts, messages, dropped,
+                    memory, build)
 
 
 class Metrics:
@@ -259,4 +276,7 @@ def status_document(view: View) -> dict[str, Any]:
         "memory_total_bytes": view.memory[0], "memory_total_source": view.memory[1],
         "last_publish_seconds_ago": round(now - view.published_at, 3), "workers": workers,
         "messages": view.messages, "dropped": view.dropped,
+        "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,
+                   "mean_growth_bytes": r.mean_bytes, "total_growth_bytes": r.total_bytes,
+                   "leaky": r.leaky} for r in view.ranking],
     }

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from celery_memguard import wire
+from celery_memguard.growth import TaskGrowth
 from celery_memguard.model import Child, ProcId, Snapshot, Worker
 from celery_memguard.procs import FoundWorker, ProcStat
 
@@ -82,6 +83,7 @@ class State:
         self.dropped: Counter[str] = Counter()  # by reason
         self.requests: dict[str, deque[float]] = {}  # recent recycle requests per worker name
         self.task_names = BoundedNames(max_task_names)
+        self.growth: dict[str, TaskGrowth] = {}  # by bounded task name
         self.events: list[tuple[str, dict[str, object]]] = []  # for the daemon to log
         self._gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
         self._killed: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
@@ -106,6 +108,8 @@ class State:
             child.task = child.task_id = None
             child.tasks = message.tasks
             self.observe(child, message.rss, now)
+            label = self.task_names.label(message.task)
+            self.growth.setdefault(label, TaskGrowth()).add(message.rss - message.rss_before)
         elif isinstance(message, wire.ChildHello):
             child.tasks = message.tasks
             self.observe(child, message.rss, now)

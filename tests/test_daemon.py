@@ -375,3 +375,25 @@ def test_the_memory_total_and_its_source_are_exported(procs: FakeProcs) -> None:
     daemon.tick(0.0)
     assert b'celery_memguard_memory_total_bytes{source="host"} 1.7179869184e+10' in \
         daemon.metrics.render()
+
+
+def test_task_growth_is_a_histogram_by_task_name_and_ranked_in_status(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    for n in range(10):
+        daemon.receive(dgram(wire.TaskEnd(pid=KID0, ppid=MAIN, index=0, task="app.leak", id=str(n),
+                                          rss_before=50 * MiB + n * 2 * MiB,
+                                          rss=52 * MiB + n * 2 * MiB, tasks=n + 1, ok=True)), 0.0)
+        daemon.receive(dgram(wire.TaskEnd(pid=KID1, ppid=MAIN, index=1, task="app.noop", id=f"x{n}",
+                                          rss_before=50 * MiB, rss=50 * MiB, tasks=n + 1, ok=True)),
+                       0.0)
+    daemon.tick(1.0)
+    text = daemon.metrics.render().decode()
+    assert 'celery_memguard_task_memory_growth_bytes_count{task="app.leak"} 10.0' in text
+    assert "celery_memguard_task_memory_growth_bytes_sum{task=\"app.leak\"} 2.097152e+07" in text
+    assert 'celery_memguard_task_memory_growth_bytes_bucket{le="4.194304e+06",task="app.leak"} 10.0' in text
+    assert 'celery_memguard_task_memory_growth_bytes_bucket{le="1.048576e+06",task="app.leak"} 0.0' in text
+    from celery_memguard.metrics import status_document  # noqa: PLC0415
+
+    tasks = status_document(daemon.view)["tasks"]
+    assert [(t["task"], t["leaky"]) for t in tasks] == [("app.leak", True), ("app.noop", False)]

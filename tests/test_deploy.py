@@ -48,7 +48,7 @@ EXISTING = {
 COMING = {
     "child_leak_bytes_per_task", "child_leak_bytes_per_second", "child_seconds_to_limit",
     "recommended_max_tasks_per_child",
-    # counters whose series appear with their first count (none in an empty daemon)
+    # counters and histograms whose series appear with their first count (none in an empty daemon)
     "oom_kills_total", "interrupted_tasks_total", "worker_restarts_total",
     "task_memory_growth_bytes_bucket", "task_memory_growth_bytes_sum",
     "task_memory_growth_bytes_count",
