@@ -30,7 +30,8 @@ from rich.table import Table
 from celery_memguard.units import format_bytes
 
 SOFT = "100MiB"
-HARD = "400MiB"
+HARD = "250MiB"
+RUNAWAYS_AT = (0.35, 0.7)  # shares of the duration at which a runaway task is sent
 RATE = 25.0  # tasks sent per second
 MIX = (("leaky_report", 0.45), ("warm_cache", 0.15), ("quick", 0.40))
 
@@ -40,13 +41,14 @@ class Tally:
     sent: int = 0
     succeeded: int = 0
     failed: int = 0
+    stopped: int = 0  # failed with MemoryLimitExceeded: runaways the hard limit stopped
     peak_rss: int = 0
     recycles: dict[str, float] = field(default_factory=dict)
     by_task: dict[str, int] = field(default_factory=dict)
 
 
 def run_demo(duration: float = 25.0, live: bool = True) -> int:
-    console = Console()
+    console = Console(soft_wrap=True)
     workdir = Path(tempfile.mkdtemp(prefix="celery-memguard-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -68,7 +70,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def _demo(console: Console, workdir: Path, procs: list[subprocess.Popen[bytes]],
           duration: float, live: bool) -> int:
-    for sub in ("queue", "results"):
+    for sub in ("queue", "results", "staging"):
         (workdir / sub).mkdir()
     port = _free_port()
     sock = workdir / "agent.sock"
@@ -97,6 +99,13 @@ def _demo(console: Console, workdir: Path, procs: list[subprocess.Popen[bytes]],
     os.environ["MEMGUARD_DEMO_DIR"] = str(workdir)
     from celery_memguard import demo_app  # noqa: PLC0415 - reads MEMGUARD_DEMO_DIR at import
 
+    # kombu's filesystem transport creates a message file before it writes it, and a worker
+    # that picks up the empty file crashes on it; so the demo writes its messages to a staging
+    # folder and renames each complete file into the queue (a rename is atomic).
+    options = dict(demo_app.app.conf.broker_transport_options)
+    options["data_folder_out"] = str(workdir / "staging")
+    demo_app.app.conf.broker_transport_options = options
+
     tally = Tally()
     pending: list[Any] = []
     rng = random.Random(42)  # noqa: S311 - a reproducible workload, not cryptography
@@ -104,12 +113,20 @@ def _demo(console: Console, workdir: Path, procs: list[subprocess.Popen[bytes]],
     weights = [weight for _, weight in MIX]
     start = time.monotonic()
     view = _Live(console, live)
+    runaways = list(RUNAWAYS_AT)
     with view:
         while time.monotonic() - start < duration:
-            due = int((time.monotonic() - start) * RATE) - tally.sent
+            if runaways and time.monotonic() - start >= runaways[0] * duration:
+                runaways.pop(0)
+                pending.append(demo_app.runaway.delay())
+                _publish_staged(workdir)
+                tally.sent += 1
+                tally.by_task["runaway"] = tally.by_task.get("runaway", 0) + 1
+            due = int((time.monotonic() - start) * RATE) - tally.sent + tally.by_task.get("runaway", 0)
             for _ in range(max(0, due)):
                 name = rng.choices(names, weights)[0]
                 pending.append(getattr(demo_app, name).delay())
+                _publish_staged(workdir)
                 tally.sent += 1
                 tally.by_task[name] = tally.by_task.get(name, 0) + 1
             pending = _collect(pending, tally)
@@ -121,7 +138,7 @@ def _demo(console: Console, workdir: Path, procs: list[subprocess.Popen[bytes]],
             view.update(_status(url), tally, time.monotonic() - start, duration, url)
             time.sleep(0.25)
     tally.recycles = _recycles(url)
-    _summary(console, tally, lost=len(pending))
+    _summary(console, tally, lost=len(pending), leaking=_leaking(url))
     return 0 if not pending else 1
 
 
@@ -175,18 +192,32 @@ def _table(workers: list[dict[str, Any]], tally: Tally, elapsed: float, duration
     return table
 
 
-def _summary(console: Console, tally: Tally, lost: int) -> None:
+def _summary(console: Console, tally: Tally, lost: int, leaking: dict[str, Any] | None) -> None:
     console.print("\n[bold]summary[/bold]")
     console.print(f"  tasks sent {tally.sent}, succeeded {tally.succeeded}, failed "
-                  f"{tally.failed}, lost {lost}")
+                  f"{tally.failed} ({tally.stopped} runaways stopped by the hard limit), "
+                  f"lost {lost}")
     console.print("  sent by name: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.by_task.items())))
     recycles = ", ".join(f"{reason} {n:.0f}" for reason, n in sorted(tally.recycles.items()))
     console.print(f"  recycles by level: {recycles or 'none'}")
     console.print(f"  highest child RSS seen by the daemon: {format_bytes(tally.peak_rss)} "
-                  f"(soft limit {SOFT})")
+                  f"(soft limit {SOFT}, hard limit {HARD})")
+    if leaking is not None:
+        console.print(f"  leaking task: {leaking['task']}, leaves "
+                      f"{format_bytes(leaking['median_growth_bytes'])} per call "
+                      f"(median of {leaking['calls']} calls)")
+    else:
+        console.print("  leaking task: none identified")
+
+
+def _publish_staged(workdir: Path) -> None:
+    for name in sorted(os.listdir(workdir / "staging")):
+        os.rename(workdir / "staging" / name, workdir / "queue" / name)
 
 
 def _collect(pending: list[Any], tally: Tally) -> list[Any]:
+    from celery_memguard import MemoryLimitExceeded  # noqa: PLC0415
+
     left = []
     for result in pending:
         if result.ready():
@@ -194,6 +225,7 @@ def _collect(pending: list[Any], tally: Tally) -> list[Any]:
                 tally.succeeded += 1
             else:
                 tally.failed += 1
+                tally.stopped += isinstance(result.result, MemoryLimitExceeded)
         else:
             left.append(result)
     return left
@@ -210,6 +242,12 @@ def _recycles(url: str) -> dict[str, float]:
                 reason = sample.labels["reason"]
                 out[reason] = out.get(reason, 0.0) + sample.value
     return out
+
+
+def _leaking(url: str) -> dict[str, Any] | None:
+    text = _get(url + "/status")
+    tasks = json.loads(text)["tasks"] if text else []
+    return next((t for t in tasks if t["leaky"]), None)
 
 
 def _status(url: str) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The Celery app the demo runs: a leaking task, a cache-warming task and a no-op.
+"""The Celery app the demo runs: a leaking task, a cache-warming task, a runaway and a no-op.
 
 It needs no broker server: Celery's filesystem transport and file result backend keep
 everything in the directory named by MEMGUARD_DEMO_DIR.
@@ -50,3 +50,15 @@ def warm_cache(mib: float = 6.0) -> int:
 @app.task
 def quick() -> int:
     return os.getpid()
+
+
+@app.task
+def runaway(step_mib: float = 16, every: float = 0.02, up_to_mib: float = 1024) -> int:
+    """Allocates 16 MiB every 20 ms: the hard limit stops it long before it gets to 1 GiB."""
+    import time  # noqa: PLC0415
+
+    held: list[bytes] = []
+    while len(held) * step_mib < up_to_mib:
+        held.append(b"\x03" * int(step_mib * 1024 * 1024))
+        time.sleep(every)
+    return len(held)
