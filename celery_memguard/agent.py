@@ -337,6 +337,15 @@ def _run_code(task: Any) -> CodeType | None:
     return code if isinstance(code, CodeType) else None
 
 
+_names: dict[str, str] = {}
+
+
 def _name(task: Any) -> str:
-    name = getattr(task, "name", None) or "unknown"
-    return "".join(ch for ch in str(name) if ch.isprintable())[: wire.MAX_NAME]
+    """The task's name, printable and bounded, as the wire format requires (cached per name)."""
+    name = str(getattr(task, "name", None) or "unknown")
+    clean = _names.get(name)
+    if clean is None:
+        clean = "".join(ch for ch in name if ch.isprintable())[: wire.MAX_NAME]
+        if len(_names) < 10000:
+            _names[name] = clean
+    return clean

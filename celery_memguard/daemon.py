@@ -210,7 +210,8 @@ class Daemon:
         self._log_events()
         if isinstance(message, wire.WorkerHello) and worker is not None:
             self._refresh_children(worker)
-        if isinstance(message, wire.TaskEnd | wire.ChildHello) and worker is not None:
+        if (isinstance(message, wire.TaskEnd | wire.ChildHello) and worker is not None
+                and self._near_a_limit(worker)):
             self._measure_near_limit(worker)
             self._decide(now, worker)
 
@@ -253,6 +254,19 @@ class Daemon:
             self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
                           tasks=child.tasks, rss_bytes=child.rss,
                           requested=child.requested_at is not None)
+
+    def _near_a_limit(self, rec: WorkerRec) -> bool:
+        """Whether a report can lead to a decision: most cannot, and this is the hot path.
+
+        RSS bounds USS and PSS from above, so a worker whose children are all under the lowest
+        soft threshold by RSS (and whose RSS sum is under worker_total) needs no snapshot.
+        """
+        limits = self.config.limits
+        floor = limits.soft * (1.0 - self.config.recycle.jitter)
+        if any(c.rss >= floor for c in rec.children.values()):
+            return True
+        return (limits.worker_total is not None
+                and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
 
     def _measure_near_limit(self, rec: WorkerRec) -> None:
         """Read USS/PSS (about 30x dearer than RSS) only where it decides something.

@@ -171,7 +171,9 @@ def _over_soft(worker: Worker, limits: LimitsConfig,
                recycle: RecycleConfig) -> list[tuple[Child, int, int, Reason]]:
     over = []
     for child in worker.children:
-        if not _available(child):
+        if not _available(child) or child.task is not None:
+            # A busy child is judged on the RSS its task leaves behind, reported at the task's
+            # end: memory a task takes and frees before it returns is no reason to recycle.
             continue
         threshold = soft_threshold(limits, recycle, child.proc)
         value = measured(child, limits.measure)

@@ -26,9 +26,12 @@ def test_a_child_over_the_soft_limit_is_recycled_with_its_figures() -> None:
     assert decision.worker_pid == 10
 
 
-def test_a_busy_child_is_asked_too_since_it_leaves_only_after_its_task() -> None:
+def test_a_busy_child_over_soft_waits_for_its_task_end_report() -> None:
+    """Mid-task RSS can be a spike the task frees; the end-of-task figure decides."""
     snap = snapshot(worker(child(0, 150, task="app.report")))
-    [decision] = policy.decide(snap, limits(), recycle(), {}, now=0.0)
+    assert policy.decide(snap, limits(), recycle(), {}, now=0.0) == []
+    done = snapshot(worker(child(0, 150, task=None)))
+    [decision] = policy.decide(done, limits(), recycle(), {}, now=0.0)
     assert decision.acts
 
 

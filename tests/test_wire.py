@@ -106,3 +106,16 @@ def test_settings_round_trip_and_bad_settings_are_ignored() -> None:
                 b'{"v":1,"hard":1,"watch_interval":60}', b'{"v":1,"hard":1,"watch_interval":true}',
                 b'{"v":2,"hard":1,"watch_interval":0.01}', b'{"v":1,"hard":"1","watch_interval":0.01}'):
         assert wire.decode_settings(bad) is None
+
+
+@given(st.text(max_size=60), st.text(max_size=60), st.integers(0, 2**40), st.booleans())
+def test_the_fast_task_encoders_produce_what_json_would(task: str, tid: str, rss: int, ok: bool) -> None:
+    """Names with quotes, backslashes or any unicode survive the hand-formatted encoders."""
+    end = wire.TaskEnd(pid=5, ppid=4, index=1, task=task, id=tid, rss_before=rss, rss=rss + 1,
+                       tasks=3, ok=ok)
+    start = wire.TaskStart(pid=5, ppid=4, index=1, task=task, id=tid, rss=rss)
+    for message in (end, start):
+        body = json.loads(wire.encode(message))
+        assert body == {**{k: getattr(message, k) for k in body if k not in ("v",)}, "v": 1}
+        if task.isprintable() and tid.isprintable():
+            assert wire.decode(wire.encode(message)) == message
