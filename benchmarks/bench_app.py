@@ -1,0 +1,45 @@
+"""The benchmark workload's Celery app: one task whose kind decides what it does to memory.
+
+Broker and backend come from BENCH_BROKER/BENCH_BACKEND; the agent is installed only when
+BENCH_AGENT=1, so the same app serves the built-in guards and celery-memguard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from celery import Celery
+
+import celery_memguard
+
+app = Celery("bench", broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0"),
+             backend=os.environ.get("BENCH_BACKEND", "redis://127.0.0.1:6379/1"))
+app.conf.update(worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True,
+                result_expires=600)
+if os.environ.get("BENCH_AGENT") == "1":
+    celery_memguard.install(app)
+
+MiB = 1024 * 1024
+_kept: list[bytes] = []
+_cache: dict[str, bytes] = {}
+
+
+@app.task
+def work(kind: str) -> tuple[int, float]:
+    """keep: 2 MiB for the life of the process; cache: 4 MiB once per process; spike: 300 MiB
+    allocated and freed within the task; runaway: 16 MiB every 20 ms up to 640 MiB; noop."""
+    if kind == "keep":
+        _kept.append(b"\x01" * (2 * MiB))
+    elif kind == "cache":
+        if "c" not in _cache:
+            _cache["c"] = b"\x02" * (4 * MiB)
+    elif kind == "spike":
+        block = b"\x03" * (300 * MiB)
+        del block
+    elif kind == "runaway":
+        held = []
+        while len(held) < 40:
+            held.append(b"\x04" * (16 * MiB))
+            time.sleep(0.02)
+    return os.getpid(), time.time()

@@ -1,0 +1,506 @@
+"""celery-memguard benchmarks: the built-in guards and celery-memguard side by side, and the
+costs of sampling and of the agent. Prints figures and ratios; medians of interleaved runs.
+
+    .venv/bin/python -m benchmarks.run            # everything, 3 runs each (several minutes)
+    .venv/bin/python -m benchmarks.run --quick    # CI: checks that every part still runs
+    .venv/bin/python -m benchmarks.run --only sampling,workload
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from celery import Celery
+
+from celery_memguard import config as cfgmod
+from celery_memguard.daemon import Daemon
+from celery_memguard.procs import FoundWorker, Procs
+from tests.support import ROOT, PrivateRedis, free_port, kill_group, redis_pings
+from tests.support import Daemon as DaemonProc
+
+MiB = 1024 * 1024
+PARTS = ("sampling", "workload", "spikes", "runaway", "agent")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+# -- sampling ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def sleepers(n: int) -> Iterator[list[int]]:
+    procs = [subprocess.Popen(["sleep", "600"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def per_child(fn: Callable[[int], object], pids: list[int], rounds: int) -> float:
+    """Median seconds per child of ``fn`` over ``rounds`` passes over all pids."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for pid in pids:
+            fn(pid)
+        times.append((time.perf_counter() - start) / len(pids))
+    return median(times)
+
+
+def bare_statm(pid: int) -> bytes:
+    with open(f"/proc/{pid}/statm", "rb") as fh:
+        return fh.read()
+
+
+def bench_sampling(quick: bool) -> None:
+    procs = Procs()
+    n, rounds = (50, 5) if quick else (200, 30)
+    with sleepers(n) as pids:
+        objects = {pid: psutil.Process(pid) for pid in pids}
+        rows = []
+        bare = per_child(bare_statm, pids, rounds)
+        ours = per_child(procs.rss, pids, rounds)
+        ps = per_child(lambda pid: objects[pid].memory_info(), pids, rounds)
+        smaps = per_child(procs.uss_pss, pids, rounds)
+        stat = per_child(procs.stat, pids, rounds)
+        for name, value in (("bare open+read of /proc/PID/statm", bare),
+                            ("Procs.rss (what every tick reads)", ours),
+                            ("psutil Process.memory_info()", ps),
+                            ("Procs.stat (identity check before a signal)", stat),
+                            ("Procs.uss_pss (smaps_rollup, near a limit only)", smaps)):
+            rows.append([name, f"{value * 1e6:.2f}", f"{value / bare:.2f}x"])
+    table(f"Sampling cost per child ({n} processes, median of {rounds} passes)",
+          ["read", "µs per child", "vs bare statm"], rows)
+
+    n_tick = 100 if quick else 1000
+    with sleepers(n_tick) as pids:
+        daemon = Daemon(cfgmod.parse({"sampling": {"scan_interval": "1h"}}, env={}),
+                        log=_NullLog())
+        me = procs.stat(os.getpid())
+        assert me is not None
+        kids = tuple(s for s in (procs.stat(pid) for pid in pids) if s is not None)
+        daemon.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
+        daemon.tick(time.monotonic())  # includes the first full scan
+        ticks = []
+        for _ in range(5 if quick else 30):
+            start = time.perf_counter()
+            daemon.tick(time.monotonic())
+            ticks.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        procs.scan_workers()
+        scan = time.perf_counter() - start
+    table(f"One tick over {n_tick} children (median of {len(ticks)})",
+          ["what", "ms"],
+          [["tick: children, RSS, decide, publish", f"{median(ticks) * 1e3:.2f}"],
+           [f"full process scan ({len(psutil.pids())} processes; every scan_interval)",
+            f"{scan * 1e3:.2f}"]])
+    bench_daemon_cpu(quick)
+    bench_messages(quick)
+
+
+def bench_messages(quick: bool) -> None:
+    """In-process cost of one agent report in the daemon (decode, credentials, state, decide)."""
+    from celery_memguard import wire  # noqa: PLC0415
+    from celery_memguard.inbox import Datagram  # noqa: PLC0415
+
+    procs = Procs()
+    n = 2000 if quick else 50000
+    with sleepers(2) as pids:
+        daemon = Daemon(cfgmod.parse({}, env={}), log=_NullLog())
+        me = procs.stat(os.getpid())
+        assert me is not None
+        kids = tuple(s for s in (procs.stat(pid) for pid in pids) if s is not None)
+        daemon.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
+        hello = wire.WorkerHello(pid=me.pid, node="bench@host", pool="prefork", concurrency=2,
+                                 max_tasks=None, max_memory_kib=None, recycle_signal=38,
+                                 kids=((pids[0], 0), (pids[1], 1)), agent="b")
+        daemon.receive(Datagram(wire.encode(hello), me.pid, 0, False), time.monotonic())
+        grams = [Datagram(wire.encode(wire.TaskEnd(
+            pid=pids[0], ppid=me.pid, index=0, task="app.task", id=f"{i:032x}", rss_before=1,
+            rss=60 * MiB, tasks=i, ok=True)), pids[0], 0, False) for i in range(n)]
+        start = time.perf_counter()
+        for gram in grams:
+            daemon.receive(gram, 0.0)
+        per = (time.perf_counter() - start) / n
+    table("Daemon per agent message (task end, in-process)", ["what", "figure"],
+          [["µs per message", f"{per * 1e6:.1f}"],
+           ["messages per second on one core", f"{1 / per:,.0f}"]])
+
+
+class _NullLog:
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+DAEMON_CHILD = """
+import os, sys, time, subprocess, threading
+from celery_memguard import config
+from celery_memguard.daemon import Daemon
+from celery_memguard.procs import FoundWorker, Procs
+n, sock, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+kids = [subprocess.Popen(["sleep", "600"]) for _ in range(n)]
+procs = Procs()
+cfg = config.parse({"agent": {"socket": sock}, "metrics": {"listen": f"127.0.0.1:{port}"},
+                    "log": {"level": "warning"}}, env={})
+from celery_memguard import log; log.configure("json", "warning")
+d = Daemon(cfg)
+me = procs.stat(os.getpid())
+d.state.found(FoundWorker(stat=me, name="bench@host",
+              children=tuple(procs.stat(k.pid) for k in kids)))
+print("ready", flush=True)
+try:
+    d.run()
+finally:
+    for k in kids: k.kill()
+"""
+
+
+def bench_daemon_cpu(quick: bool) -> None:
+    n, window = (20, 3.0) if quick else (200, 30.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen([sys.executable, "-c", DAEMON_CHILD, str(n), f"{tmp}/s.sock",
+                                 str(free_port())], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(2.0)
+            p = psutil.Process(proc.pid)
+            before = p.cpu_times()
+            time.sleep(window)
+            after = p.cpu_times()
+            cpu = (after.user + after.system - before.user - before.system) / window
+            rss = p.memory_info().rss
+        finally:
+            kill_group(proc, grace=5)
+    table(f"Daemon at a 1 s tick with {n} children, over {window:.0f} s",
+          ["what", "figure"],
+          [["CPU, share of one core", f"{cpu * 100:.3f} %"], ["RSS", f"{rss / MiB:.1f} MiB"]])
+
+
+# -- Celery workloads ----------------------------------------------------------------------
+
+@dataclass
+class Run:
+    guard: str
+    peak_rss: int = 0
+    recycles: int = 0
+    tasks_per_second: float = 0.0
+    longest_gap: float = 0.0
+    lost: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Sampler:
+    """RSS of every child of a worker every ``period`` seconds: peak, and per pid the first
+    time it crossed each threshold and the last time it was seen."""
+
+    def __init__(self, worker_pid: int, period: float, thresholds: tuple[int, ...] = ()) -> None:
+        self.worker_pid, self.period, self.thresholds = worker_pid, period, thresholds
+        self.peak: dict[int, int] = {}
+        self.crossed: dict[tuple[int, int], float] = {}
+        self.recovered: dict[tuple[int, int], float] = {}  # back under after crossing
+        self.last_seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        procs = Procs()
+        while not self._stop.wait(self.period):
+            now = time.monotonic()
+            for child in procs.children(self.worker_pid):
+                rss = procs.rss(child.pid)
+                if rss is None or rss == 0:
+                    continue
+                self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
+                self.last_seen[child.pid] = now
+                for limit in self.thresholds:
+                    if rss > limit:
+                        self.crossed.setdefault((child.pid, limit), now)
+                    elif (child.pid, limit) in self.crossed:
+                        self.recovered.setdefault((child.pid, limit), now)
+
+
+class Bench:
+    """Starts workers (and a daemon) against one broker; everything stopped on exit."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.redis: PrivateRedis | None = None
+        if redis_pings(6379):
+            base = "redis://127.0.0.1:6379"
+        else:
+            self.redis = PrivateRedis(tmp)
+            base = f"redis://127.0.0.1:{self.redis.port}"
+        self.broker, self.backend = f"{base}/0", f"{base}/1"
+        self.client = Celery("bench-client", broker=self.broker, backend=self.backend)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.redis is not None:
+            self.redis.stop()
+
+    @contextlib.contextmanager
+    def worker(self, args: list[str], agent: bool, daemon_config: dict[str, Any] | None,
+               ) -> Iterator[tuple[subprocess.Popen[bytes], str, DaemonProc | None]]:
+        queue = f"bench{free_port()}"
+        daemon = None
+        env = dict(os.environ, BENCH_BROKER=self.broker, BENCH_BACKEND=self.backend,
+                   BENCH_AGENT="1" if agent else "0")
+        env.pop("CELERY_MEMGUARD_SOCKET", None)
+        run_dir = Path(tempfile.mkdtemp(dir=self.tmp))
+        if daemon_config is not None:
+            daemon = DaemonProc(run_dir, daemon_config)
+            env["CELERY_MEMGUARD_SOCKET"] = str(daemon.socket_path)
+        log = (run_dir / "worker.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-c", "2",
+             "-Q", queue, "-n", f"{queue}@bench", "--loglevel", "warning", "--without-gossip",
+             "--without-mingle", "--without-heartbeat", *args],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not self.client.control.ping(destination=[f"{queue}@bench"], timeout=0.5):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError((run_dir / "worker.log").read_text()[-2000:])
+            time.sleep(0.5)  # children up, hellos and published settings read
+            yield proc, queue, daemon
+        finally:
+            kill_group(proc)
+            log.close()
+            if daemon is not None:
+                daemon.stop()
+
+    def run(self, guard: str, args: list[str], agent: bool, daemon_config: dict[str, Any] | None,
+            kinds: list[str], thresholds: tuple[int, ...] = (), period: float = 0.05) -> Run:
+        run = Run(guard)
+        with self.worker(args, agent, daemon_config) as (proc, queue, daemon), \
+                Sampler(proc.pid, period, thresholds) as sampler:
+            start = time.time()
+            results = [self.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
+                       for kind in kinds]
+            finished, states = [], []
+            for result in results:
+                try:
+                    finished.append(result.get(timeout=120, propagate=False))
+                    states.append(result.state)
+                except Exception:  # noqa: BLE001 - a lost task is what we count here
+                    run.lost += 1
+            time.sleep(0.3)
+            times = sorted(t for item in finished if isinstance(item, list | tuple)
+                           for t in item[1:2])
+            if times:
+                run.tasks_per_second = len(times) / (times[-1] - start)
+                edges = [start, *times]
+                run.longest_gap = max(b - a for a, b in itertools.pairwise(edges))
+            run.extra["failures"] = sum(1 for s in states if s != "SUCCESS")
+            if daemon is not None:
+                run.recycles = int(daemon.metric("celery_memguard_recycles_total"))
+                run.extra["events"] = daemon.events()
+            else:
+                run.recycles = max(0, len(sampler.peak) - 2)
+            run.peak_rss = max(sampler.peak.values(), default=0)
+            run.extra["sampler"] = sampler
+        return run
+
+
+def workload_w(n: int = 600) -> list[str]:
+    rng = random.Random(42)
+    return rng.choices(["keep", "cache", "noop"], weights=[30, 10, 60], k=n)
+
+
+GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None]] = [
+    ("none", [], False, None),
+    ("--max-tasks-per-child 80", ["--max-tasks-per-child", "80"], False, None),
+    ("--max-tasks-per-child 140", ["--max-tasks-per-child", "140"], False, None),
+    ("--max-memory-per-child 153600", ["--max-memory-per-child", "153600"], False, None),
+    ("celery-memguard soft 150MiB", [], True,
+     {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
+      "log": {"level": "info"}}),
+]
+
+
+def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
+    kinds = workload_w(150 if quick else 600)
+    guards = GUARDS[-2:] if quick else GUARDS
+    results: dict[str, list[Run]] = {g[0]: [] for g in guards}
+    for _ in range(runs):  # interleaved: one run of every guard, then the next round
+        for name, args, agent, daemon_config in guards:
+            results[name].append(bench.run(name, args, agent, daemon_config, kinds,
+                                           thresholds=(150 * MiB,)))
+    rows = []
+    base = median([r.tasks_per_second for r in results[guards[0][0]]])
+    for name, runs_ in results.items():
+        peaks = [r.peak_rss / MiB for r in runs_]
+        rows.append([name, f"{min(peaks):.1f}-{max(peaks):.1f}",
+                     "-".join(sorted({str(r.recycles) for r in runs_})),
+                     f"{median([r.tasks_per_second for r in runs_]):.0f}",
+                     f"{median([r.tasks_per_second for r in runs_]) / base:.2f}",
+                     f"{max(r.longest_gap for r in runs_):.2f}",
+                     str(sum(r.lost for r in runs_)),
+                     f"{median(soft_to_exit(r) for r in runs_):.2f}"])
+    table(f"Workload W: {len(kinds)} tasks (seed 42: 30 % keep 2 MiB, 10 % 4 MiB cache once, "
+          f"60 % no-op), prefork -c 2, prefetch 1, Redis; {runs} interleaved runs",
+          ["guard", "peak child RSS (MiB)", "recycles", "tasks/s (median)",
+           f"vs {guards[0][0]}", "longest gap (s)", "lost", "soft crossing→exit (s, median)"],
+          rows)
+
+
+def soft_to_exit(run: Run) -> float:
+    """Median seconds from a child's first sample over 150 MiB to its last sample alive."""
+    sampler: Sampler = run.extra["sampler"]
+    spans = [sampler.last_seen[pid] - at for (pid, _), at in sampler.crossed.items()
+             if pid in sampler.last_seen]
+    return median(spans)
+
+
+def bench_spikes(bench: Bench, quick: bool) -> None:
+    kinds = ["spike" if i % 20 == 10 else "noop" for i in range(60 if quick else 200)]
+    rows = []
+    for name, args, agent, daemon_config in (GUARDS[3], GUARDS[4]):
+        run = bench.run(name, args, agent, daemon_config, kinds)
+        rows.append([name, str(kinds.count("spike")), str(run.recycles),
+                     f"{run.peak_rss / MiB:.0f}", str(run.lost)])
+    table("Spikes: a task now and then allocates 300 MiB and frees it before it returns",
+          ["guard", "spiky tasks", "recycles", "peak child RSS (MiB)", "lost"], rows)
+
+
+def bench_runaway(bench: Bench, quick: bool) -> None:
+    hard = 300 * MiB
+    n = 2 if quick else 8
+    kinds = ["runaway" if i % 5 == 2 else "noop" for i in range(n * 5)]
+    config = {"limits": {"soft": "150MiB", "hard": "300MiB"}, "sampling": {"interval": "1s"},
+              "log": {"level": "info"}}
+    run = bench.run("celery-memguard", [], True, config, kinds, thresholds=(hard,), period=0.005)
+    sampler: Sampler = run.extra["sampler"]
+    interrupts = [e for e in run.extra["events"] if e.get("event") == "task_interrupted"]
+    # crossing (5 ms sampler) to the child's RSS back under hard: the interruption, unwound
+    delays = sorted(sampler.recovered[key] - at for key, at in sampler.crossed.items()
+                    if key in sampler.recovered)
+    table(f"Runaway: 16 MiB every 20 ms, hard 300 MiB, tick 1 s ({kinds.count('runaway')} runs)",
+          ["what", "figure"],
+          [["interrupted (MemoryLimitExceeded in the backend)",
+            f"{run.extra['failures']} of {kinds.count('runaway')}"],
+           ["task_interrupted events", str(len(interrupts))],
+           ["peak child RSS", f"{run.peak_rss / MiB:.1f} MiB (hard + {(run.peak_rss - hard) / MiB:.1f})"],
+           ["measured RSS at interruption (agent), median",
+            f"{median([e['rss_bytes'] / MiB for e in interrupts]):.1f} MiB"],
+           ["crossing hard → RSS back under it (5 ms sampler): min / median / max",
+            f"{min(delays, default=0):.3f} / {median(delays):.3f} / {max(delays, default=0):.3f} s"],
+           ["lost", str(run.lost)]])
+
+
+def bench_agent(bench: Bench, runs: int, quick: bool) -> None:
+    kinds = ["noop"] * (300 if quick else 2000)
+    with_agent: list[float] = []
+    without: list[float] = []
+    config = {"limits": {"soft": "1GiB", "hard": "2GiB"}, "log": {"level": "warning"}}
+    for _ in range(runs):
+        without.append(bench.run("no agent", [], False, None, kinds).tasks_per_second)
+        with_agent.append(bench.run("agent", [], True, config, kinds).tasks_per_second)
+    hook = agent_hook_cost(2000 if quick else 20000)
+    table(f"Agent overhead: {len(kinds)} no-op tasks, prefork -c 2, {runs} interleaved runs",
+          ["what", "figure"],
+          [["tasks/s without the agent (median)", f"{median(without):.0f}"],
+           ["tasks/s with the agent and daemon (median)", f"{median(with_agent):.0f}"],
+           ["ratio", f"{median(with_agent) / median(without):.3f}"],
+           ["agent work per task (prerun + postrun hooks, in-process)", f"{hook * 1e6:.1f} µs"]])
+
+
+def agent_hook_cost(n: int) -> float:
+    """Seconds the agent's prerun+postrun hooks add per task, measured in this process."""
+    from celery_memguard import agent  # noqa: PLC0415
+
+    class _Task:
+        name = "benchmarks.bench_app.work"
+
+        def run(self) -> None:
+            return None
+
+    child = agent._ChildAgent(0)
+    previous = agent._child
+    agent._child = child
+    task = _Task()
+    try:
+        start = time.perf_counter()
+        for i in range(n):
+            agent._on_task_prerun(task_id=f"id-{i}", task=task)
+            agent._on_task_postrun(task_id=f"id-{i}", task=task, state="SUCCESS")
+        return (time.perf_counter() - start) / n
+    finally:
+        agent._child = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run: CI checks it runs")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default=",".join(PARTS))
+    args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    runs = 1 if args.quick else args.runs
+    import billiard  # noqa: PLC0415
+    import celery  # noqa: PLC0415
+
+    print(f"# celery-memguard benchmarks\n\n{platform.platform()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, celery {celery.__version__}, "
+          f"billiard {billiard.__version__}; command: python -m benchmarks.run "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}")
+    if "sampling" in parts:
+        bench_sampling(args.quick)
+    if parts & {"workload", "spikes", "runaway", "agent"}:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench = Bench(Path(tmp))
+            try:
+                if "workload" in parts:
+                    bench_workload(bench, runs, args.quick)
+                if "spikes" in parts:
+                    bench_spikes(bench, args.quick)
+                if "runaway" in parts:
+                    bench_runaway(bench, args.quick)
+                if "agent" in parts:
+                    bench_agent(bench, runs, args.quick)
+            finally:
+                bench.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
