@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EX_CONFIG
     handler = {"run": _run, "check-config": _check_config, "status": _status,
-               "demo": _demo}[args.command]
+               "report": _report, "demo": _demo}[args.command]
     code: int = handler(args)
     return code
 
@@ -39,9 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file: exit 0 valid, 2 invalid")
     check.add_argument("file", metavar="FILE")
     status = sub.add_parser("status", help="show the workers and children a running daemon sees")
-    status.add_argument("--config", "-c", metavar="FILE", help="read metrics.listen from this config")
-    status.add_argument("--url", help="the daemon's base URL (default: from metrics.listen)")
-    status.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    report = sub.add_parser("report", help="which tasks leak, each child's trend, max-tasks advice")
+    for command in (status, report):
+        command.add_argument("--config", "-c", metavar="FILE",
+                             help="read metrics.listen from this config")
+        command.add_argument("--url", help="the daemon's base URL (default: from metrics.listen)")
+        command.add_argument("--json", action="store_true", help="print the raw /status JSON")
     demo = sub.add_parser("demo", help="run a leaking worker under supervision, no broker needed")
     demo.add_argument("--duration", type=float, default=25.0, help="seconds of workload (default 25)")
     demo.add_argument("--no-live", action="store_true", help="plain output instead of a live view")
@@ -95,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
         return EX_FAILURE
 
 
-def _status(args: argparse.Namespace) -> int:
+def _fetch_status(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
+    """The daemon's /status document, or an exit code and a message saying what to do."""
     from celery_memguard.config import ConfigError, split_listen  # noqa: PLC0415
 
     url = args.url
@@ -104,25 +108,44 @@ def _status(args: argparse.Namespace) -> int:
             cfg = _load(args.config)
         except ConfigError as exc:
             print(f"{args.config}: invalid: {exc.key}: {exc.reason}", file=sys.stderr)
-            return EX_CONFIG
+            return EX_CONFIG, None
         host, port = split_listen(cfg.metrics.listen)
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as response:  # noqa: S310 - the user's own daemon
-            document = json.load(response)
+            return EX_OK, dict(json.load(response))
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         print(f"no celery-memguard daemon answers at {url} ({reason}). Start one with "
               f"'celery-memguard run --config FILE', or pass --url/--config to point at it.",
               file=sys.stderr)
-        return EX_FAILURE
+        return EX_FAILURE, None
+
+
+def _status(args: argparse.Namespace) -> int:
+    code, document = _fetch_status(args)
+    if document is None:
+        return code
     if args.json:
         print(json.dumps(document, indent=1))
         return EX_OK
     from celery_memguard.render import status_table  # noqa: PLC0415
 
     status_table(document)
+    return EX_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    code, document = _fetch_status(args)
+    if document is None:
+        return code
+    if args.json:
+        print(json.dumps({"tasks": document["tasks"], "workers": document["workers"]}, indent=1))
+        return EX_OK
+    from celery_memguard.render import report_tables  # noqa: PLC0415
+
+    report_tables(document)
     return EX_OK
 
 

@@ -189,6 +189,20 @@ class RecycleConfig(_Section):
         ge=0,
         description="Do not recycle a child that --max-tasks-per-child will recycle within this many tasks.",
     )
+    predictive: bool = Field(
+        default=False,
+        description=(
+            "Also recycle an idle child whose recent growth per task would take it past its "
+            "soft threshold within predictive_tasks tasks, so its peak stays under the limit."
+        ),
+    )
+    predictive_tasks: int = Field(
+        default=2, ge=1, le=100,
+        description=(
+            "How many tasks ahead predictive recycling looks: the next one, plus one that may "
+            "already be on its way to the child when the request arrives."
+        ),
+    )
     dry_run: bool = Field(
         default=False, description="Log and count what would be recycled, act on nothing."
     )

@@ -50,7 +50,7 @@ class Daemon:
         self.log = log if log is not None else logmod.get()
         self._reload = reload
         self.state = State(self.procs.stat, hard=config.limits.hard,
-                           max_task_names=config.metrics.max_task_names)
+                           max_task_names=config.metrics.max_task_names, soft=config.limits.soft)
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
         self.metrics = Metrics(lambda: self.view)
         self.stopping = threading.Event()
@@ -179,7 +179,7 @@ class Daemon:
             new = new.model_copy(update={name: getattr(self.config, name) for name in fixed})
         self.config = new
         self.actor.dry_run = new.recycle.dry_run
-        self.state.hard = new.limits.hard
+        self.state.hard, self.state.soft = new.limits.hard, new.limits.soft
         if self.http is not None:  # running: the agents re-read the file within seconds
             self._publish_settings()
         self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
@@ -263,13 +263,19 @@ class Daemon:
         """
         limits = self.config.limits
         floor = limits.soft * (1.0 - self.config.recycle.jitter)
-        if any(c.rss >= floor for c in rec.children.values()):
+        if self.config.recycle.predictive:  # the growth of the next tasks counts too
+            ahead = self.config.recycle.predictive_tasks
+            if any(c.rss + ahead * max(c.growth, default=0) >= floor
+                   for c in rec.children.values()):
+                return True
+        elif any(c.rss >= floor for c in rec.children.values()):
             return True
         return (limits.worker_total is not None
                 and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
 
     def _measure_near_limit(self, rec: WorkerRec) -> None:
-        """Read USS/PSS (about 30x dearer than RSS) only where it decides something.
+        """Read USS/PSS (about 30x dearer than RSS) only where it decides something, or for a
+        leaking child, whose USS is what recycling it would free.
 
         RSS bounds both from above: a child under its soft limit by RSS is under by USS, and
         a worker whose children's RSS sum is under worker_total is under by USS too.
@@ -280,7 +286,7 @@ class Daemon:
         floor = (limits.soft * (1.0 - self.config.recycle.jitter) if limits.measure != "rss"
                  else float("inf"))
         for child in rec.children.values():
-            if whole or child.rss >= floor:
+            if whole or child.rss >= floor or child.leaking:
                 figures = self.procs.uss_pss(child.proc.pid)
                 if figures is not None:
                     child.uss, child.pss = figures
@@ -317,7 +323,7 @@ class Daemon:
     def _make_view(self, now: float) -> View:
         state = self.state
         return View(
-            snapshot=state.snapshot(now),
+            snapshot=state.snapshot(now, trends=True),
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from celery_memguard import __version__
 from celery_memguard.growth import Ranked
-from celery_memguard.model import Snapshot
+from celery_memguard.model import Child, Leak, Snapshot, Worker
 
 PREFIX = "celery_memguard_"
 _le: Callable[[float], str] = _prometheus_utils.floatToGoString  # bucket bounds as clients print them
@@ -56,52 +56,71 @@ class View:
     started_at: float = 0.0  # wall clock
 
 
+def _leak(get: Callable[[Leak], float | None]) -> Callable[[Child], float | None]:
+    return lambda c: get(c.leak) if c.leak is not None else None
+
+
+_CHILD_GAUGES: tuple[tuple[str, str, Callable[[Child], float | None]], ...] = (
+    ("child_rss_bytes", "Resident set size of each live pool child.", lambda c: c.rss),
+    ("child_uss_bytes", "Unique set size (what recycling frees), where it was sampled to decide.",
+     lambda c: c.uss),
+    ("child_tasks", "Tasks run by the current process of each pool slot.", lambda c: c.tasks),
+    ("child_busy", "1 while the child runs a task, 0 when idle.", lambda c: 1 if c.task else 0),
+    ("child_leak_bytes_per_task",
+     "Robust slope of a child's RSS over its recent tasks (once it has 8 samples).",
+     _leak(lambda leak: leak.trend.bytes_per_task)),
+    ("child_leak_bytes_per_second", "The same growth per second, at the child's recent task rate.",
+     _leak(lambda leak: leak.trend.bytes_per_second)),
+    ("child_leaking", "1 when the trend is a steady leak (not a warm-up plateau, a step or spikes).",
+     _leak(lambda leak: 1 if leak.trend.leaking else 0)),
+    ("child_seconds_to_limit", "Seconds until a leaking child reaches its soft limit at its current rate.",
+     _leak(lambda leak: leak.seconds_to_soft)),
+    ("child_tasks_to_limit", "Tasks until a leaking child reaches its soft limit at its current rate.",
+     _leak(lambda leak: leak.tasks_to_soft)),
+)
+
+_WORKER_GAUGES: tuple[tuple[str, str, Callable[[Worker], float | None]], ...] = (
+    ("worker_rss_bytes",
+     "Resident set size of a worker: its main process plus its pool children (pages shared "
+     "copy-on-write are counted in each).", lambda w: w.rss + sum(c.rss for c in w.children)),
+    ("worker_children", "Live pool children of a worker.", lambda w: len(w.children)),
+    ("recommended_max_tasks_per_child",
+     "The --max-tasks-per-child that the fastest observed leak calls for to stay under the soft "
+     "limit (absent while no child leaks).", lambda w: w.recommended_max_tasks or None),
+)
+
+
 class StateCollector(Collector):
-    """Yields the per-worker and per-child families from the current View."""
+    """Yields fresh families from the current View on every scrape."""
 
     def __init__(self, view: Callable[[], View]) -> None:
         self._view = view
 
     def collect(self) -> Iterator[Any]:
         view = self._view()
-        child_rss = GaugeMetricFamily(
-            PREFIX + "child_rss_bytes", "Resident set size of each live pool child.",
-            labels=["worker", "index"])
-        child_uss = GaugeMetricFamily(
-            PREFIX + "child_uss_bytes",
-            "Unique set size (what recycling frees), where it was sampled to decide.",
-            labels=["worker", "index"])
-        child_tasks = GaugeMetricFamily(
-            PREFIX + "child_tasks", "Tasks run by the current process of each pool slot.",
-            labels=["worker", "index"])
-        child_busy = GaugeMetricFamily(
-            PREFIX + "child_busy", "1 while the child runs a task, 0 when idle.",
-            labels=["worker", "index"])
-        worker_rss = GaugeMetricFamily(
-            PREFIX + "worker_rss_bytes",
-            "Resident set size of a worker: its main process plus its pool children "
-            "(pages shared copy-on-write are counted in each).",
-            labels=["worker"])
-        worker_children = GaugeMetricFamily(
-            PREFIX + "worker_children", "Live pool children of a worker.", labels=["worker"])
+        workers = view.snapshot.workers
+        for name, doc, get in _CHILD_GAUGES:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker", "index"])
+            for worker in workers:
+                for child in worker.children:
+                    value = get(child)
+                    if value is not None:
+                        family.add_metric([worker.name, str(child.index)], value)
+            yield family
+        for name, doc, get_worker in _WORKER_GAUGES:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker"])
+            for worker in workers:
+                value = get_worker(worker)
+                if value is not None:
+                    family.add_metric([worker.name], value)
+            yield family
         info = InfoMetricFamily(
             PREFIX + "worker", "A supervised worker: its pool and whether its agent reports.",
             labels=["worker"])
         limit = GaugeMetricFamily(
             PREFIX + "limit_bytes", "The limits in force, in bytes, per worker and level.",
             labels=["worker", "level"])
-        for worker in view.snapshot.workers:
-            total = worker.rss
-            for child in worker.children:
-                labels = [worker.name, str(child.index)]
-                child_rss.add_metric(labels, child.rss)
-                if child.uss is not None:
-                    child_uss.add_metric(labels, child.uss)
-                child_tasks.add_metric(labels, child.tasks)
-                child_busy.add_metric(labels, 1 if child.task else 0)
-                total += child.rss
-            worker_rss.add_metric([worker.name], total)
-            worker_children.add_metric([worker.name], len(worker.children))
+        for worker in workers:
             info.add_metric([worker.name], {
                 "pool": worker.pool, "agent": "true" if worker.agent else "false",
                 "concurrency": str(worker.concurrency),
@@ -109,52 +128,38 @@ class StateCollector(Collector):
             })
             for level, size in view.limits.items():
                 limit.add_metric([worker.name, level], size)
-        yield from (child_rss, child_uss, child_tasks, child_busy, worker_rss, worker_children,
-                    info, limit)
+        yield from (info, limit)
+        yield from self._counters(view)
 
-        recycles = CounterMetricFamily(
-            PREFIX + "recycles", "Recycle requests delivered to pool children, by reason.",
-            labels=["worker", "reason"])
-        for (worker_name, reason), count in sorted(view.recycles.items()):
-            recycles.add_metric([worker_name, reason], count)
-        would = CounterMetricFamily(
-            PREFIX + "dry_run_recycles",
-            "Recycles that dry_run logged instead of requesting, by reason.",
-            labels=["worker", "reason"])
-        for (worker_name, reason), count in sorted(view.dry_run_recycles.items()):
-            would.add_metric([worker_name, reason], count)
-        interrupted = CounterMetricFamily(
-            PREFIX + "interrupted_tasks",
-            "Tasks interrupted or killed for memory, by task name (bounded) and reason.",
-            labels=["worker", "task", "reason"])
-        for (worker_name, task, reason), count in sorted(view.interrupted.items()):
-            interrupted.add_metric([worker_name, task, reason], count)
-        oom = CounterMetricFamily(
-            PREFIX + "oom_kills",
-            "Pool children killed by a SIGKILL celery-memguard did not send (the OOM killer).",
-            labels=["worker"])
-        for worker_name, count in sorted(view.oom_kills.items()):
-            oom.add_metric([worker_name], count)
+    def _counters(self, view: View) -> Iterator[Any]:
+        counters: tuple[tuple[str, str, list[str], dict[Any, int]], ...] = (
+            ("recycles", "Recycle requests delivered to pool children, by reason.",
+             ["worker", "reason"], view.recycles),
+            ("dry_run_recycles", "Recycles that dry_run logged instead of requesting, by reason.",
+             ["worker", "reason"], view.dry_run_recycles),
+            ("interrupted_tasks",
+             "Tasks interrupted or killed for memory, by task name (bounded) and reason.",
+             ["worker", "task", "reason"], view.interrupted),
+            ("oom_kills",
+             "Pool children killed by a SIGKILL celery-memguard did not send (the OOM killer).",
+             ["worker"], view.oom_kills),
+            ("worker_restarts",
+             "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
+             "hard (cold shutdown).", ["worker", "reason"], view.restarts),
+            ("messages", "Agent messages accepted, by type.", ["type"], view.messages),
+            ("messages_dropped", "Agent datagrams refused, by reason.", ["reason"], view.dropped),
+        )
+        for name, doc, labels, values in counters:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            for key, count in sorted(values.items()):
+                family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+            yield family
         growth = HistogramMetricFamily(
             PREFIX + "task_memory_growth_bytes",
             "RSS a task execution left behind (after minus before), by task name (bounded).",
             labels=["task"])
         for task, (buckets, total) in sorted(view.growth.items()):
             growth.add_metric([task], [(_le(le), n) for le, n in buckets], total)
-        restarts = CounterMetricFamily(
-            PREFIX + "worker_restarts",
-            "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
-            "hard (cold shutdown).", labels=["worker", "reason"])
-        for (worker_name, reason), count in sorted(view.restarts.items()):
-            restarts.add_metric([worker_name, reason], count)
-        messages = CounterMetricFamily(
-            PREFIX + "messages", "Agent messages accepted, by type.", labels=["type"])
-        for kind, count in sorted(view.messages.items()):
-            messages.add_metric([kind], count)
-        dropped = CounterMetricFamily(
-            PREFIX + "messages_dropped", "Agent datagrams refused, by reason.", labels=["reason"])
-        for reason, count in sorted(view.dropped.items()):
-            dropped.add_metric([reason], count)
         memory = GaugeMetricFamily(
             PREFIX + "memory_total_bytes",
             "The memory that percentage limits resolve against: the cgroup limit, else the host's.",
@@ -162,8 +167,7 @@ class StateCollector(Collector):
         memory.add_metric([view.memory[1]], view.memory[0])
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (recycles, would, interrupted, oom, growth, restarts, messages, dropped,
-                    memory, build)
+        yield from (growth, memory, build)
 
 
 class Metrics:
@@ -252,10 +256,17 @@ def status_document(view: View) -> dict[str, Any]:
                 state = "busy"
             else:
                 state = "idle"
+            leak = child.leak
             children.append({
                 "index": child.index, "pid": child.pid, "rss_bytes": child.rss,
                 "uss_bytes": child.uss, "tasks": child.tasks, "task": child.task,
                 "state": state, "agent": child.agent,
+                "leak_bytes_per_task": leak.trend.bytes_per_task if leak else None,
+                "leak_bytes_per_second": leak.trend.bytes_per_second if leak else None,
+                "leaking": leak.trend.leaking if leak else False,
+                "plateau": leak.trend.plateau if leak else False,
+                "tasks_to_soft": leak.tasks_to_soft if leak else None,
+                "seconds_to_soft": leak.seconds_to_soft if leak else None,
                 "requested_seconds_ago": (round(now - child.requested_at, 3)
                                           if child.requested_at is not None else None),
             })
@@ -268,6 +279,8 @@ def status_document(view: View) -> dict[str, Any]:
             "restarts": {reason: n for (name, reason), n in view.restarts.items()
                          if name == worker.name},
             "restartable": worker.restartable,
+            "fresh_child_rss_bytes": worker.fresh_rss,
+            "recommended_max_tasks_per_child": worker.recommended_max_tasks,
             "children": children,
         })
     return {

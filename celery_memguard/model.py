@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from celery_memguard.trend import Trend
+
 
 class Reason(str, Enum):
     """Why a child is recycled; the values are the ``reason`` label of recycles_total."""
@@ -13,6 +15,7 @@ class Reason(str, Enum):
     HARD = "hard"  # past the hard limit during a task: interrupted by the in-child watch
     KILL = "kill"  # still past the hard limit kill_after later: SIGTERM, then SIGKILL
     WORKER_TOTAL = "worker_total"  # the children together are past limits.worker_total
+    PREDICTED = "predicted"  # its recent growth per task would take it past soft before next time
 
 
 class Hold(str, Enum):
@@ -35,6 +38,15 @@ class ProcId:
 
 
 @dataclass(frozen=True, slots=True)
+class Leak:
+    """A child's leak trend (see trend.py) and when it reaches the soft limit at that rate."""
+
+    trend: Trend
+    tasks_to_soft: float | None  # None when not leaking
+    seconds_to_soft: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Child:
     worker: str
     index: int
@@ -52,6 +64,8 @@ class Child:
     over_hard_since: float | None = None  # when it was first seen above the hard limit
     terminated_at: float | None = None  # when kill escalation sent SIGTERM
     killed_at: float | None = None  # when kill escalation sent SIGKILL
+    growth_per_task: float = 0.0  # median RSS growth of its recent tasks (predictive recycling)
+    leak: Leak | None = None  # computed on the tick, once the child has enough samples
 
     @property
     def pid(self) -> int:
@@ -71,6 +85,8 @@ class Worker:
     rss: int
     children: tuple[Child, ...] = ()
     restartable: bool = False  # opted in to whole-worker restarts
+    recommended_max_tasks: int | None = None  # --max-tasks-per-child the observed leak calls for
+    fresh_rss: int | None = None  # median RSS of its children at 0 tasks
     restart_sent: int | None = None  # SIGTERM (warm) or SIGQUIT (cold) already sent
     restart_at: float | None = None
 

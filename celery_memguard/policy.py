@@ -179,6 +179,9 @@ def _over_soft(worker: Worker, limits: LimitsConfig,
         value = measured(child, limits.measure)
         if value >= threshold:
             over.append((child, value, threshold, Reason.SOFT))
+        elif (recycle.predictive and child.growth_per_task > 0
+              and value + recycle.predictive_tasks * child.growth_per_task >= threshold):
+            over.append((child, value, threshold, Reason.PREDICTED))
     over.sort(key=lambda item: item[1], reverse=True)
     return over
 

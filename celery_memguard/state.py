@@ -9,14 +9,16 @@ agents' periodic hellos; the counters restart, as Prometheus counters may.
 from __future__ import annotations
 
 import signal
+import statistics
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from celery_memguard import wire
 from celery_memguard.growth import TaskGrowth
-from celery_memguard.model import Child, ProcId, Snapshot, Worker
+from celery_memguard.model import Child, Leak, ProcId, Snapshot, Worker
 from celery_memguard.procs import FoundWorker, ProcStat
+from celery_memguard.trend import History, recommend_max_tasks, seconds_to_limit, tasks_to_limit
 
 StatFn = Callable[[int], ProcStat | None]
 
@@ -47,6 +49,9 @@ class ChildRec:
     over_hard_since: float | None = None  # first time seen above the hard limit, this spell
     terminated_at: float | None = None  # SIGTERM sent (kill escalation)
     killed_at: float | None = None  # SIGKILL sent
+    history: History = field(default_factory=History)  # task-boundary RSS, for the trend
+    growth: deque[int] = field(default_factory=lambda: deque(maxlen=8))  # recent per-task growth
+    leaking: bool = False  # the last trend computed (on the tick) said so
 
 
 @dataclass
@@ -65,14 +70,16 @@ class WorkerRec:
     restartable: bool = False
     restart_sent: int | None = None
     restart_at: float | None = None
+    fresh_rss: deque[int] = field(default_factory=lambda: deque(maxlen=16))  # children at 0 tasks
 
 
 class State:
     """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
 
-    def __init__(self, stat: StatFn, hard: int = 0, max_task_names: int = 50) -> None:
+    def __init__(self, stat: StatFn, hard: int = 0, max_task_names: int = 50, soft: int = 0) -> None:
         self._stat = stat
         self.hard = hard  # bytes: above it a child's over_hard_since clock runs
+        self.soft = soft  # bytes: what time-to-limit and the max-tasks recommendation aim under
         self.workers: dict[int, WorkerRec] = {}
         self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
@@ -108,11 +115,19 @@ class State:
             child.task = child.task_id = None
             child.tasks = message.tasks
             self.observe(child, message.rss, now)
+            child.growth.append(message.rss - message.rss_before)
+            try:
+                child.history.add(message.tasks, message.rss, now)
+            except ValueError:  # a counter that went back: not the process we knew
+                child.history = History()
+                child.history.add(message.tasks, message.rss, now)
             label = self.task_names.label(message.task)
             self.growth.setdefault(label, TaskGrowth()).add(message.rss - message.rss_before)
         elif isinstance(message, wire.ChildHello):
             child.tasks = message.tasks
             self.observe(child, message.rss, now)
+            if message.tasks == 0:
+                worker.fresh_rss.append(message.rss)
         elif isinstance(message, wire.TaskInterrupted):
             self.observe(child, message.rss, now)
             name = self.task_names.label(message.task)
@@ -283,10 +298,12 @@ class State:
 
     # -- views -------------------------------------------------------------------------------
 
-    def snapshot(self, now: float, only: WorkerRec | None = None) -> Snapshot:
+    def snapshot(self, now: float, only: WorkerRec | None = None, trends: bool = False) -> Snapshot:
+        """Immutable views; ``trends`` computes each child's leak trend (the tick does, once per
+        new sample; the per-report decision does not need it)."""
         recs = [only] if only is not None else list(self.workers.values())
         return Snapshot(taken_at=now, workers=tuple(
-            _worker_view(rec) for rec in recs if rec.name is not None
+            _worker_view(rec, self.soft if trends else None) for rec in recs if rec.name is not None
         ))
 
 
@@ -315,19 +332,35 @@ def _free_slot(rec: WorkerRec) -> int:
     return slot
 
 
-def _worker_view(rec: WorkerRec) -> Worker:
+def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
     assert rec.name is not None
-    children = tuple(
-        Child(worker=rec.name, index=c.index, proc=c.proc, ppid=c.ppid, rss=c.rss, uss=c.uss,
-              pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent,
-              requested_at=c.requested_at, noted=c.noted, leaving=c.leaving,
-              over_hard_since=c.over_hard_since, terminated_at=c.terminated_at,
-              killed_at=c.killed_at)
-        for c in sorted(rec.children.values(), key=lambda c: c.index or 0)
-        if c.index is not None
-    )
+    children = []
+    for c in sorted(rec.children.values(), key=lambda c: c.index or 0):
+        if c.index is None:
+            continue
+        trend = leak = None
+        if soft is not None:
+            trend = c.history.trend()
+            c.leaking = trend.leaking
+            if trend.samples >= 8:
+                leak = Leak(trend=trend, tasks_to_soft=tasks_to_limit(trend, c.rss, soft),
+                            seconds_to_soft=seconds_to_limit(trend, c.rss, soft))
+        children.append(Child(
+            worker=rec.name, index=c.index, proc=c.proc, ppid=c.ppid, rss=c.rss, uss=c.uss,
+            pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent, requested_at=c.requested_at,
+            noted=c.noted, leaving=c.leaving, over_hard_since=c.over_hard_since,
+            terminated_at=c.terminated_at, killed_at=c.killed_at,
+            growth_per_task=float(statistics.median(c.growth)) if len(c.growth) >= 4 else 0.0,
+            leak=leak))
+    recommended = None
+    if soft is not None:
+        rates = [c.leak.trend.bytes_per_task for c in children if c.leak and c.leak.trend.leaking]
+        fresh = int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None
+        if rates and fresh is not None:
+            recommended = recommend_max_tasks(max(rates), fresh, soft)
     return Worker(name=rec.name, proc=rec.proc, pool=rec.pool, concurrency=rec.concurrency,
                   max_tasks=rec.max_tasks, max_memory_kib=rec.max_memory_kib, agent=rec.agent,
-                  recycle_signal=rec.recycle_signal, rss=rec.rss, children=children,
+                  recycle_signal=rec.recycle_signal, rss=rec.rss, children=tuple(children),
                   restartable=rec.restartable, restart_sent=rec.restart_sent,
-                  restart_at=rec.restart_at)
+                  restart_at=rec.restart_at, recommended_max_tasks=recommended,
+                  fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None)

@@ -397,3 +397,67 @@ def test_task_growth_is_a_histogram_by_task_name_and_ranked_in_status(procs: Fak
 
     tasks = status_document(daemon.view)["tasks"]
     assert [(t["task"], t["leaky"]) for t in tasks] == [("app.leak", True), ("app.noop", False)]
+
+
+def _leak_reports(daemon: Daemon, pid: int, index: int, n: int, step: int, start: int = 50 * MiB,
+                  every: float = 0.1) -> None:
+    for i in range(n):
+        rss = start + (i + 1) * step
+        daemon.receive(dgram(wire.TaskEnd(pid=pid, ppid=MAIN, index=index, task="app.leak",
+                                          id=f"{pid}-{i}", rss_before=rss - step, rss=rss,
+                                          tasks=i + 1, ok=True)), i * every)
+
+
+def test_a_steady_leak_is_exported_with_its_rate_time_to_limit_and_advice(procs: FakeProcs) -> None:
+    daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    _leak_reports(daemon, KID0, 0, 60, 1 * MiB)  # 1 MiB a task, 10 tasks a second
+    procs.table[KID0].rss = 110 * MiB  # what the tick reads: where the reports left it
+    daemon.tick(6.0)
+    text = daemon.metrics.render().decode()
+    leak = [c for c in daemon.view.snapshot.workers[0].children if c.index == 0][0].leak
+    assert leak is not None
+    assert leak.trend.leaking
+    assert abs(leak.trend.bytes_per_task - MiB) < 0.05 * MiB
+    assert abs(leak.trend.bytes_per_second - 10 * MiB) < 0.5 * MiB
+    assert leak.tasks_to_soft is not None
+    assert leak.tasks_to_soft == pytest.approx(512 - 110)
+    assert 'celery_memguard_child_leaking{index="0",worker="w@h"} 1.0' in text
+    assert 'celery_memguard_child_seconds_to_limit{index="0",worker="w@h"}' in text
+    # a fresh child holds 50 MiB; at 1 MiB a task, 461 tasks stay under 512 MiB
+    assert 'celery_memguard_recommended_max_tasks_per_child{worker="w@h"} 461.0' in text
+
+
+def test_a_child_that_stopped_growing_is_not_leaking_and_has_no_time_to_limit(procs: FakeProcs) -> None:
+    daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
+    daemon.receive(dgram(hello()), 0.0)
+    _leak_reports(daemon, KID0, 0, 15, 2 * MiB)  # warm-up: 30 MiB over 15 tasks
+    for i in range(15, 60):
+        daemon.receive(dgram(wire.TaskEnd(pid=KID0, ppid=MAIN, index=0, task="app.cache", id=str(i),
+                                          rss_before=80 * MiB, rss=80 * MiB, tasks=i + 1, ok=True)),
+                       i * 0.1)
+    daemon.tick(6.0)
+    text = daemon.metrics.render().decode()
+    assert 'celery_memguard_child_leaking{index="0",worker="w@h"} 0.0' in text
+    assert "celery_memguard_child_seconds_to_limit{" not in text
+    assert "celery_memguard_recommended_max_tasks_per_child{" not in text
+
+
+def test_the_report_names_the_leaking_task_and_the_advice(procs: FakeProcs) -> None:
+    from rich.console import Console  # noqa: PLC0415
+
+    from celery_memguard.metrics import status_document  # noqa: PLC0415
+    from celery_memguard.render import report_tables  # noqa: PLC0415
+
+    daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    _leak_reports(daemon, KID0, 0, 60, 1 * MiB)
+    daemon.tick(6.0)
+    console = Console(width=200, record=True)
+    report_tables(status_document(daemon.view), console)
+    out = console.export_text()
+    assert "leaking task: app.leak" in out
+    assert "--max-tasks-per-child 461" in out
+    assert "leaking" in out.split("Child trends")[1]

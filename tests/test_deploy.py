@@ -47,7 +47,7 @@ EXISTING = {
 # the bare name returns nothing.
 COMING = {
     "child_leak_bytes_per_task", "child_leak_bytes_per_second", "child_seconds_to_limit",
-    "recommended_max_tasks_per_child",
+    "recommended_max_tasks_per_child", "child_leaking", "child_tasks_to_limit",
     # counters and histograms whose series appear with their first count (none in an empty daemon)
     "oom_kills_total", "interrupted_tasks_total", "worker_restarts_total",
     "task_memory_growth_bytes_bucket", "task_memory_growth_bytes_sum",

@@ -221,3 +221,19 @@ def test_only_one_worker_of_a_host_restarts_at_a_time() -> None:
     busy = whole("a@h", 120, pid=30, restart_sent=signal.SIGTERM, restart_at=0.0)
     [held] = policy.decide(snapshot(busy, b), limits(), recycle(), {}, now=1.0)
     assert (held.worker, held.hold) == ("b@h", Hold.HOST_RESTARTING)
+
+
+def test_predictive_recycling_acts_before_the_next_tasks_would_cross() -> None:
+    """Growing 2 MiB a task at 97 MiB: two more tasks reach 100 MiB, so it goes now."""
+    growing = child(0, 97, growth_per_task=2 * MiB)
+    [d] = policy.decide(snapshot(worker(growing)), limits(), recycle(predictive=True), {}, now=0.0)
+    assert (d.reason, d.acts) == (Reason.PREDICTED, True)
+    assert policy.decide(snapshot(worker(growing)), limits(), recycle(predictive=False), {},
+                         now=0.0) == []
+    assert policy.decide(snapshot(worker(child(0, 90, growth_per_task=2 * MiB))), limits(),
+                         recycle(predictive=True), {}, now=0.0) == []
+
+
+def test_predictive_recycling_ignores_children_that_do_not_grow() -> None:
+    flat = child(0, 99, growth_per_task=0.0)
+    assert policy.decide(snapshot(worker(flat)), limits(), recycle(predictive=True), {}, now=0.0) == []

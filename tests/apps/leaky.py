@@ -93,3 +93,24 @@ def stubborn(self, step_mib: float = 16, every: float = 0.02, up_to_mib: float =
             continue
     time.sleep(then_sleep)
     return os.getpid()
+
+
+_cache: dict[str, bytes] = {}
+
+
+@app.task(bind=True)
+def warm(self, mib: float = 8) -> int:
+    """Fills a cache once per process, then only reads it: growth that stops."""
+    _log_run(self.request.id)
+    if "table" not in _cache:
+        _cache["table"] = b"\x05" * int(mib * 1024 * 1024)
+    return os.getpid()
+
+
+@app.task(bind=True)
+def spiky(self, mib: float = 100) -> int:
+    """Takes a lot of memory and gives it back before returning."""
+    _log_run(self.request.id)
+    block = b"\x06" * int(mib * 1024 * 1024)
+    del block
+    return os.getpid()
