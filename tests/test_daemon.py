@@ -416,7 +416,7 @@ def test_a_steady_leak_is_exported_with_its_rate_time_to_limit_and_advice(procs:
     procs.table[KID0].rss = 110 * MiB  # what the tick reads: where the reports left it
     daemon.tick(6.0)
     text = daemon.metrics.render().decode()
-    leak = [c for c in daemon.view.snapshot.workers[0].children if c.index == 0][0].leak
+    leak = next(c for c in daemon.view.snapshot.workers[0].children if c.index == 0).leak
     assert leak is not None
     assert leak.trend.leaking
     assert abs(leak.trend.bytes_per_task - MiB) < 0.05 * MiB

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support import ROOT, MiB, Daemon, RssSampler, Worker
+from tests.support import ROOT, Daemon, MiB, RssSampler, Worker
 
 pytestmark = pytest.mark.slow
 
