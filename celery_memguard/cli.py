@@ -77,7 +77,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from celery_memguard import log  # noqa: PLC0415
     from celery_memguard.config import ConfigError  # noqa: PLC0415
-    from celery_memguard.daemon import Daemon  # noqa: PLC0415
+    from celery_memguard.daemon import Daemon, ListenError  # noqa: PLC0415
     from celery_memguard.inbox import SocketError  # noqa: PLC0415
 
     try:
@@ -89,12 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg, reload=(lambda: _load(args.config)) if args.config else None)
     try:
         return daemon.run()
-    except SocketError as exc:
+    except (SocketError, ListenError) as exc:
         log.get().error("cannot_start", why=str(exc))
-        return EX_FAILURE
-    except OSError as exc:
-        log.get().error("cannot_start", why=f"cannot listen on {cfg.metrics.listen} for "
-                        f"/metrics: {exc.strerror}. Set metrics.listen to a free address.")
         return EX_FAILURE
 
 

@@ -184,6 +184,21 @@ class RecycleConfig(_Section):
             "and still be running its last task at once."
         ),
     )
+    grace: float = Field(
+        default=2.0,
+        description=(
+            "A limit seen on the tick (an idle child whose end-of-task report was not the one "
+            "that crossed, or the worker total) must stay exceeded this long before it acts; "
+            "a task-end report acts at once."
+        ),
+    )
+    min_serving: int = Field(
+        default=0, ge=0,
+        description=(
+            "Never ask a child to recycle when that would leave fewer than this many children "
+            "of the pool serving (not asked, not leaving). 0: only max_share applies."
+        ),
+    )
     skip_within_tasks: int = Field(
         default=2,
         ge=0,
@@ -206,6 +221,11 @@ class RecycleConfig(_Section):
     dry_run: bool = Field(
         default=False, description="Log and count what would be recycled, act on nothing."
     )
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _grace(cls, value: object) -> float:
+        return parse_duration(value)
 
     @field_validator("jitter", "max_share", mode="before")
     @classmethod

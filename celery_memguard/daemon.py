@@ -24,6 +24,7 @@ from celery_memguard.actions import Actor
 from celery_memguard.config import Config, ConfigError, split_listen
 from celery_memguard.inbox import Datagram, Inbox
 from celery_memguard.metrics import HttpServer, Metrics, View, status_document
+from celery_memguard.model import Snapshot
 from celery_memguard.procs import Procs
 from celery_memguard.state import Rejected, State, WorkerRec
 
@@ -31,6 +32,10 @@ DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
                   "s": "task_start", "e": "task_end", "x": "child_exit",
                   "h": "task_interrupted", "d": "child_died"}
+
+
+class ListenError(Exception):
+    """The metrics address cannot be bound; the message says what to do."""
 
 
 class Daemon:
@@ -50,7 +55,9 @@ class Daemon:
         self.log = log if log is not None else logmod.get()
         self._reload = reload
         self.state = State(self.procs.stat, hard=config.limits.hard,
-                           max_task_names=config.metrics.max_task_names, soft=config.limits.soft)
+                           max_task_names=config.metrics.max_task_names, soft=config.limits.soft,
+                           soft_threshold=lambda proc: policy.soft_threshold(
+                               self.config.limits, self.config.recycle, proc))
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
         self.metrics = Metrics(lambda: self.view)
         self.stopping = threading.Event()
@@ -61,6 +68,7 @@ class Daemon:
         self.memory = self.procs.memory_limit()  # what percentages in the config resolved against
         self.view = self._make_view(clock())
         self.http: HttpServer | None = None
+        self._storms: set[str] = set()  # workers whose storm was already logged
         self._wake_r, self._wake_w = -1, -1
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -75,9 +83,11 @@ class Daemon:
             host, port = split_listen(self.config.metrics.listen)
             self.http = HttpServer(host, port, self.metrics, lambda: self.view, self.healthy,
                                    status_document)
-        except OSError:
+        except OSError as exc:
             inbox.close()
-            raise
+            raise ListenError(
+                f"cannot listen on {self.config.metrics.listen} for /metrics: {exc.strerror}. "
+                f"Is another daemon running? Set metrics.listen to a free address.") from None
         previous = self._install_signal_handlers()
         self.http.start()
         self.log.info("daemon_started", socket=str(self.config.agent.socket),
@@ -236,6 +246,7 @@ class Daemon:
                 if rss is not None:
                     self.state.observe(child, rss, now)
             self._measure_near_limit(rec)
+            self._total_clock(rec, now)
         self._decide(now, None)
         self._log_events()
         self.last_tick = now
@@ -254,6 +265,16 @@ class Daemon:
             self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
                           tasks=child.tasks, rss_bytes=child.rss,
                           requested=child.requested_at is not None)
+
+    def _total_clock(self, rec: WorkerRec, now: float) -> None:
+        """Since when the children's sum (USS where sampled) has been over worker_total."""
+        limit = self.config.limits.worker_total
+        total = sum(c.uss if c.uss is not None else c.rss for c in rec.children.values())
+        if limit is not None and total >= limit:
+            if rec.total_over_since is None:
+                rec.total_over_since = now
+        else:
+            rec.total_over_since = None
 
     def _near_a_limit(self, rec: WorkerRec) -> bool:
         """Whether a report can lead to a decision: most cannot, and this is the hot path.
@@ -300,8 +321,31 @@ class Daemon:
                                   term_grace=self.config.sampling.interval)
         if decisions:
             self.actor.carry_out(decisions, now)
+        if only is None:
+            self._warn_storms(snapshot)
         if only is None or any(d.acts for d in decisions):
             self.view = self._make_view(now)
+
+    def _warn_storms(self, snapshot: Snapshot) -> None:
+        """Every child of a pool over its soft threshold at once: the limit is likely too low.
+        Recycling goes on at the rate limit; this is said once, until the pool calms down."""
+        for worker in snapshot.workers:
+            if not worker.has_children or not worker.children:
+                self._storms.discard(worker.name)
+                continue
+            over = [c for c in worker.children if policy.measured(c, self.config.limits.measure)
+                    >= policy.soft_threshold(self.config.limits, self.config.recycle, c.proc)]
+            if len(over) < len(worker.children):
+                self._storms.discard(worker.name)
+            elif worker.name not in self._storms:
+                self._storms.add(worker.name)
+                self.log.warning(
+                    "recycle_storm", worker=worker.name, children=len(worker.children),
+                    soft_bytes=self.config.limits.soft, fresh_child_bytes=worker.fresh_rss,
+                    rss_bytes=[c.rss for c in worker.children],
+                    max_per_minute=self.config.recycle.max_per_minute,
+                    advice="every child is over the soft limit: raise limits.soft above what a "
+                           "child needs; recycles continue at recycle.max_per_minute")
 
     def _log_events(self) -> None:
         events = self.state.events

@@ -27,6 +27,9 @@ class Hold(str, Enum):
     RATE_LIMIT = "rate_limit"  # recycle.max_per_minute reached for this worker
     NOT_OPTED_IN = "not_opted_in"  # a childless pool whose app did not pass restart_worker=True
     HOST_RESTARTING = "host_restarting"  # another worker of this host is restarting now
+    GRACE = "grace"  # seen over on the tick, not yet for recycle.grace
+    FRESH = "fresh"  # has run no task: a replacement would be as large (the limit is too low)
+    FLOOR = "floor"  # recycling it would leave fewer than recycle.min_serving children serving
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class Child:
     terminated_at: float | None = None  # when kill escalation sent SIGTERM
     killed_at: float | None = None  # when kill escalation sent SIGKILL
     growth_per_task: float = 0.0  # median RSS growth of its recent tasks (predictive recycling)
+    reported_end: bool = False  # its last RSS reading is a task-end report (else a tick sample)
+    over_soft_since: float | None = None  # first reading over its soft threshold, this spell
     leak: Leak | None = None  # computed on the tick, once the child has enough samples
 
     @property
@@ -87,6 +92,7 @@ class Worker:
     restartable: bool = False  # opted in to whole-worker restarts
     recommended_max_tasks: int | None = None  # --max-tasks-per-child the observed leak calls for
     fresh_rss: int | None = None  # median RSS of its children at 0 tasks
+    total_over_since: float | None = None  # first tick its children's sum was over worker_total
     restart_sent: int | None = None  # SIGTERM (warm) or SIGQUIT (cold) already sent
     restart_at: float | None = None
 

@@ -133,10 +133,12 @@ def _decide_worker(
     recent: Sequence[float],
     now: float,
 ) -> list[Decision]:
-    candidates = _over_soft(worker, limits, recycle) or _over_worker_total(worker, limits)
+    candidates = (_over_soft(worker, limits, recycle)
+                  or _over_worker_total(worker, limits, recycle, now))
     if not candidates:
         return []
     in_flight = sum(1 for c in worker.children if c.requested_at is not None and not c.leaving)
+    serving = sum(1 for c in worker.children if _available(c))
     cap = share_cap(worker, recycle)
     used = sum(1 for t in recent if now - t < RATE_WINDOW)
     decisions = []
@@ -144,8 +146,14 @@ def _decide_worker(
         hold = None
         if not (worker.agent and child.agent and worker.recycle_signal):
             hold = Hold.NO_AGENT
+        elif reason is not Reason.WORKER_TOTAL and not _graced(child, recycle, now):
+            hold = Hold.GRACE
+        elif child.tasks == 0 and value < limits.hard:
+            hold = Hold.FRESH
         elif worker.max_tasks and child.tasks >= worker.max_tasks - recycle.skip_within_tasks:
             hold = Hold.MAX_TASKS_SOON
+        elif serving - 1 < recycle.min_serving:
+            hold = Hold.FLOOR
         elif in_flight >= cap:
             hold = Hold.SHARE_CAP
         elif used >= recycle.max_per_minute:
@@ -153,12 +161,20 @@ def _decide_worker(
         else:
             in_flight += 1
             used += 1
+            serving -= 1
         decisions.append(Decision(
             worker=worker.name, worker_pid=worker.pid, index=child.index, proc=child.proc,
             ppid=child.ppid, measured=value, threshold=threshold, reason=reason, hold=hold,
             signal=worker.recycle_signal,
         ))
     return decisions
+
+
+def _graced(child: Child, recycle: RecycleConfig, now: float) -> bool:
+    """A task-end report acts at once; a tick sample only once it has lasted recycle.grace."""
+    if child.reported_end:
+        return True
+    return child.over_soft_since is not None and now - child.over_soft_since >= recycle.grace
 
 
 def _available(child: Child) -> bool:
@@ -191,12 +207,14 @@ def worker_total(worker: Worker) -> int:
     return sum(c.uss if c.uss is not None else c.rss for c in worker.children)
 
 
-def _over_worker_total(worker: Worker,
-                       limits: LimitsConfig) -> list[tuple[Child, int, int, Reason]]:
-    """Past limits.worker_total: the largest child goes first, one at a time, since each
-    recycle frees a child's worth and the sum is looked at again on the next report."""
+def _over_worker_total(worker: Worker, limits: LimitsConfig, recycle: RecycleConfig,
+                       now: float) -> list[tuple[Child, int, int, Reason]]:
+    """Past limits.worker_total for recycle.grace: the largest child goes first, one at a time,
+    since each recycle frees a child's worth and the sum is looked at again on the next tick."""
     if limits.worker_total is None or any(
             c.requested_at is not None and not c.leaving for c in worker.children):
+        return []
+    if worker.total_over_since is None or now - worker.total_over_since < recycle.grace:
         return []
     total = worker_total(worker)
     if total < limits.worker_total:

@@ -46,6 +46,7 @@ class Procs:
         self.root = root
         self.cgroup_root = cgroup_root
         self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self.denied_smaps = 0  # smaps_rollup reads refused (no CAP_SYS_PTRACE over another user)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -75,11 +76,16 @@ class Procs:
             return None
 
     def uss_pss(self, pid: int) -> tuple[int, int] | None:
-        """USS and PSS in bytes from /proc/PID/smaps_rollup (tens of microseconds), None if gone."""
+        """USS and PSS in bytes from /proc/PID/smaps_rollup (tens of microseconds); None if gone,
+        or if reading it is not allowed (counted in ``denied_smaps``): RSS then decides."""
         try:
             with open(f"{self.root}/{pid}/smaps_rollup", "rb") as fh:
                 data = fh.read()
         except (FileNotFoundError, ProcessLookupError):
+            return None
+        except PermissionError:
+            # Another user's process needs CAP_SYS_PTRACE for this file; RSS still works.
+            self.denied_smaps += 1
             return None
         values: dict[bytes, int] = {}
         for line in data.splitlines():

@@ -52,6 +52,8 @@ class ChildRec:
     history: History = field(default_factory=History)  # task-boundary RSS, for the trend
     growth: deque[int] = field(default_factory=lambda: deque(maxlen=8))  # recent per-task growth
     leaking: bool = False  # the last trend computed (on the tick) said so
+    reported_end: bool = False  # the last RSS reading came from a task-end report
+    over_soft_since: float | None = None
 
 
 @dataclass
@@ -71,15 +73,19 @@ class WorkerRec:
     restart_sent: int | None = None
     restart_at: float | None = None
     fresh_rss: deque[int] = field(default_factory=lambda: deque(maxlen=16))  # children at 0 tasks
+    total_over_since: float | None = None
 
 
 class State:
     """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
 
-    def __init__(self, stat: StatFn, hard: int = 0, max_task_names: int = 50, soft: int = 0) -> None:
+    def __init__(self, stat: StatFn, hard: int = 0, max_task_names: int = 50, soft: int = 0,
+                 soft_threshold: Callable[[ProcId], int] | None = None) -> None:
         self._stat = stat
         self.hard = hard  # bytes: above it a child's over_hard_since clock runs
         self.soft = soft  # bytes: what time-to-limit and the max-tasks recommendation aim under
+        # each child's own soft threshold (the policy's, with jitter), for its over-soft clock
+        self.soft_threshold: Callable[[ProcId], int] = soft_threshold or self._plain_soft
         self.workers: dict[int, WorkerRec] = {}
         self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
@@ -94,6 +100,9 @@ class State:
         self.events: list[tuple[str, dict[str, object]]] = []  # for the daemon to log
         self._gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
         self._killed: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
+
+    def _plain_soft(self, proc: ProcId) -> int:
+        return self.soft if self.soft else 2**63
 
     # -- agent messages ----------------------------------------------------------------------
 
@@ -114,7 +123,7 @@ class State:
         elif isinstance(message, wire.TaskEnd):
             child.task = child.task_id = None
             child.tasks = message.tasks
-            self.observe(child, message.rss, now)
+            self.observe(child, message.rss, now, end=True)
             child.growth.append(message.rss - message.rss_before)
             try:
                 child.history.add(message.tasks, message.rss, now)
@@ -143,9 +152,16 @@ class State:
                 self.recycles[(worker.name or "", "hard")] += 1
         return worker
 
-    def observe(self, child: ChildRec, rss: int, now: float) -> None:
-        """A fresh RSS reading; keeps the clock of how long the child has been over hard."""
+    def observe(self, child: ChildRec, rss: int, now: float, end: bool = False) -> None:
+        """A fresh RSS reading (``end``: from a task-end report); keeps the clocks of how long
+        the child has been over its soft threshold and over the hard limit."""
         child.rss = rss
+        child.reported_end = end
+        if rss >= self.soft_threshold(child.proc):
+            if child.over_soft_since is None:
+                child.over_soft_since = now
+        else:
+            child.over_soft_since = None
         if 0 < self.hard < rss:
             if child.over_hard_since is None:
                 child.over_hard_since = now
@@ -350,6 +366,7 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
             pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent, requested_at=c.requested_at,
             noted=c.noted, leaving=c.leaving, over_hard_since=c.over_hard_since,
             terminated_at=c.terminated_at, killed_at=c.killed_at,
+            reported_end=c.reported_end, over_soft_since=c.over_soft_since,
             growth_per_task=float(statistics.median(c.growth)) if len(c.growth) >= 4 else 0.0,
             leak=leak))
     recommended = None
@@ -363,4 +380,5 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
                   recycle_signal=rec.recycle_signal, rss=rec.rss, children=tuple(children),
                   restartable=rec.restartable, restart_sent=rec.restart_sent,
                   restart_at=rec.restart_at, recommended_max_tasks=recommended,
+                  total_over_since=rec.total_over_since,
                   fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None)

@@ -14,7 +14,8 @@ def child(index: int = 0, rss_mib: float = 50, **kw: Any) -> Child:
     values: dict[str, Any] = {
         "worker": "w@h", "index": index, "proc": ProcId(100 + index, 1000 + index), "ppid": 10,
         "rss": int(rss_mib * MiB), "uss": None, "pss": None, "tasks": 5, "task": None, "agent": True,
-        "requested_at": None, "noted": False, "leaving": False}
+        "requested_at": None, "noted": False, "leaving": False,
+        "reported_end": True}  # as if its last reading were a task-end report: no grace
     values.update(kw)
     return Child(**values)
 
@@ -23,7 +24,8 @@ def worker(*children: Child, **kw: Any) -> Worker:
     values: dict[str, Any] = {
         "name": "w@h", "proc": ProcId(10, 900), "pool": "prefork", "concurrency": max(2, len(children)),
         "max_tasks": None, "max_memory_kib": None, "agent": True, "recycle_signal": 38, "rss": 40 * MiB,
-        "children": tuple(children)}
+        "children": tuple(children),
+        "total_over_since": -100.0}  # worker_total exceeded long since, when it is
     values.update(kw)
     return Worker(**values)
 

@@ -130,9 +130,13 @@ def test_a_truncated_datagram_is_counted_as_oversized(procs: FakeProcs) -> None:
 def test_the_tick_samples_rss_and_recycles_idle_children(procs: FakeProcs) -> None:
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=3, rss=50 * MiB)), 0.0)
     procs.table[KID1].rss = 130 * MiB
     daemon.tick(1.0)
+    assert procs.signals == []  # seen over on the tick: recycle.grace (2 s) must pass first
+    daemon.tick(2.0)
+    assert procs.signals == []
+    daemon.tick(3.0)
     assert procs.signals == [(KID1, 38)]
 
 
@@ -335,7 +339,7 @@ def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None
     for _ in range(4):
         daemon.tick(clock())
         clock.advance(1.0)
-    assert [sig for pid, sig in procs.signals if pid == KID0] == [38, 15, 9]  # ask, TERM, KILL
+    assert [sig for pid, sig in procs.signals if pid == KID0] == [15, 9]  # TERM, KILL, no grace
     assert daemon.state.recycles[("w@h", "kill")] == 1
     daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), clock())
     assert daemon.state.oom_kills == {}
@@ -356,7 +360,7 @@ def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) 
     daemon = make(procs, limits={"worker_total": "170MiB"})
     daemon.receive(dgram(hello()), 0.0)
     for pid, index in ((KID0, 0), (KID1, 1)):
-        daemon.receive(dgram(wire.ChildHello(pid=pid, ppid=MAIN, index=index, tasks=0,
+        daemon.receive(dgram(wire.ChildHello(pid=pid, ppid=MAIN, index=index, tasks=3,
                                              rss=80 * MiB)), 0.0)
     daemon.tick(0.0)
     assert [c.uss for c in daemon.view.snapshot.workers[0].children] == [None, None]  # 160 MiB RSS
@@ -365,7 +369,9 @@ def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) 
     assert [c.uss for c in daemon.view.snapshot.workers[0].children] == [60 * MiB, 80 * MiB]
     assert procs.signals == []
     procs.table[KID0].uss = 95 * MiB
-    daemon.tick(2.0)
+    daemon.tick(2.0)  # over from here: recycle.grace (2 s) must pass
+    assert procs.signals == []
+    daemon.tick(4.0)
     assert procs.signals == [(KID0, 38)]
     assert daemon.state.recycles[("w@h", "worker_total")] == 1
 
@@ -461,3 +467,21 @@ def test_the_report_names_the_leaking_task_and_the_advice(procs: FakeProcs) -> N
     assert "leaking task: app.leak" in out
     assert "--max-tasks-per-child 461" in out
     assert "leaking" in out.split("Child trends")[1]
+
+
+def test_a_storm_is_warned_once_with_its_figures(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    for pid in (KID0, KID1):
+        procs.table[pid].rss = 150 * MiB
+    for t in range(4):
+        daemon.tick(float(t))
+    storms = [e for e in logs if e["event"] == "recycle_storm"]
+    assert len(storms) == 1
+    assert storms[0]["rss_bytes"] == [150 * MiB, 150 * MiB]
+    assert storms[0]["soft_bytes"] == 100 * MiB
+    procs.table[KID0].rss = 50 * MiB
+    daemon.tick(5.0)
+    procs.table[KID0].rss = 150 * MiB
+    daemon.tick(6.0)
+    assert len([e for e in logs if e["event"] == "recycle_storm"]) == 2  # calmed, then again

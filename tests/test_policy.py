@@ -237,3 +237,46 @@ def test_predictive_recycling_acts_before_the_next_tasks_would_cross() -> None:
 def test_predictive_recycling_ignores_children_that_do_not_grow() -> None:
     flat = child(0, 99, growth_per_task=0.0)
     assert policy.decide(snapshot(worker(flat)), limits(), recycle(predictive=True), {}, now=0.0) == []
+
+
+def test_a_tick_sample_over_soft_waits_for_the_grace_a_task_end_report_does_not() -> None:
+    sampled = child(0, 150, reported_end=False, over_soft_since=10.0)
+    [early] = policy.decide(snapshot(worker(sampled)), limits(), recycle(grace=2), {}, now=11.0)
+    assert early.hold is Hold.GRACE
+    [late] = policy.decide(snapshot(worker(sampled)), limits(), recycle(grace=2), {}, now=12.0)
+    assert late.acts
+    reported = child(0, 150, reported_end=True, over_soft_since=11.9)
+    [now] = policy.decide(snapshot(worker(reported)), limits(), recycle(grace=2), {}, now=12.0)
+    assert now.acts
+
+
+def test_a_fresh_child_over_soft_is_held_unless_past_hard() -> None:
+    """A child that has run no task would be replaced by one as large: the limit is too low."""
+    [held] = policy.decide(snapshot(worker(child(0, 150, tasks=0))), limits(), recycle(), {}, now=0.0)
+    assert held.hold is Hold.FRESH
+    [kill_or_recycle] = [d for d in policy.decide(snapshot(worker(child(0, 250, tasks=0))),
+                                                  limits(), recycle(), {}, now=0.0)
+                         if d.reason is Reason.SOFT]
+    assert kill_or_recycle.acts
+
+
+def test_min_serving_keeps_a_floor_of_serving_children() -> None:
+    """With one child already leaving and a floor of one, the last serving child stays."""
+    kids = [child(0, 150, requested_at=0.0, leaving=True), child(1, 150)]
+    [held] = policy.decide(snapshot(worker(*kids)), limits(), recycle(min_serving=1, max_share=1),
+                           {}, now=1.0)
+    assert held.hold is Hold.FLOOR
+    [acts] = policy.decide(snapshot(worker(*kids)), limits(), recycle(min_serving=0, max_share=1),
+                           {}, now=1.0)
+    assert acts.acts
+
+
+def test_a_storm_recycles_at_the_rate_limit_and_never_below_the_floor() -> None:
+    """Every child over the limit: at most max_per_minute requests, never below min_serving."""
+    kids = [child(i, 150 + i) for i in range(8)]
+    decisions = policy.decide(snapshot(worker(*kids, concurrency=8)), limits(),
+                              recycle(max_per_minute=3, max_share=1, min_serving=6), {}, now=0.0)
+    assert len([d for d in decisions if d.acts]) == 2  # 8 serving, floor 6
+    decisions = policy.decide(snapshot(worker(*kids, concurrency=8)), limits(),
+                              recycle(max_per_minute=3, max_share=1, min_serving=0), {}, now=0.0)
+    assert len([d for d in decisions if d.acts]) == 3  # the rate limit

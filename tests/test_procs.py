@@ -140,3 +140,21 @@ def test_memory_total_is_positive_and_at_most_the_host() -> None:
 
     total = Procs().memory_total()
     assert 0 < total <= psutil.virtual_memory().total
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_smaps_of_another_users_process_without_ptrace_reads_as_none_not_an_error() -> None:
+    """A daemon without CAP_SYS_PTRACE over the workers' user falls back to RSS."""
+    target = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
+    probe = (  # imports first: root's interpreter is not readable by the other user
+        "import os, sys; from celery_memguard.procs import Procs; p = Procs();"
+        "os.setgroups([]); os.setgid(65533); os.setuid(65533);"
+        "print(p.uss_pss(int(sys.argv[1])), p.denied_smaps, p.rss(int(sys.argv[1])) > 0)")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, str(target.pid)], capture_output=True,
+                              text=True, check=False, timeout=30)
+    finally:
+        target.kill()
+        target.wait()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "1", "True"]
