@@ -89,6 +89,7 @@ class Actor:
         try:
             delivered = self.procs.send_signal(d.proc.pid, d.signal)
         except PermissionError:
+            self.state.noted(d.worker, d.proc.pid, now)  # said once per child, not every tick
             self.log.error("recycle_failed", why="permission_denied", **fields)
             return
         if not delivered:
@@ -116,6 +117,8 @@ class Actor:
         self.state.signalled(d.worker, d.proc.pid, d.signal, now)
         if not delivered:
             return
+        task = task_id = None
         if d.signal == signal.SIGTERM:
             self.state.recycles[(d.worker, d.reason.value)] += 1
-        self.log.warning("kill_sent", signal=name, **fields)
+            task, task_id = self.state.task_killed(d.worker, d.proc.pid)
+        self.log.warning("kill_sent", signal=name, task=task, task_id=task_id, **fields)

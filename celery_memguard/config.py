@@ -97,8 +97,10 @@ class LimitsConfig(_Section):
     measure: Literal["rss", "uss", "pss"] = Field(
         default="rss",
         description=(
-            "Which memory figure the limits compare against: RSS is read every tick; USS or PSS "
-            "are read only for children near a limit, since they cost about 30x more."
+            "Which memory figure the soft limit (and predictive recycling) compares: RSS is read "
+            "every tick; USS or PSS cost about 30x more and are read only near a limit. The "
+            "hard limit always compares RSS, read by each child itself; worker_total sums USS "
+            "where it was read."
         ),
     )
     hard: int = Field(

@@ -182,11 +182,15 @@ class Daemon:
         except ConfigError as exc:
             self.log.error("config_reload_refused", key=exc.key, why=exc.reason)
             return
-        fixed = ("agent", "metrics")
-        if any(getattr(new, name) != getattr(self.config, name) for name in fixed):
+        fixed = ("agent", "log")
+        if (any(getattr(new, name) != getattr(self.config, name) for name in fixed)
+                or new.metrics.listen != self.config.metrics.listen):
             self.log.warning("config_reload_partial",
-                             why="agent.socket and metrics.listen change only on restart")
-            new = new.model_copy(update={name: getattr(self.config, name) for name in fixed})
+                             why="agent.socket, metrics.listen and log.* change only on restart")
+            new = new.model_copy(update={
+                "agent": self.config.agent, "log": self.config.log,
+                "metrics": new.metrics.model_copy(update={"listen": self.config.metrics.listen})})
+        self.state.task_names.limit = new.metrics.max_task_names
         self.config = new
         self.actor.dry_run = new.recycle.dry_run
         self.state.hard, self.state.soft = new.limits.hard, new.limits.soft

@@ -138,7 +138,8 @@ class StateCollector(Collector):
             ("dry_run_recycles", "Recycles that dry_run logged instead of requesting, by reason.",
              ["worker", "reason"], view.dry_run_recycles),
             ("interrupted_tasks",
-             "Tasks interrupted or killed for memory, by task name (bounded) and reason.",
+             "Tasks stopped for memory, by task name (bounded) and reason: hard (interrupted "
+             "at the hard limit), kill (its child killed), oom (killed by the OOM killer).",
              ["worker", "task", "reason"], view.interrupted),
             ("oom_kills",
              "Pool children killed by a SIGKILL celery-memguard did not send (the OOM killer).",

@@ -180,6 +180,8 @@ class State:
         if child is None:
             gone = self._gone.get(msg.child)
             child = gone[1] if gone is not None else None
+        if child is not None and child.task is not None:
+            self.interrupted[(worker.name, self.task_names.label(child.task), "oom")] += 1
         self.events.append(("child_oom_killed", {
             "worker": worker.name, "index": msg.index, "pid": msg.child,
             "task": child.task if child else None, "task_id": child.task_id if child else None,
@@ -305,6 +307,14 @@ class State:
             rec.restart_sent, rec.restart_at = signum, now
             if rec.name is not None:
                 self.requests.setdefault(rec.name, deque(maxlen=1024)).append(now)
+
+    def task_killed(self, worker: str, pid: int) -> tuple[str | None, str | None]:
+        """Count the task a child was running when kill escalation hit it; (name, id)."""
+        child = self._child_named(worker, pid)
+        if child is None or child.task is None:
+            return None, None
+        self.interrupted[(worker, self.task_names.label(child.task), "kill")] += 1
+        return child.task, child.task_id
 
     def _child_named(self, worker: str, pid: int) -> ChildRec | None:
         for rec in self.workers.values():

@@ -321,11 +321,13 @@ def test_a_sigkill_we_did_not_send_is_an_oom_kill(procs: FakeProcs, logs: list[d
     daemon.receive(dgram(hello()), 0.0)
     daemon.receive(dgram(wire.TaskStart(pid=KID0, ppid=MAIN, index=0, task="app.huge", id="x-9",
                                         rss=900 * MiB)), 0.0)
+    assert daemon.state.interrupted == {}
     del procs.table[KID0]
     daemon.tick(1.0)  # the child is gone from /proc before its parent reports the exit code
     daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), 1.1)
     daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=155)), 1.2)
     assert daemon.state.oom_kills == {"w@h": 1}
+    assert daemon.state.interrupted == {("w@h", "app.huge", "oom"): 1}
     [event] = [e for e in logs if e["event"] == "child_oom_killed"]
     assert (event["task"], event["task_id"], event["pid"]) == ("app.huge", "x-9", KID0)
 

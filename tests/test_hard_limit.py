@@ -86,3 +86,6 @@ def test_a_task_that_swallows_the_interruption_is_killed_and_the_worker_serves_o
     kills = [e for e in daemon.events() if e.get("event") == "kill_sent"]
     assert kills[0]["signal"] == "SIGTERM"
     assert kills[0]["pid"] == victim
+    assert (kills[0]["task"], kills[0]["task_id"]) == ("tests.apps.leaky.stubborn", result.id)
+    assert daemon.metric("celery_memguard_interrupted_tasks_total",
+                         task="tests.apps.leaky.stubborn", reason="kill") == 1
