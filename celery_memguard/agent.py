@@ -31,13 +31,14 @@ from typing import Any
 from celery import Celery, signals
 
 from celery_memguard import __version__, wire
-from celery_memguard.config import DEFAULT_SOCKET, SOCKET_ENV
 from celery_memguard.watch import Watch
+from celery_memguard.wire import DEFAULT_SOCKET, SOCKET_ENV
 
 RECYCLE_SIGNAL = signal.SIGRTMIN + 4
 EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE, repeated to avoid importing billiard internals here
 HEARTBEAT_SECONDS = 2.0
 CHILD_HELLO_SECONDS = 5.0
+VERDICT_WAIT = 0.02  # how long a child past its own soft threshold waits for the daemon's word
 _VERSION = __version__
 
 _socket_path: str = DEFAULT_SOCKET
@@ -108,6 +109,10 @@ class _ChildAgent:
         self.last_hello = 0.0
         self.watch = Watch(self.statm.rss, self.on_hard_limit)
         self._settings_mtime = 0.0
+        self.start_ticks = _start_ticks()
+        self.soft_threshold = 0  # this process's own, from the published soft limit and jitter
+        self.verdict_due = False  # crossed it at the last task end: the daemon's word is coming
+        self.waited = False  # waited once already (a held recycle must not slow every task)
 
     def hello(self) -> None:
         self.last_hello = time.monotonic()
@@ -129,6 +134,9 @@ class _ChildAgent:
         if settings is not None:
             self._settings_mtime = mtime
             self.watch.configure(settings.hard, settings.watch_interval)
+            self.soft_threshold = (wire.soft_threshold(settings.soft, settings.jitter, self.pid,
+                                                       self.start_ticks)
+                                   if settings.soft and self.start_ticks else 0)
 
     def on_hard_limit(self, rss: int, limit: int) -> None:
         """Called by the watch thread: report the task, and leave after it in any case."""
@@ -150,8 +158,20 @@ class _ChildAgent:
                              tasks=self.tasks, reason=self.exit_reason))
         sys.exit(EX_RECYCLE)  # billiard's own sys.exit wrapper records the exit code
 
+    def await_verdict(self) -> None:
+        """Past its own soft threshold, the child gives the daemon a moment to answer before it
+        reads the next job: otherwise the request often lands a task or more later. Bounded,
+        once per process, and only when a recycle is what the daemon is about to ask."""
+        self.verdict_due = False
+        self.waited = True
+        deadline = time.monotonic() + VERDICT_WAIT
+        while not self.recycle_requested and time.monotonic() < deadline:
+            time.sleep(0.0005)  # the recycle signal cuts the sleep short
+
     def wrap_wait_for_job(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+            if self.verdict_due and not self.recycle_requested:
+                self.await_verdict()
             if self.recycle_requested:
                 self.leave()
             if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
@@ -322,9 +342,12 @@ def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | 
     try:
         agent.watch.task_ended()
         agent.tasks += 1
+        rss = agent.statm.rss()
         _send(wire.TaskEnd(pid=agent.pid, ppid=agent.ppid, index=agent.index, task=agent.task_name,
                            id=agent.task_id, rss_before=agent.rss_before,
-                           rss=agent.statm.rss(), tasks=agent.tasks, ok=state == "SUCCESS"))
+                           rss=rss, tasks=agent.tasks, ok=state == "SUCCESS"))
+        if 0 < agent.soft_threshold <= rss and not agent.waited:
+            agent.verdict_due = True
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
 
@@ -338,6 +361,17 @@ def _run_code(task: Any) -> CodeType | None:
 
 
 _names: dict[str, str] = {}
+
+
+def _start_ticks() -> int:
+    """This process's start time in clock ticks (/proc/self/stat field 22): with the pid, the
+    identity the daemon's jitter is computed from."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            data = fh.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _name(task: Any) -> str:

@@ -23,9 +23,8 @@ from pydantic import (
 )
 
 from celery_memguard.units import parse_duration, parse_percent, parse_size
+from celery_memguard.wire import DEFAULT_SOCKET, SOCKET_ENV
 
-SOCKET_ENV = "CELERY_MEMGUARD_SOCKET"
-DEFAULT_SOCKET = "/tmp/celery-memguard/agent.sock"  # noqa: S108 - documented default; the daemon checks the directory's owner
 DEFAULT_LISTEN = "127.0.0.1:9808"
 
 

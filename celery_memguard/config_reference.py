@@ -11,8 +11,9 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from celery_memguard.config import SOCKET_ENV, Config
+from celery_memguard.config import Config
 from celery_memguard.units import format_bytes
+from celery_memguard.wire import SOCKET_ENV
 
 _SIZES = {"soft", "hard", "worker_total"}
 _DURATIONS = {"interval", "scan_interval", "kill_after", "watch_interval"}

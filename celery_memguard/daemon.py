@@ -247,7 +247,7 @@ class Daemon:
             self._refresh_children(rec)
             for child in rec.children.values():
                 rss = self.procs.rss(child.proc.pid)
-                if rss is not None:
+                if rss:  # None: gone; 0: exited, not yet reaped
                     self.state.observe(child, rss, now)
             self._measure_near_limit(rec)
             self._total_clock(rec, now)
@@ -265,7 +265,7 @@ class Daemon:
                               agent=rec.agent, children=len(found.children))
 
     def _refresh_children(self, rec: WorkerRec) -> None:
-        for child in self.state.sync_children(rec, self.procs.children(rec.proc.pid)):
+        for child in self.state.sync_child_pids(rec, self.procs.child_pids(rec.proc.pid)):
             self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
                           tasks=child.tasks, rss_bytes=child.rss,
                           requested=child.requested_at is not None)
@@ -319,7 +319,8 @@ class Daemon:
                 child.uss = child.pss = None
 
     def _decide(self, now: float, only: WorkerRec | None) -> None:
-        snapshot = self.state.snapshot(now, only=only)
+        """Decide for one worker (a report) or all (the tick, which also publishes the view)."""
+        snapshot = self.state.snapshot(now, only=only, trends=only is None)
         decisions = policy.decide(snapshot, self.config.limits, self.config.recycle,
                                   self.state.requests, now,
                                   term_grace=self.config.sampling.interval)
@@ -327,7 +328,10 @@ class Daemon:
             self.actor.carry_out(decisions, now)
         if only is None:
             self._warn_storms(snapshot)
-        if only is None or any(d.acts for d in decisions):
+        acted = any(d.acts for d in decisions)
+        if only is None and not acted:
+            self.view = self._make_view(now, snapshot)  # nothing changed since the snapshot
+        elif acted:
             self.view = self._make_view(now)
 
     def _warn_storms(self, snapshot: Snapshot) -> None:
@@ -361,17 +365,18 @@ class Daemon:
         """Write the hard limit beside the socket, where every child's agent reads it."""
         path = wire.settings_path(str(self.config.agent.socket))
         data = wire.encode_settings(wire.AgentSettings(
-            hard=self.config.limits.hard, watch_interval=self.config.limits.watch_interval))
+            hard=self.config.limits.hard, watch_interval=self.config.limits.watch_interval,
+            soft=self.config.limits.soft, jitter=self.config.recycle.jitter))
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
-    def _make_view(self, now: float) -> View:
+    def _make_view(self, now: float, snapshot: Snapshot | None = None) -> View:
         state = self.state
         return View(
-            snapshot=state.snapshot(now, trends=True),
+            snapshot=snapshot if snapshot is not None else state.snapshot(now, trends=True),
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),

@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import math
 import signal
-import zlib
 from collections.abc import Mapping, Sequence
 
+from celery_memguard import wire
 from celery_memguard.config import LimitsConfig, RecycleConfig
 from celery_memguard.model import Child, Decision, Hold, ProcId, Reason, Snapshot, Worker
 
 RATE_WINDOW = 60.0
 
 
-def jitter_fraction(proc: ProcId) -> float:
-    """A stable number in [0, 1) per process, so a child's threshold does not move between ticks."""
-    return zlib.crc32(f"{proc.pid}:{proc.start}".encode()) / 2**32
-
-
 def soft_threshold(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId) -> int:
-    """The soft limit lowered by this child's share of the jitter, never raised above it."""
-    return int(limits.soft * (1.0 - recycle.jitter * jitter_fraction(proc)))
+    """The soft limit lowered by this child's stable share of the jitter (wire.soft_threshold,
+    which the child's agent computes too), never raised above it."""
+    return wire.soft_threshold(limits.soft, recycle.jitter, proc.pid, proc.start)
 
 
 def measured(child: Child, measure: str) -> int:

@@ -96,8 +96,9 @@ class Procs:
         uss += values.get(b"Private_Hugetlb", 0)
         return uss, values.get(b"Pss", 0)
 
-    def children(self, pid: int) -> list[ProcStat]:
-        """Direct children of pid, from /proc/PID/task/*/children where the kernel has it."""
+    def child_pids(self, pid: int) -> list[int]:
+        """Direct children of pid, from /proc/PID/task/*/children where the kernel has it
+        (one read per thread of the parent; zombies included until reaped)."""
         pids: list[int] = []
         task_dir = Path(self.root, str(pid), "task")
         try:
@@ -107,7 +108,11 @@ class Procs:
             if not task_dir.parent.exists():
                 return []
             pids = [s.pid for s in self._all_stats() if s.ppid == pid]
-        stats = [self.stat(child) for child in pids]
+        return pids
+
+    def children(self, pid: int) -> list[ProcStat]:
+        """Direct, live children of pid with their identities (one stat read each)."""
+        stats = [self.stat(child) for child in self.child_pids(pid)]
         return [s for s in stats if s is not None and s.ppid == pid]
 
     def cmdline(self, pid: int) -> list[str]:

@@ -251,16 +251,32 @@ class State:
         return rec
 
     def sync_children(self, rec: WorkerRec, stats: list[ProcStat] | tuple[ProcStat, ...]) -> list[ChildRec]:
-        """Make the worker's children those the process table lists; return the ones gone."""
+        """Make the worker's children those the process table lists (with identities, as the
+        scan reads them); return the ones gone."""
         live = {s.pid: s for s in stats}
-        gone = [c for pid, c in rec.children.items()
-                if pid not in live or live[pid].proc != c.proc]
+        gone = [c for pid, c in rec.children.items() if pid not in live or live[pid].proc != c.proc]
+        return self._replace_children(rec, gone, live)
+
+    def sync_child_pids(self, rec: WorkerRec, pids: list[int]) -> list[ChildRec]:
+        """The tick's cheaper form: known pids keep their identity (every signal re-checks it),
+        only new pids are looked up; return the children gone."""
+        listed = set(pids)
+        gone = [c for pid, c in rec.children.items() if pid not in listed]
+        live: dict[int, ProcStat] = {}
+        for pid in listed - rec.children.keys():
+            stat = self._stat(pid)
+            if stat is not None and stat.ppid == rec.proc.pid:
+                live[pid] = stat
+        return self._replace_children(rec, gone, live)
+
+    def _replace_children(self, rec: WorkerRec, gone: list[ChildRec],
+                          new: dict[int, ProcStat]) -> list[ChildRec]:
         for child in gone:
             del rec.children[child.proc.pid]
             self._gone[child.proc.pid] = (rec.name or "", child)
             if len(self._gone) > 256:
                 self._gone.popitem(last=False)
-        for pid, stat in live.items():
+        for pid, stat in new.items():
             if pid not in rec.children:
                 index = rec.kid_index.get(pid)
                 if index is None and not rec.agent:

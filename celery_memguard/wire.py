@@ -8,11 +8,14 @@ refused with a short reason the daemon counts, and never reaches the state.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 VERSION = 1
+SOCKET_ENV = "CELERY_MEMGUARD_SOCKET"
+DEFAULT_SOCKET = "/tmp/celery-memguard/agent.sock"  # noqa: S108 - documented default; the daemon checks the directory's owner
 MAX_DATAGRAM = 4096
 MAX_NAME = 200
 MAX_KIDS = 1024
@@ -252,6 +255,19 @@ class AgentSettings:
 
     hard: int  # bytes; 0 disables the in-child watch
     watch_interval: float  # seconds between two RSS reads while a task runs
+    soft: int = 0  # bytes; with jitter, each child's own soft threshold (0: unknown)
+    jitter: float = 0.0
+
+
+def jitter_fraction(pid: int, start: int) -> float:
+    """A stable number in [0, 1) per process (pid and start time in clock ticks), shared by the
+    daemon's policy and the child's agent so both compute the same threshold."""
+    return zlib.crc32(f"{pid}:{start}".encode()) / 2**32
+
+
+def soft_threshold(soft: int, jitter: float, pid: int, start: int) -> int:
+    """The soft limit lowered by this process's share of the jitter, never raised above it."""
+    return int(soft * (1.0 - jitter * jitter_fraction(pid, start)))
 
 
 def settings_path(socket_path: str) -> str:
@@ -260,7 +276,8 @@ def settings_path(socket_path: str) -> str:
 
 def encode_settings(settings: AgentSettings) -> bytes:
     return json.dumps({"v": VERSION, "hard": settings.hard,
-                       "watch_interval": settings.watch_interval}).encode()
+                       "watch_interval": settings.watch_interval, "soft": settings.soft,
+                       "jitter": settings.jitter}).encode()
 
 
 def decode_settings(data: bytes) -> AgentSettings | None:
@@ -276,4 +293,7 @@ def decode_settings(data: bytes) -> AgentSettings | None:
         return None
     if isinstance(interval, bool) or not 0.001 <= interval <= 10:
         return None
-    return AgentSettings(hard=hard, watch_interval=float(interval))
+    soft, jitter = body.get("soft", 0), body.get("jitter", 0.0)
+    if type(soft) is not int or soft < 0 or not isinstance(jitter, int | float) or not 0 <= jitter <= 1:
+        return None
+    return AgentSettings(hard=hard, watch_interval=float(interval), soft=soft, jitter=float(jitter))

@@ -50,6 +50,9 @@ class FakeProcs(Procs):
         p = self.table.get(pid)
         return None if p is None or p.uss is None else (p.uss, p.uss)
 
+    def child_pids(self, pid: int) -> list[int]:
+        return [p.pid for p in self.table.values() if p.ppid == pid]
+
     def children(self, pid: int) -> list[ProcStat]:
         return [ProcStat(p.pid, p.ppid, p.start) for p in self.table.values() if p.ppid == pid]
 

@@ -56,11 +56,11 @@ def redis_pings(port: int) -> bool:
 class PrivateRedis:
     """A redis-server on a free loopback port, for machines where none runs."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("no Redis answers on 127.0.0.1:6379 and redis-server is not installed")
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(tmp)],
@@ -162,11 +162,12 @@ class Worker:
 class Daemon:
     """``python -m celery_memguard run`` with a config written to tmp."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+    def __init__(self, tmp: Path, config: dict[str, Any], socket_path: Path | None = None) -> None:
         import yaml  # noqa: PLC0415
 
+        tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.socket_path = tmp / "sock" / "agent.sock"
+        self.socket_path = socket_path or tmp / "sock" / "agent.sock"
         self.url = f"http://127.0.0.1:{self.port}"
         merged: dict[str, Any] = {"agent": {"socket": str(self.socket_path)},
                                   "metrics": {"listen": f"127.0.0.1:{self.port}"},

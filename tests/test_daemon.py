@@ -353,7 +353,8 @@ def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: 
                   limits={"watch_interval": "20ms"})
     daemon._publish_settings()
     data = (tmp_path / "a.sock.settings.json").read_bytes()
-    assert wire.decode_settings(data) == wire.AgentSettings(hard=200 * MiB, watch_interval=0.02)
+    assert wire.decode_settings(data) == wire.AgentSettings(hard=200 * MiB, watch_interval=0.02,
+                                                            soft=100 * MiB, jitter=0.0)
 
 
 def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) -> None:
