@@ -94,7 +94,8 @@ class _StatmReader:
 class _ChildAgent:
     """Per pool child: its index, task count, the recycle flag, the task in progress, its watch."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, node: str = "") -> None:
+        self.node = node  # the worker's nodename: per-worker limits in the settings
         self.pid = os.getpid()
         self.ppid = os.getppid()
         self.index = index
@@ -133,10 +134,11 @@ class _ChildAgent:
             return
         if settings is not None:
             self._settings_mtime = mtime
-            self.watch.configure(settings.hard, settings.watch_interval)
-            self.soft_threshold = (wire.soft_threshold(settings.soft, settings.jitter, self.pid,
+            hard, soft = settings.for_worker(self.node)
+            self.watch.configure(hard, settings.watch_interval)
+            self.soft_threshold = (wire.soft_threshold(soft, settings.jitter, self.pid,
                                                        self.start_ticks)
-                                   if settings.soft and self.start_ticks else 0)
+                                   if soft and self.start_ticks else 0)
 
     def on_hard_limit(self, rss: int, limit: int) -> None:
         """Called by the watch thread: report the task, and leave after it in any case."""
@@ -301,7 +303,7 @@ def _find_pool_worker() -> Any:
     return None
 
 
-def _on_process_init(**_: Any) -> None:
+def _on_process_init(sender: Any = None, **_: Any) -> None:
     global _child
     try:
         pool_worker = _find_pool_worker()
@@ -310,7 +312,8 @@ def _on_process_init(**_: Any) -> None:
         from billiard.process import current_process  # noqa: PLC0415
 
         index = getattr(current_process(), "index", None)
-        agent = _ChildAgent(index if isinstance(index, int) else 0)
+        agent = _ChildAgent(index if isinstance(index, int) else 0,
+                            node=sender if isinstance(sender, str) else "")
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         agent.watch.install()
         pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job)

@@ -7,6 +7,7 @@ silently disable a limit. Sizes may be percentages of memory, so parsing takes t
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 from pathlib import Path
@@ -243,13 +244,36 @@ class LogConfig(_Section):
     )
 
 
+class WorkerLimits(_Section):
+    match: str = Field(
+        description="A shell pattern on the Celery nodename, e.g. 'reports@*'; the first match wins.",
+    )
+    limits: LimitsConfig = Field(
+        description="Keys given here replace those of the top-level limits for matching workers.",
+    )
+
+
 class Config(_Section):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    workers: tuple[WorkerLimits, ...] = Field(
+        default=(),
+        description=(
+            "Per-worker limits for hosts that run several workers: a list of {match, limits}; "
+            "a worker that matches none uses the top-level limits."
+        ),
+    )
     recycle: RecycleConfig = Field(default_factory=RecycleConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    def limits_for(self, worker: str) -> LimitsConfig:
+        """The limits of the first ``workers`` entry whose pattern matches, else the top level."""
+        for entry in self.workers:
+            if fnmatch.fnmatchcase(worker, entry.match):
+                return entry.limits
+        return self.limits
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -280,6 +304,7 @@ def parse(data: object, memory_total: int | None = None, env: dict[str, str] | N
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("<top>", f"expected a mapping of sections, got {type(data).__name__}")
+    data = _inherit_limits(data)
     try:
         config = Config.model_validate(data, context={"memory_total": memory_total})
     except ValidationError as exc:
@@ -290,6 +315,19 @@ def parse(data: object, memory_total: int | None = None, env: dict[str, str] | N
             update={"agent": config.agent.model_copy(update={"socket": Path(override)})}
         )
     return config
+
+
+def _inherit_limits(data: dict[str, Any]) -> dict[str, Any]:
+    """Each workers[].limits starts from the top-level limits: only the keys it names differ."""
+    workers, base = data.get("workers"), data.get("limits") or {}
+    if not isinstance(workers, list) or not isinstance(base, dict):
+        return data
+    merged = [
+        {**entry, "limits": {**base, **entry["limits"]}}
+        if isinstance(entry, dict) and isinstance(entry.get("limits"), dict) else entry
+        for entry in workers
+    ]
+    return {**data, "workers": merged}
 
 
 def load(path: str | os.PathLike[str], memory_total: int | None = None,

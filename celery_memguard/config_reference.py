@@ -11,7 +11,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from celery_memguard.config import Config
+from celery_memguard.config import Config, WorkerLimits
 from celery_memguard.units import format_bytes
 from celery_memguard.wire import SOCKET_ENV
 
@@ -62,6 +62,14 @@ def render() -> str:
     defaults = Config()
     for section, field in Config.model_fields.items():
         model = field.annotation
+        if section == "workers":
+            lines += [f"## `{section}`", "", field.description or "", "",
+                      "| key | meaning |", "|---|---|"]
+            lines += [f"| `workers[].{key}` | {info.description or ''} |"
+                      for key, info in WorkerLimits.model_fields.items()]
+            lines += ["", "```yaml", "workers:", "  - match: \"reports@*\"",
+                      "    limits: {soft: 2GiB, hard: 3GiB}", "```", ""]
+            continue
         assert isinstance(model, type)
         assert issubclass(model, BaseModel)
         lines += [f"## `{section}`", "", "| key | default | type | meaning |", "|---|---|---|---|"]

@@ -29,6 +29,7 @@ from celery_memguard.procs import Procs
 from celery_memguard.state import Rejected, State, WorkerRec
 
 DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
+FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
                   "s": "task_start", "e": "task_end", "x": "child_exit",
                   "h": "task_interrupted", "d": "child_died"}
@@ -54,10 +55,8 @@ class Daemon:
         self.clock = clock
         self.log = log if log is not None else logmod.get()
         self._reload = reload
-        self.state = State(self.procs.stat, hard=config.limits.hard,
-                           max_task_names=config.metrics.max_task_names, soft=config.limits.soft,
-                           soft_threshold=lambda proc: policy.soft_threshold(
-                               self.config.limits, self.config.recycle, proc))
+        self.state = State(self.procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
+                           max_task_names=config.metrics.max_task_names)
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
         self.metrics = Metrics(lambda: self.view)
         self.stopping = threading.Event()
@@ -69,6 +68,8 @@ class Daemon:
         self.view = self._make_view(clock())
         self.http: HttpServer | None = None
         self._storms: set[str] = set()  # workers whose storm was already logged
+        self._scans = 0
+        self.between_workers: Callable[[], None] | None = None  # set by the loop: drain reports
         self._wake_r, self._wake_w = -1, -1
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -122,6 +123,12 @@ class Daemon:
     def _loop(self, inbox: Inbox) -> None:
         selector = selectors.DefaultSelector()
         selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+
+        def drain() -> None:
+            for datagram in inbox.drain(DRAIN_BATCH):
+                self.receive(datagram, self.clock())
+
+        self.between_workers = drain
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_tick = self.clock()
         try:
@@ -138,11 +145,11 @@ class Daemon:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_r, 512)
                     else:
-                        for datagram in inbox.drain(DRAIN_BATCH):
-                            self.receive(datagram, self.clock())
+                        drain()
                 while self.signals:
                     self._dispatch_signal(self.signals.popleft())
         finally:
+            self.between_workers = None
             selector.close()
 
     # -- signals -------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ class Daemon:
         self.state.task_names.limit = new.metrics.max_task_names
         self.config = new
         self.actor.dry_run = new.recycle.dry_run
-        self.state.hard, self.state.soft = new.limits.hard, new.limits.soft
+        self.state.jitter = new.recycle.jitter
         if self.http is not None:  # running: the agents re-read the file within seconds
             self._publish_settings()
         self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
@@ -235,9 +242,12 @@ class Daemon:
         """Scan when due, sample every child, decide for all workers, publish."""
         started = self.clock()
         if now >= self._next_scan:
-            self._scan()
+            self._scans += 1
+            self._scan(full=self._scans % FULL_SCAN_EVERY == 1)
             self._next_scan = now + self.config.sampling.scan_interval
         for pid, rec in list(self.state.workers.items()):
+            if self.between_workers is not None:
+                self.between_workers()  # reports waiting meanwhile are decided on now
             live = self.procs.stat(pid)
             if live is None or live.proc != rec.proc:
                 self.state.drop_worker(pid)
@@ -248,7 +258,7 @@ class Daemon:
             for child in rec.children.values():
                 rss = self.procs.rss(child.proc.pid)
                 if rss:  # None: gone; 0: exited, not yet reaped
-                    self.state.observe(child, rss, now)
+                    self.state.observe(rec, child, rss, now)
             self._measure_near_limit(rec)
             self._total_clock(rec, now)
         self._decide(now, None)
@@ -256,8 +266,8 @@ class Daemon:
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - started)
 
-    def _scan(self) -> None:
-        for found in self.procs.scan_workers():
+    def _scan(self, full: bool) -> None:
+        for found in self.procs.scan_workers(full=full):
             known = found.stat.pid in self.state.workers
             rec = self.state.found(found)
             if not known:
@@ -270,9 +280,13 @@ class Daemon:
                           tasks=child.tasks, rss_bytes=child.rss,
                           requested=child.requested_at is not None)
 
+    def _soft_hard(self, worker: str) -> tuple[int, int]:
+        limits = self.config.limits_for(worker)
+        return limits.soft, limits.hard
+
     def _total_clock(self, rec: WorkerRec, now: float) -> None:
         """Since when the children's sum (USS where sampled) has been over worker_total."""
-        limit = self.config.limits.worker_total
+        limit = self.config.limits_for(rec.name or "").worker_total
         total = sum(c.uss if c.uss is not None else c.rss for c in rec.children.values())
         if limit is not None and total >= limit:
             if rec.total_over_since is None:
@@ -286,7 +300,7 @@ class Daemon:
         RSS bounds USS and PSS from above, so a worker whose children are all under the lowest
         soft threshold by RSS (and whose RSS sum is under worker_total) needs no snapshot.
         """
-        limits = self.config.limits
+        limits = self.config.limits_for(rec.name or "")
         floor = limits.soft * (1.0 - self.config.recycle.jitter)
         if self.config.recycle.predictive:  # the growth of the next tasks counts too
             ahead = self.config.recycle.predictive_tasks
@@ -305,7 +319,7 @@ class Daemon:
         RSS bounds both from above: a child under its soft limit by RSS is under by USS, and
         a worker whose children's RSS sum is under worker_total is under by USS too.
         """
-        limits = self.config.limits
+        limits = self.config.limits_for(rec.name or "")
         whole = (limits.worker_total is not None
                  and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
         floor = (limits.soft * (1.0 - self.config.recycle.jitter) if limits.measure != "rss"
@@ -321,7 +335,7 @@ class Daemon:
     def _decide(self, now: float, only: WorkerRec | None) -> None:
         """Decide for one worker (a report) or all (the tick, which also publishes the view)."""
         snapshot = self.state.snapshot(now, only=only, trends=only is None)
-        decisions = policy.decide(snapshot, self.config.limits, self.config.recycle,
+        decisions = policy.decide(snapshot, self.config.limits_for, self.config.recycle,
                                   self.state.requests, now,
                                   term_grace=self.config.sampling.interval)
         if decisions:
@@ -341,15 +355,16 @@ class Daemon:
             if not worker.has_children or not worker.children:
                 self._storms.discard(worker.name)
                 continue
-            over = [c for c in worker.children if policy.measured(c, self.config.limits.measure)
-                    >= policy.soft_threshold(self.config.limits, self.config.recycle, c.proc)]
+            limits = self.config.limits_for(worker.name)
+            over = [c for c in worker.children if policy.measured(c, limits.measure)
+                    >= policy.soft_threshold(limits, self.config.recycle, c.proc)]
             if len(over) < len(worker.children):
                 self._storms.discard(worker.name)
             elif worker.name not in self._storms:
                 self._storms.add(worker.name)
                 self.log.warning(
                     "recycle_storm", worker=worker.name, children=len(worker.children),
-                    soft_bytes=self.config.limits.soft, fresh_child_bytes=worker.fresh_rss,
+                    soft_bytes=limits.soft, fresh_child_bytes=worker.fresh_rss,
                     rss_bytes=[c.rss for c in worker.children],
                     max_per_minute=self.config.recycle.max_per_minute,
                     advice="every child is over the soft limit: raise limits.soft above what a "
@@ -364,9 +379,11 @@ class Daemon:
     def _publish_settings(self) -> None:
         """Write the hard limit beside the socket, where every child's agent reads it."""
         path = wire.settings_path(str(self.config.agent.socket))
+        limits = self.config.limits
         data = wire.encode_settings(wire.AgentSettings(
-            hard=self.config.limits.hard, watch_interval=self.config.limits.watch_interval,
-            soft=self.config.limits.soft, jitter=self.config.recycle.jitter))
+            hard=limits.hard, watch_interval=limits.watch_interval, soft=limits.soft,
+            jitter=self.config.recycle.jitter,
+            workers=tuple((w.match, w.limits.hard, w.limits.soft) for w in self.config.workers)))
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -378,6 +395,9 @@ class Daemon:
         return View(
             snapshot=snapshot if snapshot is not None else state.snapshot(now, trends=True),
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
+            worker_limits={w.name: {"soft": self.config.limits_for(w.name).soft,
+                                    "hard": self.config.limits_for(w.name).hard}
+                           for w in (snapshot or state.snapshot(now)).workers},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),

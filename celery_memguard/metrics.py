@@ -39,9 +39,10 @@ class View:
     """Everything a scrape or /status shows, copied out of the loop's state at one moment."""
 
     snapshot: Snapshot
-    limits: dict[str, int]  # level -> bytes
+    limits: dict[str, int]  # level -> bytes, the top-level limits
     measure: str
     dry_run: bool
+    worker_limits: dict[str, dict[str, int]] = field(default_factory=dict)  # per worker name
     recycles: dict[tuple[str, str], int] = field(default_factory=dict)
     dry_run_recycles: dict[tuple[str, str], int] = field(default_factory=dict)
     interrupted: dict[tuple[str, str, str], int] = field(default_factory=dict)
@@ -126,7 +127,7 @@ class StateCollector(Collector):
                 "concurrency": str(worker.concurrency),
                 "max_tasks_per_child": str(worker.max_tasks or 0),
             })
-            for level, size in view.limits.items():
+            for level, size in view.worker_limits.get(worker.name, view.limits).items():
                 limit.add_metric([worker.name, level], size)
         yield from (info, limit)
         yield from self._counters(view)
@@ -275,6 +276,7 @@ def status_document(view: View) -> dict[str, Any]:
             "name": worker.name, "pid": worker.pid, "pool": worker.pool,
             "concurrency": worker.concurrency, "agent": worker.agent,
             "max_tasks_per_child": worker.max_tasks, "main_rss_bytes": worker.rss,
+            "limits": view.worker_limits.get(worker.name, view.limits),
             "recycles": {reason: n for (name, reason), n in view.recycles.items()
                          if name == worker.name},
             "restarts": {reason: n for (name, reason), n in view.restarts.items()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from celery_memguard import wire
 from celery_memguard.config import LimitsConfig, RecycleConfig
@@ -44,7 +44,7 @@ def share_cap(worker: Worker, recycle: RecycleConfig) -> int:
 
 def decide(
     snapshot: Snapshot,
-    limits: LimitsConfig,
+    limits: LimitsConfig | Callable[[str], LimitsConfig],
     recycle: RecycleConfig,
     requests: Mapping[str, Sequence[float]],
     now: float,
@@ -58,14 +58,15 @@ def decide(
     decisions: list[Decision] = []
     restarting = sum(1 for w in snapshot.workers if w.restart_sent is not None)
     for worker in snapshot.workers:
+        limits_of = limits if isinstance(limits, LimitsConfig) else limits(worker.name)
         recent = requests.get(worker.name, ())
         if not worker.has_children:
-            whole = _decide_whole(worker, limits, recycle, recent, now, restarting)
+            whole = _decide_whole(worker, limits_of, recycle, recent, now, restarting)
             restarting += sum(1 for d in whole if d.acts and worker.restart_sent is None)
             decisions.extend(whole)
             continue
-        decisions.extend(_kills(worker, limits, now, term_grace))
-        decisions.extend(_decide_worker(worker, limits, recycle, recent, now))
+        decisions.extend(_kills(worker, limits_of, now, term_grace))
+        decisions.extend(_decide_worker(worker, limits_of, recycle, recent, now))
     return decisions
 
 

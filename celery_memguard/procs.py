@@ -47,6 +47,7 @@ class Procs:
         self.cgroup_root = cgroup_root
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self.denied_smaps = 0  # smaps_rollup reads refused (no CAP_SYS_PTRACE over another user)
+        self._seen: dict[int, list[str] | None] = {}  # pid -> worker command line, or None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -122,17 +123,36 @@ class Procs:
             return []
         return [part.decode(errors="replace") for part in data.split(b"\0") if part]
 
-    def scan_workers(self) -> list[FoundWorker]:
-        """Every Celery worker main process with its direct children, agent or not."""
-        stats = {s.pid: s for s in self._all_stats()}
-        matched = {pid: cmd for pid in stats if (cmd := self.cmdline(pid)) and is_worker_cmdline(cmd)}
+    def scan_workers(self, full: bool = True) -> list[FoundWorker]:
+        """Every Celery worker main process with its direct children, agent or not.
+
+        Command lines are read once per pid: a scan that is not ``full`` reads only those of
+        pids it has not seen, so it costs a directory listing plus the few worker processes,
+        not a read of every process on the host (which blocked the loop for tens of ms). A
+        pid reused by an unrelated process is caught by the start time kept for matches, and
+        by the next full scan for the others.
+        """
+        listed = [int(entry.name) for entry in os.scandir(self.root) if entry.name.isdigit()]
+        if full:
+            self._seen.clear()
+        else:
+            alive = set(listed)
+            for pid in [pid for pid in self._seen if pid not in alive]:
+                del self._seen[pid]
+        for pid in listed:
+            if pid not in self._seen:
+                line = self.cmdline(pid)
+                self._seen[pid] = line if is_worker_cmdline(line) else None
+        matched: dict[int, tuple[ProcStat, list[str]]] = {}
+        for pid, cmd in self._seen.items():
+            if cmd is not None and (stat := self.stat(pid)) is not None:
+                matched[pid] = (stat, cmd)
         found = []
-        for pid, cmd in matched.items():
-            stat = stats[pid]
+        for pid, (stat, cmd) in matched.items():
             if stat.ppid in matched:
                 continue  # a pool child (forked, so it shares its parent's command line)
-            kids = tuple(s for s in stats.values() if s.ppid == pid)
-            found.append(FoundWorker(stat=stat, name=worker_name(cmd, pid), children=kids))
+            found.append(FoundWorker(stat=stat, name=worker_name(cmd, pid),
+                                     children=tuple(self.children(pid))))
         return found
 
     def _all_stats(self) -> Iterator[ProcStat]:

@@ -21,6 +21,7 @@ from celery_memguard.procs import FoundWorker, ProcStat
 from celery_memguard.trend import History, recommend_max_tasks, seconds_to_limit, tasks_to_limit
 
 StatFn = Callable[[int], ProcStat | None]
+LimitsFn = Callable[[str], tuple[int, int]]
 
 
 class Rejected(Exception):
@@ -79,13 +80,13 @@ class WorkerRec:
 class State:
     """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
 
-    def __init__(self, stat: StatFn, hard: int = 0, max_task_names: int = 50, soft: int = 0,
-                 soft_threshold: Callable[[ProcId], int] | None = None) -> None:
+    def __init__(self, stat: StatFn, limits: LimitsFn | None = None, jitter: float = 0.0,
+                 max_task_names: int = 50) -> None:
         self._stat = stat
-        self.hard = hard  # bytes: above it a child's over_hard_since clock runs
-        self.soft = soft  # bytes: what time-to-limit and the max-tasks recommendation aim under
-        # each child's own soft threshold (the policy's, with jitter), for its over-soft clock
-        self.soft_threshold: Callable[[ProcId], int] = soft_threshold or self._plain_soft
+        # (soft, hard) bytes for a worker name: the over-soft and over-hard clocks, time to the
+        # soft limit and the max-tasks advice are measured against them
+        self.limits: LimitsFn = limits or (lambda name: (0, 0))
+        self.jitter = jitter
         self.workers: dict[int, WorkerRec] = {}
         self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
@@ -100,9 +101,6 @@ class State:
         self.events: list[tuple[str, dict[str, object]]] = []  # for the daemon to log
         self._gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
         self._killed: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
-
-    def _plain_soft(self, proc: ProcId) -> int:
-        return self.soft if self.soft else 2**63
 
     # -- agent messages ----------------------------------------------------------------------
 
@@ -119,11 +117,11 @@ class State:
         child.agent = True
         if isinstance(message, wire.TaskStart):
             child.task, child.task_id = message.task, message.id
-            self.observe(child, message.rss, now)
+            self.observe(worker, child, message.rss, now)
         elif isinstance(message, wire.TaskEnd):
             child.task = child.task_id = None
             child.tasks = message.tasks
-            self.observe(child, message.rss, now, end=True)
+            self.observe(worker, child, message.rss, now, end=True)
             child.growth.append(message.rss - message.rss_before)
             try:
                 child.history.add(message.tasks, message.rss, now)
@@ -134,11 +132,11 @@ class State:
             self.growth.setdefault(label, TaskGrowth()).add(message.rss - message.rss_before)
         elif isinstance(message, wire.ChildHello):
             child.tasks = message.tasks
-            self.observe(child, message.rss, now)
+            self.observe(worker, child, message.rss, now)
             if message.tasks == 0:
                 worker.fresh_rss.append(message.rss)
         elif isinstance(message, wire.TaskInterrupted):
-            self.observe(child, message.rss, now)
+            self.observe(worker, child, message.rss, now)
             name = self.task_names.label(message.task)
             self.interrupted[(worker.name or "", name, "hard")] += 1
             self.events.append(("task_interrupted", {
@@ -152,17 +150,20 @@ class State:
                 self.recycles[(worker.name or "", "hard")] += 1
         return worker
 
-    def observe(self, child: ChildRec, rss: int, now: float, end: bool = False) -> None:
+    def observe(self, worker: WorkerRec, child: ChildRec, rss: int, now: float,
+                end: bool = False) -> None:
         """A fresh RSS reading (``end``: from a task-end report); keeps the clocks of how long
         the child has been over its soft threshold and over the hard limit."""
         child.rss = rss
         child.reported_end = end
-        if rss >= self.soft_threshold(child.proc):
+        soft, hard = self.limits(worker.name or "")
+        threshold = wire.soft_threshold(soft, self.jitter, child.proc.pid, child.proc.start)
+        if 0 < threshold <= rss:
             if child.over_soft_since is None:
                 child.over_soft_since = now
         else:
             child.over_soft_since = None
-        if 0 < self.hard < rss:
+        if 0 < hard < rss:
             if child.over_hard_since is None:
                 child.over_hard_since = now
         else:
@@ -345,7 +346,8 @@ class State:
         new sample; the per-report decision does not need it)."""
         recs = [only] if only is not None else list(self.workers.values())
         return Snapshot(taken_at=now, workers=tuple(
-            _worker_view(rec, self.soft if trends else None) for rec in recs if rec.name is not None
+            _worker_view(rec, self.limits(rec.name)[0] if trends else None)
+            for rec in recs if rec.name is not None
         ))
 
 

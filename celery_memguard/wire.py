@@ -7,6 +7,7 @@ refused with a short reason the daemon counts, and never reaches the state.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import zlib
 from collections.abc import Callable
@@ -257,6 +258,14 @@ class AgentSettings:
     watch_interval: float  # seconds between two RSS reads while a task runs
     soft: int = 0  # bytes; with jitter, each child's own soft threshold (0: unknown)
     jitter: float = 0.0
+    workers: tuple[tuple[str, int, int], ...] = ()  # (nodename pattern, hard, soft): first match
+
+    def for_worker(self, node: str) -> tuple[int, int]:
+        """(hard, soft) for a worker's nodename: its workers entry, else the top level."""
+        for pattern, hard, soft in self.workers:
+            if fnmatch.fnmatchcase(node, pattern):
+                return hard, soft
+        return self.hard, self.soft
 
 
 def jitter_fraction(pid: int, start: int) -> float:
@@ -277,7 +286,8 @@ def settings_path(socket_path: str) -> str:
 def encode_settings(settings: AgentSettings) -> bytes:
     return json.dumps({"v": VERSION, "hard": settings.hard,
                        "watch_interval": settings.watch_interval, "soft": settings.soft,
-                       "jitter": settings.jitter}).encode()
+                       "jitter": settings.jitter,
+                       "workers": [list(entry) for entry in settings.workers]}).encode()
 
 
 def decode_settings(data: bytes) -> AgentSettings | None:
@@ -289,11 +299,16 @@ def decode_settings(data: bytes) -> AgentSettings | None:
     if not isinstance(body, dict) or body.get("v") != VERSION:
         return None
     hard, interval = body.get("hard"), body.get("watch_interval")
-    if type(hard) is not int or hard < 0 or not isinstance(interval, int | float):
-        return None
-    if isinstance(interval, bool) or not 0.001 <= interval <= 10:
-        return None
     soft, jitter = body.get("soft", 0), body.get("jitter", 0.0)
-    if type(soft) is not int or soft < 0 or not isinstance(jitter, int | float) or not 0 <= jitter <= 1:
+    workers = body.get("workers", [])
+    if (not isinstance(hard, int) or not isinstance(soft, int)
+            or not isinstance(interval, int | float) or not isinstance(jitter, int | float)
+            or any(isinstance(v, bool) for v in (hard, soft, interval, jitter))):
         return None
-    return AgentSettings(hard=hard, watch_interval=float(interval), soft=soft, jitter=float(jitter))
+    if (hard < 0 or soft < 0 or not 0.001 <= interval <= 10 or not 0 <= jitter <= 1
+            or not isinstance(workers, list) or not all(
+                isinstance(w, list) and len(w) == 3 and isinstance(w[0], str)
+                and type(w[1]) is int and type(w[2]) is int for w in workers)):
+        return None
+    return AgentSettings(hard=hard, watch_interval=float(interval), soft=soft, jitter=float(jitter),
+                         workers=tuple((w[0], w[1], w[2]) for w in workers))

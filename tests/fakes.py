@@ -56,7 +56,7 @@ class FakeProcs(Procs):
     def children(self, pid: int) -> list[ProcStat]:
         return [ProcStat(p.pid, p.ppid, p.start) for p in self.table.values() if p.ppid == pid]
 
-    def scan_workers(self) -> list[FoundWorker]:
+    def scan_workers(self, full: bool = True) -> list[FoundWorker]:
         return [FoundWorker(stat=ProcStat(p.pid, p.ppid, p.start), name=p.name,
                             children=tuple(self.children(p.pid)))
                 for p in self.table.values() if p.name]

@@ -98,7 +98,8 @@ class Worker:
     def __init__(self, tmp: Path, broker: str, backend: str, *, socket_path: Path | None,
                  concurrency: int = 2, acks_late: bool = False, agent: bool = True,
                  extra_args: tuple[str, ...] = (), name: str | None = None,
-                 queue: str | None = None, restart: bool = False) -> None:
+                 queue: str | None = None, restart: bool = False,
+                 global_args: tuple[str, ...] = ()) -> None:
         self.queue = queue or f"q{os.getpid()}_{free_port()}"
         self.name = name or f"{self.queue}@memguard-test"
         self.concurrency = concurrency
@@ -120,7 +121,7 @@ class Worker:
         self.log = self.log_path.open("wb")
         self.args = extra_args
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.apps.leaky", "worker",
+            [sys.executable, "-m", "celery", "-A", "tests.apps.leaky", *global_args, "worker",
              "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
              "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,7 +174,10 @@ class Daemon:
                                   "metrics": {"listen": f"127.0.0.1:{self.port}"},
                                   "log": {"format": "json", "level": "debug"}}
         for section, values in config.items():
-            merged.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                merged.setdefault(section, {}).update(values)
+            else:
+                merged[section] = values
         self.config_path = tmp / "memguard.yaml"
         self.config_path.write_text(yaml.safe_dump(merged))
         self.log_path = tmp / "daemon.log"

@@ -34,7 +34,9 @@ def test_example_config_loads_and_matches_the_defaults() -> None:
     example = config.load(ROOT / "config.example.yaml", memory_total=8 * GiB, env={})
     assert example == config.parse({}, memory_total=8 * GiB, env={})
     keys = {f"{section}.{key}" for section, model in config.Config.model_fields.items()
+            if section != "workers"
             for key in model.annotation.model_fields}  # type: ignore[union-attr]
+    assert "\nworkers: []\n" in (ROOT / "config.example.yaml").read_text()
     text = (ROOT / "config.example.yaml").read_text()
     missing = [key for key in keys if f"  {key.split('.')[1]}:" not in text]
     assert missing == []
@@ -140,5 +142,33 @@ def test_the_configuration_reference_is_generated_from_the_models() -> None:
     assert (ROOT / "docs" / "configuration.md").read_text() == text, (
         "regenerate: python -m celery_memguard.config_reference > docs/configuration.md")
     for section, model in config.Config.model_fields.items():
+        if section == "workers":
+            assert "`workers[].match`" in text
+            continue
         for key in model.annotation.model_fields:  # type: ignore[union-attr]
             assert f"`{section}.{key}`" in text
+
+
+def test_per_worker_limits_inherit_the_top_level_and_match_by_nodename() -> None:
+    cfg = config.parse({"limits": {"soft": "100MiB", "hard": "300MiB", "kill_after": "3s"},
+                        "workers": [{"match": "reports@*", "limits": {"soft": "1GiB", "hard": "2GiB"}},
+                                    {"match": "*@big-*", "limits": {"hard": "400MiB"}}]},
+                       memory_total=8 * GiB, env={})
+    reports = cfg.limits_for("reports@host1")
+    assert (reports.soft, reports.hard, reports.kill_after) == (GiB, 2 * GiB, 3.0)
+    big = cfg.limits_for("w@big-box")
+    assert (big.soft, big.hard) == (100 * 1024**2, 400 * 1024**2)
+    assert cfg.limits_for("other@host") is cfg.limits
+
+
+@pytest.mark.parametrize(("workers", "key"), [
+    ([{"match": "a@*", "limits": {"soft": "2GiB"}}], "workers.0.limits.soft"),
+    ([{"match": "a@*", "limits": {"sotf": "1GiB"}}], "workers.0.limits.sotf"),
+    ([{"limits": {"soft": "1MiB"}}], "workers.0.match"),
+    ([{"match": "a@*", "limits": {}, "extra": 1}], "workers.0.extra"),
+])
+def test_bad_per_worker_limits_name_the_entry(workers: list[object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse({"limits": {"soft": "100MiB", "hard": "1GiB"}, "workers": workers},
+                     memory_total=8 * GiB, env={})
+    assert info.value.key == key

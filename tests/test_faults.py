@@ -102,8 +102,13 @@ def test_the_broker_restarting_does_not_disturb_supervision(
         redis.stop()
         time.sleep(2)
         redis = PrivateRedis(tmp_path, port=port)
-        wait_for(lambda: worker.client.control.ping(destination=[worker.name], timeout=0.5) != [],
-                 60, "the worker did not reconnect")
+        def pings() -> bool:
+            try:
+                return bool(worker.client.control.ping(destination=[worker.name], timeout=0.5))
+            except Exception:  # noqa: BLE001 - the client's own connection is stale at first
+                return False
+
+        wait_for(pings, 60, "the worker did not reconnect")
         second = [worker.send("keep", 2) for _ in range(60)]
         assert all(r.get(timeout=60) for r in second)
         assert daemon.healthy()
@@ -192,8 +197,8 @@ def test_broker_credentials_never_reach_logs_metrics_or_status(
         start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker]) -> None:
     daemon = start_daemon(sampling={"interval": "250ms", "scan_interval": "250ms"})
     worker = start_worker(broker="amqp://guest:guest@127.0.0.1:5672//",
-                          socket_path=daemon.socket_path, extra_args=(
-                              "-b", "amqp://guest:guest@127.0.0.1:5672//"))
+                          socket_path=daemon.socket_path,
+                          global_args=("-b", "amqp://guest:guest@127.0.0.1:5672//"))
     assert all(r.get(timeout=30) for r in [worker.send("keep", 1) for _ in range(20)])
     time.sleep(0.6)
     for text in (daemon.output(), daemon.get("/metrics"), daemon.get("/status")):
@@ -213,3 +218,22 @@ def test_a_task_that_spikes_past_soft_and_frees_it_is_not_recycled(
     assert len(sampler.peak) == worker.concurrency
     assert daemon.metric("celery_memguard_recycles_total") == 0
 
+
+
+def test_several_workers_on_one_host_keep_their_own_limits(
+        start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker]) -> None:
+    """A small and a large worker leak side by side; each is held to its own soft limit."""
+    daemon = start_daemon(limits={"soft": "100MiB", "hard": "1GiB"}, sampling={"interval": "250ms"},
+                          workers=[{"match": "big@*", "limits": {"soft": "200MiB"}}])
+    small = start_worker(socket_path=daemon.socket_path, name="small@memguard-test")
+    big = start_worker(socket_path=daemon.socket_path, name="big@memguard-test")
+    with RssSampler(small.pid) as small_rss, RssSampler(big.pid) as big_rss:
+        jobs = [w.send("keep", 2) for _ in range(120) for w in (small, big)]
+        assert all(r.get(timeout=120) for r in jobs)
+        time.sleep(0.3)
+    assert small_rss.max_rss <= 108 * MiB, small_rss.max_rss / MiB
+    assert big_rss.max_rss > 110 * MiB  # above the small worker's limit: its own applies
+    assert big_rss.max_rss <= 208 * MiB, big_rss.max_rss / MiB
+    assert daemon.metric("celery_memguard_limit_bytes", worker=big.name, level="soft") == 200 * MiB
+    assert daemon.metric("celery_memguard_limit_bytes", worker=small.name, level="soft") == 100 * MiB
+    assert daemon.metric("celery_memguard_recycles_total", worker=small.name) >= 1

@@ -88,13 +88,15 @@ def test_scan_finds_a_worker_command_line_and_its_children(tmp_path: Path) -> No
         "import subprocess, sys, time\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         "print('ready', flush=True)\ntime.sleep(60)\n")
+    procs = Procs()
+    procs.scan_workers(full=True)  # remembers every command line before the worker exists
     proc = subprocess.Popen([sys.executable, str(script), "-A", "x", "worker", "-n", "scan@%h"],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        found = [w for w in Procs().scan_workers() if w.stat.pid == proc.pid]
-        assert len(found) == 1
+        found = [w for w in procs.scan_workers(full=False) if w.stat.pid == proc.pid]
+        assert len(found) == 1  # an incremental scan reads the command lines of new pids
         assert found[0].name.startswith("scan@")
         assert len(found[0].children) == 1
     finally:

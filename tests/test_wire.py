@@ -119,3 +119,12 @@ def test_the_fast_task_encoders_produce_what_json_would(task: str, tid: str, rss
         assert body == {**{k: getattr(message, k) for k in body if k not in ("v",)}, "v": 1}
         if task.isprintable() and tid.isprintable():
             assert wire.decode(wire.encode(message)) == message
+
+
+def test_settings_carry_per_worker_limits_matched_by_nodename() -> None:
+    settings = wire.AgentSettings(hard=300, watch_interval=0.01, soft=100, jitter=0.05,
+                                  workers=(("reports@*", 3000, 1000),))
+    decoded = wire.decode_settings(wire.encode_settings(settings))
+    assert decoded == settings
+    assert decoded.for_worker("reports@h1") == (3000, 1000)
+    assert decoded.for_worker("default@h1") == (300, 100)
