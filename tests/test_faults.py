@@ -105,7 +105,7 @@ def test_the_broker_restarting_does_not_disturb_supervision(
         def pings() -> bool:
             try:
                 return bool(worker.client.control.ping(destination=[worker.name], timeout=0.5))
-            except Exception:  # noqa: BLE001 - the client's own connection is stale at first
+            except Exception:
                 return False
 
         wait_for(pings, 60, "the worker did not reconnect")
