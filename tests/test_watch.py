@@ -21,7 +21,7 @@ def test_the_interrupt_is_raised_only_with_the_task_body_on_the_stack() -> None:
     watch = Watch(lambda: 0, lambda rss, limit: fired.append((rss, limit)))
     watch.configure(hard=100, interval=0.01)
     watch.task_started(task_body.__code__)
-    watch._pending = (150, 100)
+    watch._pending = (watch._token, 150, 100)
     outside = sys._getframe()
     watch.on_signal(0, outside)  # Celery's own frames: nothing raised
     inside = task_body(watch)
