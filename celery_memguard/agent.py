@@ -34,10 +34,11 @@ from celery_memguard import __version__, wire
 from celery_memguard.watch import Watch
 from celery_memguard.wire import DEFAULT_SOCKET, SOCKET_ENV
 
-RECYCLE_SIGNAL = signal.SIGRTMIN + 4
+RECYCLE_SIGNAL = wire.RECYCLE_SIGNAL
 EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE, repeated to avoid importing billiard internals here
 HEARTBEAT_SECONDS = 2.0
 CHILD_HELLO_SECONDS = 5.0
+SEND_BUFFER = 1 << 20  # bytes a process may have in flight to a busy daemon
 VERDICT_WAIT = 0.02  # how long a child past its own soft threshold waits for the daemon's word
 _VERSION = __version__
 
@@ -49,28 +50,71 @@ _restart_worker = False
 
 
 class _Sender:
-    """A non-blocking datagram socket owned by one process; a lost datagram is only counted."""
+    """This process's connection to the daemon; a message that cannot go is only counted.
+
+    Non-blocking throughout: a missing daemon costs one failed connect per second at most,
+    a full buffer loses the message, and nothing here ever waits.
+    """
+
+    RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between connection attempts, doubling
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.pid = os.getpid()
         self.sent = 0
         self.lost = 0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.setblocking(False)
+        self._sock: socket.socket | None = None
+        self._next_try = 0.0
+        self._retry = self.RETRY_MIN
+
+    def _connect(self) -> socket.socket | None:
+        """A restarted daemon is found again within a tenth of a second; a missing one costs a
+        failed connect every two seconds at most."""
+        now = time.monotonic()
+        if now < self._next_try:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # room for a burst while the daemon is busy
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            self._next_try = now + self._retry
+            self._retry = min(self._retry * 2, self.RETRY_MAX)
+            return None
+        self._retry = self.RETRY_MIN
+        self._sock = sock
+        return sock
 
     def send(self, message: wire.Message) -> None:
-        try:
-            self._sock.sendto(wire.encode(message), self.path)
-            self.sent += 1
-        except OSError:
+        sock = self._sock or self._connect()
+        if sock is None:
             self.lost += 1
+            return
+        try:
+            sock.send(wire.encode(message), socket.MSG_NOSIGNAL)  # never a SIGPIPE into a worker
+            self.sent += 1
+        except BlockingIOError:
+            self.lost += 1  # the daemon is behind: drop this one, keep the connection
+        except OSError:
+            self.lost += 1  # the daemon went away: reconnect (a new one may be up already)
+            sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _send(message: wire.Message) -> None:
     global _sender
     try:
         if _sender is None or _sender.pid != os.getpid():
+            if _sender is not None:
+                _sender.close()  # the parent's connection, inherited across fork: ours to close
             _sender = _Sender(_socket_path)
         _sender.send(message)
     except Exception:  # noqa: BLE001 - the agent never raises into the worker

@@ -22,7 +22,7 @@ from typing import Any
 from celery_memguard import growth, policy, wire
 from celery_memguard.actions import Actor
 from celery_memguard.config import Config, ConfigError, split_listen
-from celery_memguard.inbox import Datagram, Inbox
+from celery_memguard.inbox import Datagram, Inbox, raise_fd_limit
 from celery_memguard.metrics import HttpServer, Metrics, View, status_document
 from celery_memguard.model import Snapshot
 from celery_memguard.procs import Procs
@@ -30,6 +30,7 @@ from celery_memguard.state import Rejected, State, WorkerRec
 
 DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
+DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
                   "s": "task_start", "e": "task_end", "x": "child_exit",
                   "h": "task_interrupted", "d": "child_died"}
@@ -78,6 +79,7 @@ class Daemon:
         """Bind, serve and loop until SIGTERM/SIGINT or ``stop()``; returns an exit code."""
         inbox = Inbox(self.config.agent.socket)
         inbox.open()
+        raise_fd_limit()
         self._publish_settings()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -232,7 +234,7 @@ class Daemon:
         if isinstance(message, wire.WorkerHello) and worker is not None:
             self._refresh_children(worker)
         if (isinstance(message, wire.TaskEnd | wire.ChildHello) and worker is not None
-                and self._near_a_limit(worker)):
+                and self._near_a_limit(worker, message.pid)):
             self._measure_near_limit(worker)
             self._decide(now, worker)
 
@@ -255,10 +257,12 @@ class Daemon:
                 continue
             rec.rss = self.procs.rss(pid) or 0
             self._refresh_children(rec)
-            for child in rec.children.values():
+            for n, child in enumerate(list(rec.children.values()), 1):
                 rss = self.procs.rss(child.proc.pid)
                 if rss:  # None: gone; 0: exited, not yet reaped
                     self.state.observe(rec, child, rss, now)
+                if n % DRAIN_EVERY == 0 and self.between_workers is not None:
+                    self.between_workers()  # a large pool must not leave reports waiting
             self._measure_near_limit(rec)
             self._total_clock(rec, now)
         self._decide(now, None)
@@ -294,21 +298,19 @@ class Daemon:
         else:
             rec.total_over_since = None
 
-    def _near_a_limit(self, rec: WorkerRec) -> bool:
-        """Whether a report can lead to a decision: most cannot, and this is the hot path.
-
-        RSS bounds USS and PSS from above, so a worker whose children are all under the lowest
-        soft threshold by RSS (and whose RSS sum is under worker_total) needs no snapshot.
-        """
+    def _near_a_limit(self, rec: WorkerRec, pid: int) -> bool:
+        """Whether the report of child ``pid`` can lead to a decision: most cannot, and this is
+        the hot path, so only that child is looked at (the others changed on the tick, which
+        decides for all). RSS bounds USS and PSS from above, so a child under the lowest soft
+        threshold by RSS needs no snapshot; worker_total, when set, sums the pool."""
         limits = self.config.limits_for(rec.name or "")
-        floor = limits.soft * (1.0 - self.config.recycle.jitter)
-        if self.config.recycle.predictive:  # the growth of the next tasks counts too
-            ahead = self.config.recycle.predictive_tasks
-            if any(c.rss + ahead * max(c.growth, default=0) >= floor
-                   for c in rec.children.values()):
+        child = rec.children.get(pid)
+        if child is not None:
+            floor = limits.soft * (1.0 - self.config.recycle.jitter)
+            ahead = (self.config.recycle.predictive_tasks * max(child.growth, default=0)
+                     if self.config.recycle.predictive else 0)
+            if child.rss + ahead >= floor:
                 return True
-        elif any(c.rss >= floor for c in rec.children.values()):
-            return True
         return (limits.worker_total is not None
                 and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
 

@@ -1,6 +1,6 @@
-"""The daemon's end of the agent socket: bind it safely, read datagrams with their sender.
+"""The daemon's end of the agent socket: bind it safely, read messages with their sender.
 
-The kernel attaches the sender's pid and uid to every datagram (SO_PASSCRED), so a message
+The kernel attaches the sender's pid and uid to every message (SO_PASSCRED), so a message
 that claims to come from another process is recognised as forged before it is decoded.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
+import select
 import socket
 import stat
 import struct
@@ -21,7 +23,8 @@ from celery_memguard.wire import MAX_DATAGRAM
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 SOCKET_MODE = 0o660
 DIR_MODE = 0o755
-RECV_BUFFER = 4 * 1024 * 1024
+LISTEN_BACKLOG = 1024  # agents connecting at once: a worker's children start together
+READ_BATCH = 64  # messages read from one connection before the next gets its turn
 
 
 class SocketError(Exception):
@@ -37,19 +40,27 @@ class Datagram:
 
 
 class Inbox:
-    """A bound, non-blocking Unix datagram socket; ``drain`` yields what is waiting."""
+    """A listening Unix SOCK_SEQPACKET socket and the connections of the agents.
+
+    Each agent process keeps one connection and sends one message per packet. A connection
+    has its own buffer, where a datagram socket's receive queue holds only
+    ``net.unix.max_dgram_qlen`` messages (10 by default): with a daemon a few tens of
+    milliseconds behind on a busy host, datagrams were refused and reports lost. ``fileno``
+    is an epoll descriptor over the listener and every connection, so the daemon's loop waits
+    on one descriptor; ``drain`` accepts and reads what is waiting, without blocking.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock: socket.socket | None = None
+        self._poll: select.epoll | None = None
+        self._conns: dict[int, socket.socket] = {}
+        self._peers: dict[int, tuple[int, int]] = {}  # fd -> (pid, uid) of the connecting process
 
     def open(self) -> None:
         _prepare_directory(self.path.parent)
         _remove_stale(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o777 & ~SOCKET_MODE)
         try:
             sock.bind(str(self.path))
@@ -62,37 +73,114 @@ class Inbox:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, SOCKET_MODE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self.sock = sock
+        self._poll = select.epoll()
+        self._poll.register(sock.fileno(), select.EPOLLIN)
 
     def fileno(self) -> int:
-        assert self.sock is not None
-        return self.sock.fileno()
+        assert self._poll is not None
+        return self._poll.fileno()
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
 
     def drain(self, limit: int) -> Iterator[Datagram]:
-        """Yield up to ``limit`` waiting datagrams without blocking."""
+        """Yield up to ``limit`` waiting messages without blocking, connections in turn."""
+        assert self._poll is not None
         assert self.sock is not None
-        space = socket.CMSG_SPACE(_CREDS.size)
-        for _ in range(limit):
-            try:
-                data, ancdata, flags, _addr = self.sock.recvmsg(MAX_DATAGRAM + 1, space)
-            except BlockingIOError:
+        count = 0
+        while count < limit:
+            ready = self._poll.poll(0)
+            if not ready:
                 return
-            except InterruptedError:
-                continue
-            pid = uid = 0
+            for fd, _events in ready:
+                if fd == self.sock.fileno():
+                    self._accept()
+                    continue
+                conn = self._conns.get(fd)
+                if conn is None:
+                    continue
+                for datagram in self._read(conn):
+                    yield datagram
+                    count += 1
+                    if count >= limit:
+                        return
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        assert self._poll is not None
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors: the agent retries; never stop the loop
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            pid, uid, _gid = _CREDS.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+            # Messages sent before SO_PASSCRED took effect carry no credentials: the peer's,
+            # taken by the kernel at connect time, stand for them.
+            self._peers[conn.fileno()] = (pid, uid)
+            self._conns[conn.fileno()] = conn
+            self._poll.register(conn.fileno(), select.EPOLLIN)
+
+    def _read(self, conn: socket.socket) -> Iterator[Datagram]:
+        space = socket.CMSG_SPACE(_CREDS.size)
+        for _ in range(READ_BATCH):
+            try:
+                data, ancdata, flags, _addr = conn.recvmsg(MAX_DATAGRAM + 1, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(conn)
+                return
+            if not data and not ancdata:
+                self._drop(conn)  # the agent's process closed it (or exited)
+                return
+            pid, uid = self._peers.get(conn.fileno(), (0, 0))
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid, uid, _gid = _CREDS.unpack(cdata[: _CREDS.size])
             yield Datagram(data=data, pid=pid, uid=uid,
                            truncated=bool(flags & socket.MSG_TRUNC) or len(data) > MAX_DATAGRAM)
 
+    def _drop(self, conn: socket.socket) -> None:
+        fd = conn.fileno()
+        self._conns.pop(fd, None)
+        self._peers.pop(fd, None)
+        if self._poll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._poll.unregister(fd)
+        conn.close()
+
     def close(self) -> None:
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        if self._poll is not None:
+            self._poll.close()
+            self._poll = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+def raise_fd_limit() -> int:
+    """One descriptor per agent process: lift the soft limit to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+    return soft
 
 
 def _prepare_directory(directory: Path) -> None:
@@ -123,11 +211,11 @@ def _remove_stale(path: Path) -> None:
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):
         raise SocketError(f"{path} exists and is not a socket; refusing to replace it.")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         probe.connect(str(path))
     except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EPROTOTYPE):
             raise SocketError(f"cannot check the existing socket {path}: {exc.strerror}") from None
         path.unlink()
         return

@@ -115,6 +115,9 @@ class State:
             return self._child_died(message)
         worker, child = self._child_of(message)
         child.agent = True
+        if not worker.agent:  # its children speak, so its app installed the agent; the main
+            worker.agent = True  # process's hello (every 2 s) fills in the rest
+            worker.recycle_signal = worker.recycle_signal or wire.RECYCLE_SIGNAL
         if isinstance(message, wire.TaskStart):
             child.task, child.task_id = message.task, message.id
             self.observe(worker, child, message.rss, now)
@@ -212,8 +215,7 @@ class State:
         worker = self.workers.get(msg.ppid)
         child = worker.children.get(msg.pid) if worker is not None else None
         if worker is not None and child is not None:
-            if child.index is None:
-                child.index = msg.index
+            child.index = msg.index  # the agent knows its pool slot; a scan could only guess
             return worker, child
         stat = self._stat(msg.pid)
         if stat is None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import signal
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 VERSION = 1
+RECYCLE_SIGNAL = int(signal.SIGRTMIN) + 4  # leave after the current task; neither Celery nor billiard uses it
 SOCKET_ENV = "CELERY_MEMGUARD_SOCKET"
 DEFAULT_SOCKET = "/tmp/celery-memguard/agent.sock"  # noqa: S108 - documented default; the daemon checks the directory's owner
 MAX_DATAGRAM = 4096

@@ -36,7 +36,9 @@ SENDER = """
 import os, socket, sys, time
 from celery_memguard import wire
 path, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # as the agent sets it
+sock.connect(path)
 sock.setblocking(False)
 pid, ppid, sent, refused = os.getpid(), os.getppid(), 0, 0
 start = time.monotonic()
@@ -48,7 +50,7 @@ while sent + refused < total:
         data = wire.encode(wire.TaskEnd(pid=pid, ppid=ppid, index=0, task="load.task", id=str(n),
                                         rss_before=50 << 20, rss=50 << 20, tasks=n + 1, ok=True))
         try:
-            sock.sendto(data, path)
+            sock.send(data)
             sent += 1
         except BlockingIOError:
             refused += 1
