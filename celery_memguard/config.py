@@ -51,7 +51,7 @@ class AgentConfig(_Section):
     socket: Path = Field(
         default=Path(DEFAULT_SOCKET),
         description=(
-            f"Unix datagram socket the daemon binds and agents send to. "
+            f"Unix socket (SOCK_SEQPACKET) the daemon binds and agents connect to. "
             f"The environment variable {SOCKET_ENV} overrides it."
         ),
     )
