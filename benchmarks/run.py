@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from celery import Celery
 from celery_memguard import config as cfgmod
 from celery_memguard.daemon import Daemon
 from celery_memguard.procs import FoundWorker, Procs
-from tests.support import ROOT, PrivateRedis, free_port, kill_group, redis_pings
+from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group, redis_pings
 from tests.support import Daemon as DaemonProc
 
 MiB = 1024 * 1024
@@ -220,42 +219,7 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Sampler:
-    """RSS of every child of a worker every ``period`` seconds: peak, and per pid the first
-    time it crossed each threshold and the last time it was seen."""
-
-    def __init__(self, worker_pid: int, period: float, thresholds: tuple[int, ...] = ()) -> None:
-        self.worker_pid, self.period, self.thresholds = worker_pid, period, thresholds
-        self.peak: dict[int, int] = {}
-        self.crossed: dict[tuple[int, int], float] = {}
-        self.recovered: dict[tuple[int, int], float] = {}  # back under after crossing
-        self.last_seen: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        procs = Procs()
-        while not self._stop.wait(self.period):
-            now = time.monotonic()
-            for child in procs.children(self.worker_pid):
-                rss = procs.rss(child.pid)
-                if rss is None or rss == 0:
-                    continue
-                self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
-                self.last_seen[child.pid] = now
-                for limit in self.thresholds:
-                    if rss > limit:
-                        self.crossed.setdefault((child.pid, limit), now)
-                    elif (child.pid, limit) in self.crossed:
-                        self.recovered.setdefault((child.pid, limit), now)
+Sampler = RssSampler  # the tests' independent sampler, with thresholds
 
 
 class Bench:

@@ -236,12 +236,17 @@ class Daemon:
 
 
 class RssSampler:
-    """Reads the RSS of every child of a worker every 50 ms, independently of the daemon."""
+    """Reads the RSS of every child of a worker every ``period``, independently of the daemon:
+    the peak per pid, and for each threshold the first time a pid crossed it, the first time it
+    was back under, and the last time the pid was seen."""
 
-    def __init__(self, worker_pid: int, period: float = 0.05) -> None:
-        self.worker_pid = worker_pid
-        self.period = period
+    def __init__(self, worker_pid: int, period: float = 0.05,
+                 thresholds: tuple[int, ...] = ()) -> None:
+        self.worker_pid, self.period, self.thresholds = worker_pid, period, thresholds
         self.peak: dict[int, int] = {}
+        self.crossed: dict[tuple[int, int], float] = {}
+        self.recovered: dict[tuple[int, int], float] = {}
+        self.last_seen: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -256,12 +261,19 @@ class RssSampler:
     def _run(self) -> None:
         procs = Procs()
         while not self._stop.wait(self.period):
+            now = time.monotonic()
             for child in procs.children(self.worker_pid):
                 rss = procs.rss(child.pid)
-                if rss is not None:
-                    self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
+                if not rss:  # gone, or exited and not yet reaped
+                    continue
+                self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
+                self.last_seen[child.pid] = now
+                for limit in self.thresholds:
+                    if rss > limit:
+                        self.crossed.setdefault((child.pid, limit), now)
+                    elif (child.pid, limit) in self.crossed:
+                        self.recovered.setdefault((child.pid, limit), now)
 
     @property
     def max_rss(self) -> int:
         return max(self.peak.values(), default=0)
-
