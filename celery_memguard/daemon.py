@@ -66,6 +66,7 @@ class Daemon:
         self._next_scan = 0.0
         self._started_wall = time.time()
         self.memory = self.procs.memory_limit()  # what percentages in the config resolved against
+        self.inbox: Inbox | None = None
         self.view = self._make_view(clock())
         self.http: HttpServer | None = None
         self._storms: set[str] = set()  # workers whose storm was already logged
@@ -79,6 +80,7 @@ class Daemon:
         """Bind, serve and loop until SIGTERM/SIGINT or ``stop()``; returns an exit code."""
         inbox = Inbox(self.config.agent.socket)
         inbox.open()
+        self.inbox = inbox
         raise_fd_limit()
         self._publish_settings()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -408,5 +410,6 @@ class Daemon:
             ranking=tuple(growth.rank(state.growth)),
             messages=dict(state.messages), dropped=dict(state.dropped),
             published_at=now, started_at=self._started_wall, memory=self.memory,
+            connections=self.inbox.connections if self.inbox is not None else 0,
         )
 

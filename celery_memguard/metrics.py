@@ -53,6 +53,7 @@ class View:
     messages: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     memory: tuple[int, str] = (0, "host")  # the total percentages resolve against, its source
+    connections: int = 0  # agent processes connected to the socket
     published_at: float = 0.0  # monotonic
     started_at: float = 0.0  # wall clock
 
@@ -167,9 +168,13 @@ class StateCollector(Collector):
             "The memory that percentage limits resolve against: the cgroup limit, else the host's.",
             labels=["source"])
         memory.add_metric([view.memory[1]], view.memory[0])
+        connections = GaugeMetricFamily(
+            PREFIX + "agent_connections",
+            "Agent processes (worker main processes and pool children) connected to the socket.")
+        connections.add_metric([], view.connections)
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (growth, memory, build)
+        yield from (growth, memory, connections, build)
 
 
 class Metrics:
@@ -292,6 +297,7 @@ def status_document(view: View) -> dict[str, Any]:
         "memory_total_bytes": view.memory[0], "memory_total_source": view.memory[1],
         "last_publish_seconds_ago": round(now - view.published_at, 3), "workers": workers,
         "messages": view.messages, "dropped": view.dropped,
+        "agent_connections": view.connections,
         "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,
                    "mean_growth_bytes": r.mean_bytes, "total_growth_bytes": r.total_bytes,
                    "leaky": r.leaky} for r in view.ranking],

@@ -41,6 +41,7 @@ EXISTING = {
     "child_rss_bytes", "child_uss_bytes", "child_tasks", "child_busy", "worker_rss_bytes",
     "worker_children", "worker_info", "limit_bytes", "recycles_total", "dry_run_recycles_total",
     "messages_total", "messages_dropped_total", "build_info", "memory_total_bytes",
+    "agent_connections",
     "tick_seconds_bucket", "tick_seconds_sum", "tick_seconds_count",
 }
 # ... and what it is about to export. Histograms only by their series' suffixes: a query on

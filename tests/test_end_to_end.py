@@ -48,6 +48,7 @@ def test_soft_limit_recycles_without_losing_or_repeating_tasks(
     assert len(runs) == CALLS, worker.output()
     assert [tid for tid, n in Counter(runs).items() if n > 1] == []
     assert daemon.metric("celery_memguard_recycles_total", reason="soft") >= 1, daemon.output()
+    assert daemon.metric("celery_memguard_agent_connections") >= 1 + worker.concurrency
     assert sampler.max_rss <= CEILING, (
         f"peak child RSS {sampler.max_rss / MiB:.1f} MiB > {CEILING / MiB:.0f} MiB")
     assert len(sampler.peak) > worker.concurrency  # children really were replaced
