@@ -240,3 +240,26 @@ def test_several_workers_on_one_host_keep_their_own_limits(
     assert daemon.metric("celery_memguard_limit_bytes", worker=big.name, level="soft") == 200 * MiB
     assert daemon.metric("celery_memguard_limit_bytes", worker=small.name, level="soft") == 100 * MiB
     assert daemon.metric("celery_memguard_recycles_total", worker=small.name) >= 1
+
+
+def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid(
+        start_daemon: Callable[..., Daemon]) -> None:
+    """A real SIGHUP: a valid file takes effect (limits exported), a broken one is refused."""
+    import yaml  # noqa: PLC0415
+
+    daemon = start_daemon(limits={"soft": "100MiB", "hard": "1GiB"},
+                          sampling={"interval": "100ms"})
+    config = yaml.safe_load(daemon.config_path.read_text())
+    config["limits"]["soft"] = "200MiB"
+    daemon.config_path.write_text(yaml.safe_dump(config))
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.status()["limits"]["soft"] == 200 * MiB, 5, daemon.output())
+    daemon.config_path.write_text("limits: {soft: 3GiB, hard: 1GiB}\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "config_reload_refused" for e in daemon.events()), 5,
+             daemon.output())
+    [refused] = [e for e in daemon.events() if e.get("event") == "config_reload_refused"]
+    assert refused["key"] == "limits.soft"
+    time.sleep(0.3)
+    assert daemon.status()["limits"]["soft"] == 200 * MiB
+    assert daemon.healthy()
