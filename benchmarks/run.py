@@ -219,9 +219,6 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Sampler = RssSampler  # the tests' independent sampler, with thresholds
-
-
 class Bench:
     """Starts workers (and a daemon) against one broker; everything stopped on exit."""
 
@@ -276,7 +273,7 @@ class Bench:
             kinds: list[str], thresholds: tuple[int, ...] = (), period: float = 0.05) -> Run:
         run = Run(guard)
         with self.worker(args, agent, daemon_config) as (proc, queue, daemon), \
-                Sampler(proc.pid, period, thresholds) as sampler:
+                RssSampler(proc.pid, period, thresholds) as sampler:
             start = time.time()
             results = [self.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
                        for kind in kinds]
@@ -349,7 +346,7 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
 
 def soft_to_exit(run: Run) -> float:
     """Median seconds from a child's first sample over 150 MiB to its last sample alive."""
-    sampler: Sampler = run.extra["sampler"]
+    sampler: RssSampler = run.extra["sampler"]
     spans = [sampler.last_seen[pid] - at for (pid, _), at in sampler.crossed.items()
              if pid in sampler.last_seen]
     return median(spans)
@@ -373,7 +370,7 @@ def bench_runaway(bench: Bench, quick: bool) -> None:
     config = {"limits": {"soft": "150MiB", "hard": "300MiB"}, "sampling": {"interval": "1s"},
               "log": {"level": "info"}}
     run = bench.run("celery-memguard", [], True, config, kinds, thresholds=(hard,), period=0.005)
-    sampler: Sampler = run.extra["sampler"]
+    sampler: RssSampler = run.extra["sampler"]
     interrupts = [e for e in run.extra["events"] if e.get("event") == "task_interrupted"]
     # crossing (5 ms sampler) to the last sample of that child: interrupted, left, replaced
     delays = sorted(sampler.last_seen[pid] - at for (pid, _), at in sampler.crossed.items()

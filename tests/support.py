@@ -76,6 +76,12 @@ class PrivateRedis:
         kill_group(self.proc)
 
 
+def tail(log: Any, path: Path) -> str:
+    """The last 3,000 characters a process wrote to its log, for assertion messages."""
+    log.flush()
+    return path.read_text(errors="replace")[-3000:]
+
+
 def kill_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM the process, then SIGKILL its whole session if it lingers."""
     if proc.poll() is None:
@@ -151,8 +157,7 @@ class Worker:
         return [line.split()[0] for line in self.run_log.read_text().splitlines() if line]
 
     def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-3000:]
+        return tail(self.log, self.log_path)
 
     def stop(self) -> None:
         kill_group(self.proc)
@@ -227,8 +232,7 @@ class Daemon:
         return out
 
     def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-3000:]
+        return tail(self.log, self.log_path)
 
     def stop(self) -> None:
         kill_group(self.proc)
