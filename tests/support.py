@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ class PrivateRedis:
 
     def stop(self) -> None:
         kill_group(self.proc)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``check`` every 50 ms until it holds; fail with ``what`` after ``timeout`` seconds."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout, what
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def tail(log: Any, path: Path) -> str:

@@ -15,17 +15,9 @@ import pytest
 
 from celery_memguard import wire
 from celery_memguard.procs import Procs
-from tests.support import Daemon, MiB, PrivateRedis, RssSampler, Worker, answers
+from tests.support import Daemon, MiB, PrivateRedis, RssSampler, Worker, answers, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout, what
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def children_in_status(daemon: Daemon, worker: Worker) -> set[int]:
