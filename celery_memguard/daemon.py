@@ -108,6 +108,8 @@ class Daemon:
             self._restore_signal_handlers(previous)
             self.http.stop()
             inbox.close()
+            self.procs.close()
+            self.procs.close()
             with contextlib.suppress(OSError):
                 os.unlink(wire.settings_path(str(self.config.agent.socket)))
             os.close(self._wake_r)
@@ -269,6 +271,7 @@ class Daemon:
             self._total_clock(rec, now)
         self._decide(now, None)
         self._log_events()
+        self.procs.sweep()
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - started)
 

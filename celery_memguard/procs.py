@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,15 @@ class FoundWorker:
 
 
 class Procs:
-    """Reads and signals real processes. ``root`` is the procfs mount (a fixture tree in tests)."""
+    """Reads and signals real processes. ``root`` is the procfs mount (a fixture tree in tests).
+
+    The RSS of a process is read through a descriptor of its ``statm`` kept open between
+    ticks: procfs regenerates the file at every read, a ``pread`` on a held descriptor costs
+    about a tenth of an open+read+close (2 against 20 µs here), and a descriptor stays bound
+    to the process it was opened for - once that process is gone it answers ESRCH, even if
+    its pid has been reused. Descriptors of pids not read since the last ``sweep()`` are
+    closed there. A root that is not procfs (a fixture tree) is opened afresh at every read.
+    """
 
     def __init__(self, root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.root = root
@@ -48,6 +57,10 @@ class Procs:
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self.denied_smaps = 0  # smaps_rollup reads refused (no CAP_SYS_PTRACE over another user)
         self._seen: dict[int, list[str] | None] = {}  # pid -> worker command line, or None
+        self._hold = os.path.realpath(root) == "/proc"
+        self._statm: dict[int, int] = {}  # pid -> open descriptor of /proc/PID/statm
+        self._read: set[int] = set()  # pids read since the last sweep
+        self._held_max = _held_max()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -69,12 +82,44 @@ class Procs:
         return ProcStat(pid=pid, ppid=int(fields[1]), start=int(fields[19]))
 
     def rss(self, pid: int) -> int | None:
-        """Resident set size in bytes from /proc/PID/statm (a few microseconds), None if gone."""
+        """Resident set size in bytes from /proc/PID/statm (a couple of microseconds through a
+        held descriptor), None if gone; 0 for a zombie."""
+        fd = self._statm.get(pid)
+        held = fd is not None
+        if fd is None:
+            try:
+                fd = os.open(f"{self.root}/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, ProcessLookupError):
+                return None
+            held = self._hold and len(self._statm) < self._held_max
+            if held:
+                self._statm[pid] = fd
         try:
-            with open(f"{self.root}/{pid}/statm", "rb") as fh:
-                return int(fh.read().split()[1]) * self.page_size
-        except (FileNotFoundError, ProcessLookupError):
+            data = os.pread(fd, 128, 0)
+        except ProcessLookupError:  # the process this descriptor was opened for is gone
+            self._close(pid)
             return None
+        finally:
+            if not held:
+                os.close(fd)
+        self._read.add(pid)
+        return int(data.split()[1]) * self.page_size
+
+    def sweep(self) -> None:
+        """Close the held descriptors of pids not read since the previous sweep (once a tick)."""
+        for pid in [pid for pid in self._statm if pid not in self._read]:
+            self._close(pid)
+        self._read.clear()
+        self._held_max = _held_max()  # the daemon raises its limit after it is built
+
+    def close(self) -> None:
+        for pid in list(self._statm):
+            self._close(pid)
+
+    def _close(self, pid: int) -> None:
+        fd = self._statm.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
 
     def uss_pss(self, pid: int) -> tuple[int, int] | None:
         """USS and PSS in bytes from /proc/PID/smaps_rollup (tens of microseconds); None if gone,
@@ -228,6 +273,13 @@ def worker_name(cmdline: list[str], pid: int) -> str:
         name = f"celery@{name}"
     return name
 
+
+
+def _held_max() -> int:
+    """Held statm descriptors take at most a quarter of this process's descriptor limit (the
+    agents' connections need one each); past it, reads open and close as usual."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 16 if soft == resource.RLIM_INFINITY else max(0, soft // 4)
 
 
 _UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1

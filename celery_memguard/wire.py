@@ -8,6 +8,7 @@ refused with a short reason the daemon counts, and never reaches the state.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import signal
 import zlib
@@ -270,12 +271,15 @@ class AgentSettings:
         return self.hard, self.soft
 
 
+@functools.lru_cache(maxsize=8192)
 def jitter_fraction(pid: int, start: int) -> float:
     """A stable number in [0, 1) per process (pid and start time in clock ticks), shared by the
-    daemon's policy and the child's agent so both compute the same threshold."""
+    daemon's policy and the child's agent so both compute the same threshold. Cached: a tick
+    asks it several times for every child."""
     return zlib.crc32(f"{pid}:{start}".encode()) / 2**32
 
 
+@functools.lru_cache(maxsize=8192)
 def soft_threshold(soft: int, jitter: float, pid: int, start: int) -> int:
     """The soft limit lowered by this process's share of the jitter, never raised above it."""
     return int(soft * (1.0 - jitter * jitter_fraction(pid, start)))

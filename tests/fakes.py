@@ -29,9 +29,8 @@ class FakeProcs(Procs):
     denied: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.root = "/nonexistent"
+        Procs.__init__(self, root="/nonexistent")
         self.page_size = 4096
-        self.denied_smaps = 0
 
     def add(self, pid: int, ppid: int, start: int | None = None, **kw: object) -> FakeProc:
         proc = FakeProc(pid=pid, ppid=ppid, start=start if start is not None else pid * 10, **kw)  # type: ignore[arg-type]

@@ -69,6 +69,65 @@ def test_a_vanished_process_reads_as_none_not_an_error(holder: subprocess.Popen[
     assert procs.send_signal(pid, signal.SIGTERM) is False
 
 
+GROWER = ("import sys; kept = []\n"
+          "for line in sys.stdin:\n"
+          "    kept.append(b'\\x01' * (32 * 1048576)); print('grown', flush=True)\n")
+
+
+def _open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+def test_held_descriptor_reads_fresh_figures_and_is_closed_when_the_process_goes() -> None:
+    """RSS read twice through the same held descriptor follows the process's growth; once the
+    process is gone the read is None and its descriptor is closed."""
+    proc = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    procs = Procs()
+    statm = f"/proc/{proc.pid}/statm"
+    try:
+        before = procs.rss(proc.pid)
+        assert before is not None
+        assert statm in _open_fds()  # held, not reopened at every read
+        proc.stdin.write("grow\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "grown"
+        after = procs.rss(proc.pid)
+        assert after is not None
+        assert after - before >= 30 * MiB
+    finally:
+        kill_group(proc, grace=1)
+    assert procs.rss(proc.pid) is None
+    assert statm not in _open_fds()
+
+
+def test_sweep_closes_descriptors_of_processes_no_longer_read(holder: subprocess.Popen[str]) -> None:
+    """A pid read before the last sweep but not since has its descriptor closed at the next."""
+    procs = Procs()
+    statm = f"/proc/{holder.pid}/statm"
+    assert procs.rss(holder.pid)
+    procs.sweep()
+    assert statm in _open_fds()  # read in the period that sweep closed
+    procs.sweep()
+    assert statm not in _open_fds()
+    assert procs.rss(holder.pid)  # reopened on demand
+
+
+def test_a_fixture_tree_is_read_afresh_every_time(tmp_path: Path) -> None:
+    """Under a root that is not procfs nothing is held, so a rewritten file is seen."""
+    (tmp_path / "7").mkdir()
+    statm = tmp_path / "7" / "statm"
+    statm.write_text("100 10 5 1 0 50 0\n")
+    procs = Procs(root=str(tmp_path))
+    assert procs.rss(7) == 10 * procs.page_size
+    statm.write_text("100 20 5 1 0 50 0\n")
+    assert procs.rss(7) == 20 * procs.page_size
+    assert str(statm) not in _open_fds()
+
+
 def test_a_zombie_is_treated_as_gone() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 10
