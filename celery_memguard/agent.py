@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
@@ -64,6 +65,7 @@ class _Sender:
         self.sent = 0
         self.lost = 0
         self._sock: socket.socket | None = None
+        self._bell: socket.socket | None = None
         self._next_try = 0.0
         self._retry = self.RETRY_MIN
 
@@ -103,13 +105,28 @@ class _Sender:
             sock.close()
             self._sock = None
 
+    def ring(self) -> None:
+        """Ask the daemon to read now: it reads routine reports in batches."""
+        try:
+            if self._bell is None:
+                self._bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
+            self._bell.sendto(b"!", wire.bell_path(self.path))
+        except OSError:
+            return  # no daemon, or its bell is full: it is awake already
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
 
 
-def _send(message: wire.Message) -> None:
+def _send(message: wire.Message, ring: bool = False) -> None:
+    """Send a report; ``ring`` when it calls for a decision now (the bell follows the report,
+    so the daemon finds the report when it wakes)."""
     global _sender
     try:
         if _sender is None or _sender.pid != os.getpid():
@@ -117,6 +134,8 @@ def _send(message: wire.Message) -> None:
                 _sender.close()  # the parent's connection, inherited across fork: ours to close
             _sender = _Sender(_socket_path)
         _sender.send(message)
+        if ring:
+            _sender.ring()
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
 
@@ -158,6 +177,9 @@ class _ChildAgent:
         self.soft_threshold = 0  # this process's own, from the published soft limit and jitter
         self.verdict_due = False  # crossed it at the last task end: the daemon's word is coming
         self.waited = False  # waited once already (a held recycle must not slow every task)
+        self.ahead = 0  # predictive recycling's look-ahead in tasks, from the settings (0: off)
+        self.growth: deque[int] = deque(maxlen=8)  # RSS each recent task left behind
+        self.rang_near = False  # rang once already for a predicted crossing
 
     def hello(self) -> None:
         self.last_hello = time.monotonic()
@@ -179,6 +201,7 @@ class _ChildAgent:
         if settings is not None:
             self._settings_mtime = mtime
             hard, soft = settings.for_worker(self.node)
+            self.ahead = settings.ahead
             self.watch.configure(hard, settings.watch_interval)
             self.soft_threshold = (wire.soft_threshold(soft, settings.jitter, self.pid,
                                                        self.start_ticks)
@@ -215,6 +238,24 @@ class _ChildAgent:
         deadline = time.monotonic() + VERDICT_WAIT
         while not self.recycle_requested and time.monotonic() < deadline:
             time.sleep(0.0005)  # the recycle signal cuts the sleep short
+
+    def calls_for_decision(self, rss: int) -> bool:
+        """Whether the report of a task that left ``rss`` can make the daemon act: past this
+        child's own soft threshold (RSS bounds USS and PSS, so this covers every measure), or
+        near it by the growth of its recent tasks when predictive recycling is on. Once per
+        process for each: a held recycle is looked at again with the routine reports."""
+        self.growth.append(rss - self.rss_before)
+        threshold = self.soft_threshold
+        if threshold <= 0 or self.waited:
+            return False
+        if rss >= threshold:
+            self.verdict_due = True
+            return True
+        if (self.ahead and not self.rang_near
+                and rss + self.ahead * max(self.growth) >= threshold):
+            self.rang_near = True
+            return True
+        return False
 
     def wrap_wait_for_job(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def wait_for_job(*args: Any, **kwargs: Any) -> Any:
@@ -394,9 +435,8 @@ def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | 
         rss = agent.statm.rss()
         _send(wire.TaskEnd(pid=agent.pid, ppid=agent.ppid, index=agent.index, task=agent.task_name,
                            id=agent.task_id, rss_before=agent.rss_before,
-                           rss=rss, tasks=agent.tasks, ok=state == "SUCCESS"))
-        if 0 < agent.soft_threshold <= rss and not agent.waited:
-            agent.verdict_due = True
+                           rss=rss, tasks=agent.tasks, ok=state == "SUCCESS"),
+              ring=agent.calls_for_decision(rss))
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
 

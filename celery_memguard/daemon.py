@@ -31,6 +31,7 @@ from celery_memguard.state import Rejected, State, WorkerRec
 DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
+BATCH_GAP = 0.05  # seconds routine reports wait to be read together; the bell cuts it short
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
                   "s": "task_start", "e": "task_end", "x": "child_exit",
                   "h": "task_interrupted", "d": "child_died"}
@@ -48,6 +49,7 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         log: Any = None,
         reload: Callable[[], Config] | None = None,
+        batch_gap: float = BATCH_GAP,
     ) -> None:
         from celery_memguard import log as logmod  # noqa: PLC0415 - avoids a cycle at import
 
@@ -56,6 +58,7 @@ class Daemon:
         self.clock = clock
         self.log = log if log is not None else logmod.get()
         self._reload = reload
+        self.batch_gap = batch_gap
         self.state = State(self.procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
                            max_task_names=config.metrics.max_task_names)
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
@@ -71,7 +74,7 @@ class Daemon:
         self.http: HttpServer | None = None
         self._storms: set[str] = set()  # workers whose storm was already logged
         self._scans = 0
-        self.between_workers: Callable[[], None] | None = None  # set by the loop: drain reports
+        self.between_workers: Callable[[], int] | None = None  # set by the loop: drain reports
         self._wake_r, self._wake_w = -1, -1
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -127,15 +130,29 @@ class Daemon:
         return self.clock() - self.last_tick < max(5.0, 3 * self.config.sampling.interval)
 
     def _loop(self, inbox: Inbox) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+        """Wait for the tick, the bell, signals and reports; read routine reports in batches.
 
-        def drain() -> None:
+        Waking for every report cost the daemon more CPU than the reports themselves on a
+        busy host (each wake-up ran cold, between the worker's processes), and that CPU is
+        taken from the workers. After reading, the reports' descriptor is left out of the
+        wait for ``batch_gap``; a child whose report calls for a decision rings the bell,
+        which is always watched, and everything waiting is read at once.
+        """
+        selector = selectors.DefaultSelector()
+
+        def drain() -> int:
+            read = 0
             for datagram in inbox.drain(DRAIN_BATCH):
                 self.receive(datagram, self.clock())
+                read += 1
+            return read
 
         self.between_workers = drain
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if inbox.bell is not None:
+            selector.register(inbox.bell.fileno(), selectors.EVENT_READ, "bell")
+        selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+        resume_at: float | None = None  # reports are left out of the wait until then
         next_tick = self.clock()
         try:
             while not self.stopping.is_set():
@@ -146,12 +163,24 @@ class Daemon:
                     next_tick += interval
                     if next_tick <= now:  # fell behind: skip, do not burst
                         next_tick = now + interval
-                for key, _ in selector.select(max(0.0, next_tick - self.clock())):
+                if resume_at is not None and self.clock() >= resume_at:
+                    selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+                    resume_at = None
+                until = next_tick if resume_at is None else min(next_tick, resume_at)
+                for key, _ in selector.select(max(0.0, until - self.clock())):
                     if key.data == "wake":
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_r, 512)
-                    else:
+                    elif key.data == "bell":
+                        inbox.silence()
                         drain()
+                    else:
+                        read = drain()
+                        # Reports read and none left: let the next ones gather. (A full batch
+                        # means more are waiting; a new connection alone read nothing yet.)
+                        if 0 < read < DRAIN_BATCH and resume_at is None and self.batch_gap > 0:
+                            selector.unregister(inbox.fileno())
+                            resume_at = self.clock() + self.batch_gap
                 while self.signals:
                     self._dispatch_signal(self.signals.popleft())
         finally:
@@ -390,6 +419,7 @@ class Daemon:
         data = wire.encode_settings(wire.AgentSettings(
             hard=limits.hard, watch_interval=limits.watch_interval, soft=limits.soft,
             jitter=self.config.recycle.jitter,
+            ahead=self.config.recycle.predictive_tasks if self.config.recycle.predictive else 0,
             workers=tuple((w.match, w.limits.hard, w.limits.soft) for w in self.config.workers)))
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:

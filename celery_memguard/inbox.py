@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from celery_memguard.wire import MAX_DATAGRAM
+from celery_memguard.wire import MAX_DATAGRAM, bell_path
 
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 SOCKET_MODE = 0o660
@@ -48,6 +48,10 @@ class Inbox:
     milliseconds behind on a busy host, datagrams were refused and reports lost. ``fileno``
     is an epoll descriptor over the listener and every connection, so the daemon's loop waits
     on one descriptor; ``drain`` accepts and reads what is waiting, without blocking.
+
+    Beside it, ``bell`` is a datagram socket whose messages carry nothing: a child whose
+    report calls for a decision rings it after sending the report, so the daemon can read
+    routine reports in batches and still answer that one at once.
     """
 
     def __init__(self, path: Path) -> None:
@@ -56,26 +60,19 @@ class Inbox:
         self._poll: select.epoll | None = None
         self._conns: dict[int, socket.socket] = {}
         self._peers: dict[int, tuple[int, int]] = {}  # fd -> (pid, uid) of the connecting process
+        self.bell: socket.socket | None = None
 
     def open(self) -> None:
         _prepare_directory(self.path.parent)
-        _remove_stale(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o777 & ~SOCKET_MODE)
-        try:
-            sock.bind(str(self.path))
-        except OSError as exc:
-            sock.close()
-            raise SocketError(
-                f"cannot bind the agent socket {self.path}: {exc.strerror}. "
-                f"Choose a writable path with agent.socket or CELERY_MEMGUARD_SOCKET."
-            ) from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, SOCKET_MODE)
+        sock = _bind(socket.SOCK_SEQPACKET, self.path, stale_ok=False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
+        try:
+            self.bell = _bind(socket.SOCK_DGRAM, Path(bell_path(str(self.path))), stale_ok=True)
+        except SocketError:
+            sock.close()
+            self.path.unlink()
+            raise
         self.sock = sock
         self._poll = select.epoll()
         self._poll.register(sock.fileno(), select.EPOLLIN)
@@ -83,6 +80,17 @@ class Inbox:
     def fileno(self) -> int:
         assert self._poll is not None
         return self._poll.fileno()
+
+    def silence(self) -> int:
+        """Read every ring waiting on the bell; return how many there were."""
+        rings = 0
+        while self.bell is not None:
+            try:
+                self.bell.recv(16)
+            except OSError:  # BlockingIOError: none left
+                break
+            rings += 1
+        return rings
 
     @property
     def connections(self) -> int:
@@ -165,6 +173,11 @@ class Inbox:
         if self._poll is not None:
             self._poll.close()
             self._poll = None
+        if self.bell is not None:
+            self.bell.close()
+            self.bell = None
+            with contextlib.suppress(FileNotFoundError):
+                Path(bell_path(str(self.path))).unlink()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -203,6 +216,32 @@ def _prepare_directory(directory: Path) -> None:
         raise SocketError(
             f"the socket directory {directory} is writable by every user; use a private directory."
         )
+
+
+def _bind(kind: int, path: Path, stale_ok: bool) -> socket.socket:
+    """A non-blocking Unix socket bound at ``path`` with mode 0660, never world-writable.
+
+    A socket file already there is probed first (``_remove_stale``); ``stale_ok`` removes it
+    unprobed, for the bell, which is bound after the agents' socket proved no daemon is alive.
+    """
+    if stale_ok and path.is_socket():
+        path.unlink()
+    _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o777 & ~SOCKET_MODE)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise SocketError(
+            f"cannot bind the agent socket {path}: {exc.strerror}. "
+            f"Choose a writable path with agent.socket or CELERY_MEMGUARD_SOCKET."
+        ) from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    sock.setblocking(False)
+    return sock
 
 
 def _remove_stale(path: Path) -> None:

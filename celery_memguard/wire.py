@@ -262,6 +262,7 @@ class AgentSettings:
     soft: int = 0  # bytes; with jitter, each child's own soft threshold (0: unknown)
     jitter: float = 0.0
     workers: tuple[tuple[str, int, int], ...] = ()  # (nodename pattern, hard, soft): first match
+    ahead: int = 0  # predictive recycling looks this many tasks ahead (0: off): when to ring
 
     def for_worker(self, node: str) -> tuple[int, int]:
         """(hard, soft) for a worker's nodename: its workers entry, else the top level."""
@@ -289,10 +290,16 @@ def settings_path(socket_path: str) -> str:
     return socket_path + ".settings.json"
 
 
+def bell_path(socket_path: str) -> str:
+    """The daemon's doorbell: a datagram socket beside the agents' socket. Reports reach the
+    daemon in batches; a child whose report calls for a decision rings it to be heard now."""
+    return socket_path + ".bell"
+
+
 def encode_settings(settings: AgentSettings) -> bytes:
     return json.dumps({"v": VERSION, "hard": settings.hard,
                        "watch_interval": settings.watch_interval, "soft": settings.soft,
-                       "jitter": settings.jitter,
+                       "jitter": settings.jitter, "ahead": settings.ahead,
                        "workers": [list(entry) for entry in settings.workers]}).encode()
 
 
@@ -306,7 +313,9 @@ def decode_settings(data: bytes) -> AgentSettings | None:
         return None
     hard, interval = body.get("hard"), body.get("watch_interval")
     soft, jitter = body.get("soft", 0), body.get("jitter", 0.0)
-    workers = body.get("workers", [])
+    workers, ahead = body.get("workers", []), body.get("ahead", 0)
+    if type(ahead) is not int or not 0 <= ahead <= 1000:
+        return None
     if (not isinstance(hard, int) or not isinstance(soft, int)
             or not isinstance(interval, int | float) or not isinstance(jitter, int | float)
             or any(isinstance(v, bool) for v in (hard, soft, interval, jitter))):
@@ -317,4 +326,4 @@ def decode_settings(data: bytes) -> AgentSettings | None:
                 and type(w[1]) is int and type(w[2]) is int for w in workers)):
         return None
     return AgentSettings(hard=hard, watch_interval=float(interval), soft=soft, jitter=float(jitter),
-                         workers=tuple((w[0], w[1], w[2]) for w in workers))
+                         workers=tuple((w[0], w[1], w[2]) for w in workers), ahead=ahead)

@@ -48,9 +48,31 @@ def test_bind_is_not_world_writable_and_credentials_name_the_sender(tmp_path: Pa
         assert got[1].pid == os.getpid()
         assert got[0].pid not in (0, os.getpid())
         assert got[1].uid == os.getuid()
+        bell = Path(f"{path}.bell")
+        assert stat.S_IMODE(bell.stat().st_mode) == 0o660
     finally:
         inbox.close()
     assert not path.exists()
+    assert not bell.exists()
+
+
+def test_the_bell_counts_its_rings_and_a_stale_one_is_replaced(tmp_path: Path) -> None:
+    """Rings carry nothing and are only counted; a bell left by a dead daemon is rebound."""
+    path = tmp_path / "agent.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(f"{path}.bell")
+    stale.close()
+    inbox = Inbox(path)
+    inbox.open()
+    try:
+        assert inbox.silence() == 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ringer:
+            for _ in range(3):
+                ringer.sendto(b"!", f"{path}.bell")
+        assert inbox.silence() == 3
+        assert inbox.silence() == 0
+    finally:
+        inbox.close()
 
 
 def test_an_oversized_datagram_is_marked_truncated(tmp_path: Path) -> None:

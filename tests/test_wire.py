@@ -100,9 +100,11 @@ def test_any_field_replaced_by_any_json_decodes_or_is_refused(
 
 
 def test_settings_round_trip_and_bad_settings_are_ignored() -> None:
-    settings = wire.AgentSettings(hard=300 * 1024 * 1024, watch_interval=0.01)
+    settings = wire.AgentSettings(hard=300 * 1024 * 1024, watch_interval=0.01, ahead=2)
     assert wire.decode_settings(wire.encode_settings(settings)) == settings
     for bad in (b"", b"{", b"[]", b'{"v":1,"hard":-1,"watch_interval":0.01}',
+                b'{"v":1,"hard":1,"watch_interval":0.01,"ahead":-1}',
+                b'{"v":1,"hard":1,"watch_interval":0.01,"ahead":true}',
                 b'{"v":1,"hard":1,"watch_interval":60}', b'{"v":1,"hard":1,"watch_interval":true}',
                 b'{"v":2,"hard":1,"watch_interval":0.01}', b'{"v":1,"hard":"1","watch_interval":0.01}'):
         assert wire.decode_settings(bad) is None
