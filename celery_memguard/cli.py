@@ -69,9 +69,30 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{args.file}: invalid: {exc.key}: {exc.reason}", file=sys.stderr)
         return EX_CONFIG
+    why = _unusable_listen(cfg.metrics.listen)
+    if why is not None:
+        print(f"{args.file}: invalid: metrics.listen: {why}", file=sys.stderr)
+        return EX_CONFIG
     print(f"{args.file}: valid (soft {cfg.limits.soft} bytes, hard {cfg.limits.hard} bytes, "
           f"socket {cfg.agent.socket}, listen {cfg.metrics.listen})")
     return EX_OK
+
+
+def _unusable_listen(listen: str) -> str | None:
+    """Why metrics.listen cannot be bound on this host (an address it does not have), or None.
+    The port itself is not tried: the daemon this file configures may be running on it."""
+    import socket  # noqa: PLC0415
+
+    from celery_memguard.config import split_listen  # noqa: PLC0415
+
+    host, _port = split_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        return f"{host} is not an address of this host ({exc.strerror})"
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:

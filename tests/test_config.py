@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,23 @@ def test_check_config_command_prints_one_line_and_no_traceback(tmp_path: Path) -
     assert done.stderr.strip().splitlines() == [
         f"{path}: invalid: limits.soft: soft (2147483648 bytes) must be below limits.hard "
         f"(1073741824 bytes)"]
+
+
+def test_check_config_refuses_a_listen_address_this_host_does_not_have(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """192.0.2.1 (TEST-NET-1) parses but cannot be bound here: exit 2 naming metrics.listen;
+    loopback passes, also when its port is taken (by the daemon the file configures)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics: {listen: '192.0.2.1:9808'}\n")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "invalid: metrics.listen: 192.0.2.1 is not an address of this host" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path.write_text(f"metrics: {{listen: '127.0.0.1:{taken.getsockname()[1]}'}}\n")
+        assert main(["check-config", str(path)]) == 0
 
 
 def test_the_configuration_reference_is_generated_from_the_models() -> None:
