@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,21 +35,38 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def _run_demo(*args: str, interrupt_after: float | None = None) -> tuple[int, str, float]:
+    """Run the demo; with ``interrupt_after``, press Ctrl-C that long after its workload began
+    (its first progress line), as a user watching it would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_MEMGUARD")}
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "celery_memguard", "demo", *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
     try:
         if interrupt_after is not None:
+            deadline = time.monotonic() + 90
+            while not any(PROGRESS.match(line) for line in list(lines)):
+                assert proc.poll() is None, "".join(lines)
+                assert time.monotonic() < deadline, "the demo's workload never began: " + "".join(lines)
+                time.sleep(0.1)
             time.sleep(interrupt_after)
             proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return proc.returncode, out, time.monotonic() - started
+        reader.join(10)
+        proc.stdout.close()
+    return proc.returncode, "".join(lines), time.monotonic() - started
+
+
+PROGRESS = re.compile(r"\s*\d+\.\ds\s+sent \d+")
 
 
 def test_the_demo_shows_soft_recycles_a_stopped_runaway_and_no_lost_task() -> None:
@@ -69,7 +87,7 @@ def test_the_demo_shows_soft_recycles_a_stopped_runaway_and_no_lost_task() -> No
 
 
 def test_ctrl_c_stops_the_demo_and_cleans_everything_up() -> None:
-    code, out, _ = _run_demo("--duration", "60", "--no-live", interrupt_after=8)
+    code, out, _ = _run_demo("--duration", "60", "--no-live", interrupt_after=3)
     assert code == 130, out
     assert "interrupted: cleaning up" in out
     workdir = re.search(r"working in (\S+)", out)
