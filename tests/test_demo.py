@@ -39,9 +39,13 @@ def _run_demo(*args: str, interrupt_after: float | None = None) -> tuple[int, st
     (its first progress line), as a user watching it would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_MEMGUARD")}
     started = time.monotonic()
+    # A shell started without job control (CI, a background job) hands its commands SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the demo the
+    # default a user's terminal gives it.
     proc = subprocess.Popen([sys.executable, "-m", "celery_memguard", "demo", *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     assert proc.stdout is not None
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
