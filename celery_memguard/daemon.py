@@ -112,7 +112,6 @@ class Daemon:
             self.http.stop()
             inbox.close()
             self.procs.close()
-            self.procs.close()
             with contextlib.suppress(OSError):
                 os.unlink(wire.settings_path(str(self.config.agent.socket)))
             os.close(self._wake_r)

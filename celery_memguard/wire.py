@@ -272,17 +272,16 @@ class AgentSettings:
         return self.hard, self.soft
 
 
-@functools.lru_cache(maxsize=8192)
 def jitter_fraction(pid: int, start: int) -> float:
     """A stable number in [0, 1) per process (pid and start time in clock ticks), shared by the
-    daemon's policy and the child's agent so both compute the same threshold. Cached: a tick
-    asks it several times for every child."""
+    daemon's policy and the child's agent so both compute the same threshold."""
     return zlib.crc32(f"{pid}:{start}".encode()) / 2**32
 
 
 @functools.lru_cache(maxsize=8192)
 def soft_threshold(soft: int, jitter: float, pid: int, start: int) -> int:
-    """The soft limit lowered by this process's share of the jitter, never raised above it."""
+    """The soft limit lowered by this process's share of the jitter, never raised above it.
+    Cached: a tick asks it several times for every child."""
     return int(soft * (1.0 - jitter * jitter_fraction(pid, start)))
 
 
