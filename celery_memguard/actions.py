@@ -98,7 +98,7 @@ class Actor:
         self.state.requested(d.worker, d.proc.pid, now)
         self.state.recycles[(d.worker, d.reason.value)] += 1
         self._last_hold.pop(d.proc.pid, None)
-        self.log.info("recycle_requested", **fields)
+        self.log.info("recycle_requested", by="daemon", **fields)
 
     def _kill(self, d: Decision, now: float, fields: dict[str, Any]) -> None:
         assert d.signal is not None

@@ -201,6 +201,15 @@ class RecycleConfig(_Section):
             "of the pool serving (not asked, not leaving). 0: only max_share applies."
         ),
     )
+    min_lifetime: float = Field(
+        default=0.0,
+        description=(
+            "A child younger than this is not recycled for its soft limit (nor predicted to "
+            "cross it, nor for worker_total), only past the hard limit, so that a soft limit "
+            "set below what a child needs cannot churn a pool. Off by default: a child that "
+            "leaks fast grows past the soft limit for as long as it is held."
+        ),
+    )
     skip_within_tasks: int = Field(
         default=2,
         ge=0,
@@ -228,6 +237,14 @@ class RecycleConfig(_Section):
     @classmethod
     def _grace(cls, value: object) -> float:
         return parse_duration(value)
+
+    @field_validator("min_lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds > 86400:
+            raise ValueError(f"must be at most a day, got {value!r}")
+        return seconds
 
     @field_validator("jitter", "max_share", mode="before")
     @classmethod

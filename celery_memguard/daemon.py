@@ -19,12 +19,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from celery_memguard import growth, policy, wire
+from celery_memguard import grants, growth, policy, wire
 from celery_memguard.actions import Actor
 from celery_memguard.config import Config, ConfigError, split_listen
 from celery_memguard.inbox import Datagram, Inbox, raise_fd_limit
 from celery_memguard.metrics import HttpServer, Metrics, View, status_document
-from celery_memguard.model import Snapshot
+from celery_memguard.model import Decision, Snapshot
 from celery_memguard.procs import Procs
 from celery_memguard.state import Rejected, State, WorkerRec
 
@@ -33,8 +33,9 @@ FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
 BATCH_GAP = 0.05  # seconds routine reports wait to be read together; the bell cuts it short
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
-                  "s": "task_start", "e": "task_end", "x": "child_exit",
-                  "h": "task_interrupted", "d": "child_died"}
+                  "s": "task_start", "e": "task_end", "r": "task_running", "k": "task_batch",
+                  "x": "child_exit", "h": "task_interrupted", "d": "child_died"}
+_EVENT_LEVELS = {"recycle_requested": "info"}  # the state's other events are warnings
 
 
 class ListenError(Exception):
@@ -85,6 +86,7 @@ class Daemon:
         inbox.open()
         self.inbox = inbox
         raise_fd_limit()
+        self._remove_grants()  # a previous daemon's: each worker's is written anew on its tick
         self._publish_settings()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -112,6 +114,7 @@ class Daemon:
             self.http.stop()
             inbox.close()
             self.procs.close()
+            self._remove_grants()  # no daemon, no recycles: children no longer leave on their own
             with contextlib.suppress(OSError):
                 os.unlink(wire.settings_path(str(self.config.agent.socket)))
             os.close(self._wake_r)
@@ -264,8 +267,12 @@ class Daemon:
         state.messages[_MESSAGE_NAMES[message.t]] += 1
         self._log_events()
         if isinstance(message, wire.WorkerHello) and worker is not None:
-            self._refresh_children(worker)
-        if (isinstance(message, wire.TaskEnd | wire.ChildHello) and worker is not None
+            self._refresh_children(worker, now)
+        if worker is None:
+            return
+        if isinstance(message, wire.ChildExit):
+            self._decide(now, worker)  # one fewer in flight: a new grant may be due
+        elif (isinstance(message, wire.TaskBatch | wire.TaskEnd | wire.ChildHello)
                 and self._near_a_limit(worker, message.pid)):
             self._measure_near_limit(worker)
             self._decide(now, worker)
@@ -277,7 +284,7 @@ class Daemon:
         started = self.clock()
         if now >= self._next_scan:
             self._scans += 1
-            self._scan(full=self._scans % FULL_SCAN_EVERY == 1)
+            self._scan(full=self._scans % FULL_SCAN_EVERY == 1, now=now)
             self._next_scan = now + self.config.sampling.scan_interval
         for pid, rec in list(self.state.workers.items()):
             if self.between_workers is not None:
@@ -285,10 +292,11 @@ class Daemon:
             live = self.procs.stat(pid)
             if live is None or live.proc != rec.proc:
                 self.state.drop_worker(pid)
+                grants.remove(self._grant_path(pid))
                 self.log.info("worker_gone", worker=rec.name, pid=pid)
                 continue
             rec.rss = self.procs.rss(pid) or 0
-            self._refresh_children(rec)
+            self._refresh_children(rec, now)
             for n, child in enumerate(list(rec.children.values()), 1):
                 rss = self.procs.rss(child.proc.pid)
                 if rss:  # None: gone; 0: exited, not yet reaped
@@ -303,16 +311,16 @@ class Daemon:
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - started)
 
-    def _scan(self, full: bool) -> None:
+    def _scan(self, full: bool, now: float) -> None:
         for found in self.procs.scan_workers(full=full):
             known = found.stat.pid in self.state.workers
-            rec = self.state.found(found)
+            rec = self.state.found(found, now)
             if not known:
                 self.log.info("worker_found", worker=rec.name, pid=found.stat.pid,
                               agent=rec.agent, children=len(found.children))
 
-    def _refresh_children(self, rec: WorkerRec) -> None:
-        for child in self.state.sync_child_pids(rec, self.procs.child_pids(rec.proc.pid)):
+    def _refresh_children(self, rec: WorkerRec, now: float | None = None) -> None:
+        for child in self.state.sync_child_pids(rec, self.procs.child_pids(rec.proc.pid), now):
             self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
                           tasks=child.tasks, rss_bytes=child.rss,
                           requested=child.requested_at is not None)
@@ -375,6 +383,7 @@ class Daemon:
                                   term_grace=self.config.sampling.interval)
         if decisions:
             self.actor.carry_out(decisions, now)
+        self._grant(snapshot, decisions, now)
         if only is None:
             self._warn_storms(snapshot)
         acted = any(d.acts for d in decisions)
@@ -382,6 +391,27 @@ class Daemon:
             self.view = self._make_view(now, snapshot)  # nothing changed since the snapshot
         elif acted:
             self.view = self._make_view(now)
+
+    def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> None:
+        """Publish each agent worker's grant (policy.grants) and collect the units its children
+        took since the last exchange, which count as recycles from then on."""
+        allowed = policy.grants(snapshot, self.config.recycle, self.state.requests, now, decisions)
+        for worker in snapshot.workers:
+            rec = self.state.workers.get(worker.pid)
+            if rec is None or not rec.agent or not worker.has_children:
+                continue
+            taken = grants.exchange(self._grant_path(worker.pid), (worker.pid, worker.proc.start),
+                                    allowed.get(worker.name, 0))
+            if taken:
+                self.state.grants_taken(rec, taken, now)
+
+    def _grant_path(self, worker_pid: int) -> str:
+        return grants.grant_path(str(self.config.agent.socket), worker_pid)
+
+    def _remove_grants(self) -> None:
+        socket_path = self.config.agent.socket
+        for path in socket_path.parent.glob(socket_path.name + ".grant.*"):
+            grants.remove(str(path))
 
     def _warn_storms(self, snapshot: Snapshot) -> None:
         """Every child of a pool over its soft threshold at once: the limit is likely too low.
@@ -409,17 +439,19 @@ class Daemon:
         events = self.state.events
         while events:
             name, fields = events.pop(0)
-            self.log.warning(name, **fields)
+            getattr(self.log, _EVENT_LEVELS.get(name, "warning"))(name, **fields)
 
     def _publish_settings(self) -> None:
         """Write the hard limit beside the socket, where every child's agent reads it."""
         path = wire.settings_path(str(self.config.agent.socket))
-        limits = self.config.limits
+        limits, recycle = self.config.limits, self.config.recycle
         data = wire.encode_settings(wire.AgentSettings(
             hard=limits.hard, watch_interval=limits.watch_interval, soft=limits.soft,
-            jitter=self.config.recycle.jitter,
-            ahead=self.config.recycle.predictive_tasks if self.config.recycle.predictive else 0,
-            workers=tuple((w.match, w.limits.hard, w.limits.soft) for w in self.config.workers)))
+            jitter=recycle.jitter, ahead=recycle.predictive_tasks if recycle.predictive else 0,
+            measure=limits.measure, dry_run=recycle.dry_run, min_lifetime=recycle.min_lifetime,
+            skip_within_tasks=recycle.skip_within_tasks,
+            workers=tuple((w.match, w.limits.hard, w.limits.soft, w.limits.measure)
+                          for w in self.config.workers)))
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)

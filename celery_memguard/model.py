@@ -30,6 +30,7 @@ class Hold(str, Enum):
     GRACE = "grace"  # seen over on the tick, not yet for recycle.grace
     FRESH = "fresh"  # has run no task: a replacement would be as large (the limit is too low)
     FLOOR = "floor"  # recycling it would leave fewer than recycle.min_serving children serving
+    MIN_LIFETIME = "min_lifetime"  # younger than recycle.min_lifetime and under the hard limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class Child:
     growth_per_task: float = 0.0  # median RSS growth of its recent tasks (predictive recycling)
     reported_end: bool = False  # its last RSS reading is a task-end report (else a tick sample)
     over_soft_since: float | None = None  # first reading over its soft threshold, this spell
+    born: float | None = None  # when the daemon first saw it (None: unknown, as good as old)
     leak: Leak | None = None  # computed on the tick, once the child has enough samples
 
     @property

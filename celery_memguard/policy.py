@@ -10,7 +10,7 @@ import math
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
-from celery_memguard import wire
+from celery_memguard import rules
 from celery_memguard.config import LimitsConfig, RecycleConfig
 from celery_memguard.model import Child, Decision, Hold, ProcId, Reason, Snapshot, Worker
 
@@ -18,9 +18,9 @@ RATE_WINDOW = 60.0
 
 
 def soft_threshold(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId) -> int:
-    """The soft limit lowered by this child's stable share of the jitter (wire.soft_threshold,
+    """The soft limit lowered by this child's stable share of the jitter (rules.soft_threshold,
     which the child's agent computes too), never raised above it."""
-    return wire.soft_threshold(limits.soft, recycle.jitter, proc.pid, proc.start)
+    return rules.soft_threshold(limits.soft, recycle.jitter, proc.pid, proc.start)
 
 
 def measured(child: Child, measure: str) -> int:
@@ -147,7 +147,10 @@ def _decide_worker(
             hold = Hold.GRACE
         elif child.tasks == 0 and value < limits.hard:
             hold = Hold.FRESH
-        elif worker.max_tasks and child.tasks >= worker.max_tasks - recycle.skip_within_tasks:
+        elif child.born is not None and rules.too_young(now - child.born, recycle.min_lifetime,
+                                                        child.rss, limits.hard):
+            hold = Hold.MIN_LIFETIME
+        elif rules.max_tasks_soon(child.tasks, worker.max_tasks, recycle.skip_within_tasks):
             hold = Hold.MAX_TASKS_SOON
         elif serving - 1 < recycle.min_serving:
             hold = Hold.FLOOR
@@ -165,6 +168,30 @@ def _decide_worker(
             signal=worker.recycle_signal,
         ))
     return decisions
+
+
+def grants(snapshot: Snapshot, recycle: RecycleConfig, requests: Mapping[str, Sequence[float]],
+           now: float, decisions: Sequence[Decision] = ()) -> dict[str, int]:
+    """Per worker, how many children may recycle themselves past their soft threshold before
+    the daemon looks again (grants.py): what the rate limit, the share cap and the floor leave
+    once ``decisions`` (just taken) are carried out. The per-child holds (fresh, too young,
+    --max-tasks-per-child soon) the child applies itself, with the same rules."""
+    out: dict[str, int] = {}
+    for worker in snapshot.workers:
+        if recycle.dry_run or not worker.has_children or not (worker.agent
+                                                              and worker.recycle_signal):
+            out[worker.name] = 0
+            continue
+        acting = sum(1 for d in decisions if d.worker == worker.name and d.acts
+                     and not d.whole and d.reason is not Reason.KILL)
+        used = sum(1 for t in requests.get(worker.name, ()) if now - t < RATE_WINDOW) + acting
+        in_flight = sum(1 for c in worker.children
+                        if c.requested_at is not None and not c.leaving) + acting
+        serving = sum(1 for c in worker.children if _available(c)) - acting
+        out[worker.name] = max(0, min(recycle.max_per_minute - used,
+                                      share_cap(worker, recycle) - in_flight,
+                                      serving - recycle.min_serving))
+    return out
 
 
 def _graced(child: Child, recycle: RecycleConfig, now: float) -> bool:
@@ -192,8 +219,8 @@ def _over_soft(worker: Worker, limits: LimitsConfig,
         value = measured(child, limits.measure)
         if value >= threshold:
             over.append((child, value, threshold, Reason.SOFT))
-        elif (recycle.predictive and child.growth_per_task > 0
-              and value + recycle.predictive_tasks * child.growth_per_task >= threshold):
+        elif recycle.predictive and rules.predicts_crossing(
+                value, child.growth_per_task, recycle.predictive_tasks, threshold):
             over.append((child, value, threshold, Reason.PREDICTED))
     over.sort(key=lambda item: item[1], reverse=True)
     return over

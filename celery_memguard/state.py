@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from celery_memguard import wire
+from celery_memguard import rules, wire
 from celery_memguard.growth import TaskGrowth
 from celery_memguard.model import Child, Leak, ProcId, Snapshot, Worker
 from celery_memguard.procs import FoundWorker, ProcStat
@@ -43,6 +43,8 @@ class ChildRec:
     tasks: int = 0
     task: str | None = None
     task_id: str | None = None
+    task_seq: int = 0  # tasks it had finished when the running task was announced
+    born: float | None = None  # when the daemon first saw it (None: unknown, as good as old)
     agent: bool = False
     requested_at: float | None = None
     noted: bool = False  # a dry run has counted it already
@@ -113,26 +115,31 @@ class State:
             return None if rec is None else rec
         if isinstance(message, wire.ChildDied):
             return self._child_died(message)
-        worker, child = self._child_of(message)
+        worker, child = self._child_of(message, now)
         child.agent = True
         if not worker.agent:  # its children speak, so its app installed the agent; the main
             worker.agent = True  # process's hello (every 2 s) fills in the rest
             worker.recycle_signal = worker.recycle_signal or wire.RECYCLE_SIGNAL
-        if isinstance(message, wire.TaskStart):
-            child.task, child.task_id = message.task, message.id
+        self._child_report(worker, child, message, now)
+        return worker
+
+    def _child_report(self, worker: WorkerRec, child: ChildRec, message: wire.Message,
+                      now: float) -> None:
+        if isinstance(message, wire.TaskStart):  # every task's start, as earlier agents sent
+            child.task, child.task_id, child.task_seq = message.task, message.id, child.tasks
             self.observe(worker, child, message.rss, now)
-        elif isinstance(message, wire.TaskEnd):
-            child.task = child.task_id = None
-            child.tasks = message.tasks
+        elif isinstance(message, wire.TaskBatch):
+            for offset, (slot, before, after, _ok, age) in enumerate(message.ends):
+                self._task_end(child, message.first + offset, message.names[slot], before,
+                               after, now - age / 1000)
+            self.observe(worker, child, message.ends[-1][2], now, end=True)
+        elif isinstance(message, wire.TaskRunning):
+            if message.tasks >= child.tasks:  # else its end was counted already: stale
+                child.task, child.task_id, child.task_seq = message.task, message.id, message.tasks
+            self.observe(worker, child, message.rss, now)
+        elif isinstance(message, wire.TaskEnd):  # one task end, as agents before batching sent
+            self._task_end(child, message.tasks, message.task, message.rss_before, message.rss, now)
             self.observe(worker, child, message.rss, now, end=True)
-            child.growth.append(message.rss - message.rss_before)
-            try:
-                child.history.add(message.tasks, message.rss, now)
-            except ValueError:  # a counter that went back: not the process we knew
-                child.history = History()
-                child.history.add(message.tasks, message.rss, now)
-            label = self.task_names.label(message.task)
-            self.growth.setdefault(label, TaskGrowth()).add(message.rss - message.rss_before)
         elif isinstance(message, wire.ChildHello):
             child.tasks = message.tasks
             self.observe(worker, child, message.rss, now)
@@ -151,7 +158,44 @@ class State:
             child.tasks = message.tasks
             if message.reason == "hard":
                 self.recycles[(worker.name or "", "hard")] += 1
-        return worker
+            elif message.reason in ("soft", "predicted"):
+                self.granted(worker, child, message.reason, now)
+
+    def _task_end(self, child: ChildRec, tasks: int, name: str, before: int, after: int,
+                  at: float) -> None:
+        """One task's end: the task count, the leak history, the growth of its task name."""
+        if child.task is not None and tasks > child.task_seq:
+            child.task = child.task_id = None
+        child.tasks = tasks
+        child.growth.append(after - before)
+        last = child.history.last_at
+        try:  # ages are measured by the child, times here: keep them in order
+            child.history.add(tasks, after, at if last is None else max(at, last))
+        except ValueError:  # a counter that went back: not the process we knew
+            child.history = History()
+            child.history.add(tasks, after, at)
+        label = self.task_names.label(name)
+        self.growth.setdefault(label, TaskGrowth()).add(after - before)
+
+    def granted(self, worker: WorkerRec, child: ChildRec, reason: str, now: float) -> None:
+        """A child left under a grant (its exit message, or the grant file, says so first):
+        counted once, as a request the daemon made at that moment would be."""
+        if child.requested_at is not None:
+            return  # the daemon asked it too, and counted it then
+        child.requested_at = now
+        name = worker.name or ""
+        self.requests.setdefault(name, deque(maxlen=1024)).append(now)
+        self.recycles[(name, reason)] += 1
+        self.events.append(("recycle_requested", {
+            "worker": name, "index": child.index, "pid": child.proc.pid, "reason": reason,
+            "by": "agent", "measured_bytes": child.rss, "tasks": child.tasks}))
+
+    def grants_taken(self, worker: WorkerRec, taken: list[tuple[int, str]], now: float) -> None:
+        """The children the grant file lists as having taken a unit since the last exchange."""
+        for pid, reason in taken:
+            child = worker.children.get(pid)
+            if child is not None:
+                self.granted(worker, child, reason, now)
 
     def observe(self, worker: WorkerRec, child: ChildRec, rss: int, now: float,
                 end: bool = False) -> None:
@@ -159,8 +203,8 @@ class State:
         the child has been over its soft threshold and over the hard limit."""
         child.rss = rss
         child.reported_end = end
-        soft, hard = self.limits(worker.name or "")
-        threshold = wire.soft_threshold(soft, self.jitter, child.proc.pid, child.proc.start)
+        hard = self.limits(worker.name or "")[1]
+        threshold = self._threshold(worker, child)
         if 0 < threshold <= rss:
             if child.over_soft_since is None:
                 child.over_soft_since = now
@@ -171,6 +215,10 @@ class State:
                 child.over_hard_since = now
         else:
             child.over_hard_since = None
+
+    def _threshold(self, worker: WorkerRec, child: ChildRec) -> int:
+        soft = self.limits(worker.name or "")[0]
+        return rules.soft_threshold(soft, self.jitter, child.proc.pid, child.proc.start)
 
     def _child_died(self, msg: wire.ChildDied) -> WorkerRec | None:
         """The main process reaped a child: a SIGKILL we did not send is counted as an OOM kill."""
@@ -210,8 +258,9 @@ class State:
                 rec.children[pid].index = index
         return rec
 
-    def _child_of(self, msg: wire.ChildHello | wire.TaskStart | wire.TaskEnd | wire.ChildExit
-                  | wire.TaskInterrupted) -> tuple[WorkerRec, ChildRec]:
+    def _child_of(self, msg: wire.ChildHello | wire.TaskStart | wire.TaskEnd | wire.TaskRunning
+                  | wire.TaskBatch | wire.ChildExit | wire.TaskInterrupted,
+                  now: float) -> tuple[WorkerRec, ChildRec]:
         worker = self.workers.get(msg.ppid)
         child = worker.children.get(msg.pid) if worker is not None else None
         if worker is not None and child is not None:
@@ -227,7 +276,8 @@ class State:
             if parent is None:
                 raise Rejected("gone")
             worker = self.workers[msg.ppid] = WorkerRec(proc=parent.proc, name=None)
-        child = worker.children[msg.pid] = ChildRec(proc=stat.proc, ppid=msg.ppid, index=msg.index)
+        child = worker.children[msg.pid] = ChildRec(proc=stat.proc, ppid=msg.ppid, index=msg.index,
+                                                    born=now)
         return worker, child
 
     def _unique_name(self, name: str, pid: int) -> str:
@@ -239,8 +289,9 @@ class State:
 
     # -- process-table readings --------------------------------------------------------------
 
-    def found(self, found: FoundWorker) -> WorkerRec:
-        """A worker seen by the scan: known ones keep their agent data; new ones are observe-only."""
+    def found(self, found: FoundWorker, now: float | None = None) -> WorkerRec:
+        """A worker seen by the scan: known ones keep their agent data; new ones are observe-only.
+        ``now``: when new children were first seen (their minimum lifetime counts from it)."""
         rec = self.workers.get(found.stat.pid)
         if rec is not None and rec.proc != found.stat.proc:
             rec = None  # the pid was reused by another worker
@@ -250,19 +301,21 @@ class State:
             rec.name = self._unique_name(found.name, found.stat.pid)
         if not rec.agent:
             rec.concurrency = len(found.children)
-        self.sync_children(rec, found.children)
+        self.sync_children(rec, found.children, now)
         return rec
 
-    def sync_children(self, rec: WorkerRec, stats: list[ProcStat] | tuple[ProcStat, ...]) -> list[ChildRec]:
+    def sync_children(self, rec: WorkerRec, stats: list[ProcStat] | tuple[ProcStat, ...],
+                      now: float | None = None) -> list[ChildRec]:
         """Make the worker's children those the process table lists (with identities, as the
         scan reads them); return the ones gone."""
         live = {s.pid: s for s in stats}
         gone = [c for pid, c in rec.children.items() if pid not in live or live[pid].proc != c.proc]
-        return self._replace_children(rec, gone, live)
+        return self._replace_children(rec, gone, live, now)
 
-    def sync_child_pids(self, rec: WorkerRec, pids: list[int]) -> list[ChildRec]:
+    def sync_child_pids(self, rec: WorkerRec, pids: list[int],
+                        now: float | None = None) -> list[ChildRec]:
         """The tick's cheaper form: known pids keep their identity (every signal re-checks it),
-        only new pids are looked up; return the children gone."""
+        only new pids are looked up (``now``: when they were first seen); return those gone."""
         listed = set(pids)
         gone = [c for pid, c in rec.children.items() if pid not in listed]
         live: dict[int, ProcStat] = {}
@@ -270,10 +323,10 @@ class State:
             stat = self._stat(pid)
             if stat is not None and stat.ppid == rec.proc.pid:
                 live[pid] = stat
-        return self._replace_children(rec, gone, live)
+        return self._replace_children(rec, gone, live, now)
 
     def _replace_children(self, rec: WorkerRec, gone: list[ChildRec],
-                          new: dict[int, ProcStat]) -> list[ChildRec]:
+                          new: dict[int, ProcStat], born: float | None = None) -> list[ChildRec]:
         for child in gone:
             del rec.children[child.proc.pid]
             self._gone[child.proc.pid] = (rec.name or "", child)
@@ -284,7 +337,8 @@ class State:
                 index = rec.kid_index.get(pid)
                 if index is None and not rec.agent:
                     index = _free_slot(rec)
-                rec.children[pid] = ChildRec(proc=stat.proc, ppid=rec.proc.pid, index=index)
+                rec.children[pid] = ChildRec(proc=stat.proc, ppid=rec.proc.pid, index=index,
+                                             born=born)
         return gone
 
     def drop_worker(self, pid: int) -> WorkerRec | None:
@@ -396,9 +450,8 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
             pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent, requested_at=c.requested_at,
             noted=c.noted, leaving=c.leaving, over_hard_since=c.over_hard_since,
             terminated_at=c.terminated_at, killed_at=c.killed_at,
-            reported_end=c.reported_end, over_soft_since=c.over_soft_since,
-            growth_per_task=float(statistics.median(c.growth)) if len(c.growth) >= 4 else 0.0,
-            leak=leak))
+            reported_end=c.reported_end, over_soft_since=c.over_soft_since, born=c.born,
+            growth_per_task=rules.growth_per_task(c.growth), leak=leak))
     recommended = None
     if soft is not None:
         rates = [c.leak.trend.bytes_per_task for c in children if c.leak and c.leak.trend.leaking]

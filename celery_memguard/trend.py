@@ -219,6 +219,10 @@ class History:
         return len(self._tasks)
 
     @property
+    def last_at(self) -> float | None:
+        return self._at[-1] if self._at else None
+
+    @property
     def window(self) -> int:
         maxlen = self._tasks.maxlen
         assert maxlen is not None

@@ -7,6 +7,9 @@ thread signals the main thread, whose handler raises MemoryLimitExceeded - but o
 task's own code is on the stack, so the exception can never land in Celery's or billiard's
 bookkeeping around the task. Either way the child leaves after the task.
 
+The same thread serves the child's reports: every read it calls ``on_poll``, which announces a
+task that has run for a while and sends the ends of recent tasks once the child is idle.
+
 No Celery import here: the agent wires it to task_prerun/task_postrun.
 """
 
@@ -35,9 +38,11 @@ class Watch:
     notices a new task at its next read instead (``interval`` later at most).
     """
 
-    def __init__(self, read_rss: Callable[[], int], on_fire: Callable[[int, int], None]) -> None:
+    def __init__(self, read_rss: Callable[[], int], on_fire: Callable[[int, int], None],
+                 on_poll: Callable[[], None] | None = None) -> None:
         self.read_rss = read_rss
         self.on_fire = on_fire  # (rss, limit): report and ask to leave after the task
+        self.on_poll = on_poll  # every wake-up, busy or idle until it parks
         self.hard = 0
         self.interval = 0.01
         self._main_ident = threading.main_thread().ident
@@ -57,8 +62,6 @@ class Watch:
     # -- main thread -----------------------------------------------------------------------
 
     def task_started(self, run_code: CodeType | None) -> None:
-        if self.hard <= 0:
-            return
         self._token += 1
         self._pending = None
         self._run_code = run_code
@@ -95,6 +98,9 @@ class Watch:
             while True:
                 time.sleep(self.interval)
                 token = self._token
+                if self.on_poll is not None:
+                    with contextlib.suppress(Exception):  # the watch must outlive any error
+                        self.on_poll()
                 if not self._busy:
                     if time.monotonic() - idle_since > IDLE_PARK:
                         self._wake.clear()

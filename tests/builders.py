@@ -15,7 +15,8 @@ def child(index: int = 0, rss_mib: float = 50, **kw: Any) -> Child:
         "worker": "w@h", "index": index, "proc": ProcId(100 + index, 1000 + index), "ppid": 10,
         "rss": int(rss_mib * MiB), "uss": None, "pss": None, "tasks": 5, "task": None, "agent": True,
         "requested_at": None, "noted": False, "leaving": False,
-        "reported_end": True}  # as if its last reading were a task-end report: no grace
+        "reported_end": True,  # as if its last reading were a task-end report: no grace
+        "born": None}  # seen since the daemon started: as good as old
     values.update(kw)
     return Child(**values)
 

@@ -40,7 +40,7 @@ def collect(box: Inbox, until: Callable[[list[wire.Message]], bool], timeout: fl
 
 def test_agent_reports_worker_children_and_tasks(inbox: Inbox,
                                                  start_worker: Callable[..., Worker]) -> None:
-    """Hellos name the pool slots; each task is reported at start and end with RSS."""
+    """Hellos name the pool slots; a task's end is reported with its RSS before and after."""
     worker = start_worker(socket_path=inbox.path, extra_args=("--max-tasks-per-child", "50"))
     messages = collect(inbox, lambda m: any(isinstance(x, wire.WorkerHello) for x in m))
     hello = next(m for m in messages if isinstance(m, wire.WorkerHello))
@@ -54,15 +54,38 @@ def test_agent_reports_worker_children_and_tasks(inbox: Inbox,
 
     result = worker.send("keep", 8)
     child_pid = result.get(timeout=20)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskEnd) for x in m), seen=messages)
-    start = next(m for m in messages if isinstance(m, wire.TaskStart))
-    end = next(m for m in messages if isinstance(m, wire.TaskEnd))
-    assert start.pid == end.pid == child_pid
-    assert start.task == end.task == "tests.apps.leaky.keep"
-    assert start.id == end.id == result.id
-    assert end.ok
-    assert end.tasks == 1
-    assert end.rss - end.rss_before >= 8 * 1024 * 1024  # the 8 MiB it kept
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskBatch) for x in m), seen=messages)
+    batch = next(m for m in messages if isinstance(m, wire.TaskBatch))
+    assert batch.pid == child_pid
+    assert batch.first == 1
+    assert batch.names == ("tests.apps.leaky.keep",)
+    [(name, before, after, ok, age)] = batch.ends
+    assert (name, ok) == (0, 1)
+    assert after - before >= 8 * 1024 * 1024  # the 8 MiB it kept
+    assert 0 <= age <= 1000
+    assert not any(isinstance(m, wire.TaskRunning) for m in messages)  # too short to announce
+
+
+def test_a_long_task_is_announced_while_it_runs_and_short_ones_are_batched(
+        inbox: Inbox, start_worker: Callable[..., Worker]) -> None:
+    """One message per batch of short tasks; a task still running after a moment is named."""
+    worker = start_worker(socket_path=inbox.path, concurrency=1)
+    assert all(r.get(timeout=20) for r in [worker.send("noop") for _ in range(30)])
+    slow = worker.send("sleep_then_keep", 0.5, 1)
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskRunning) for x in m))
+    running = next(m for m in messages if isinstance(m, wire.TaskRunning))
+    assert (running.task, running.id, running.tasks) == (
+        "tests.apps.leaky.sleep_then_keep", slow.id, 30)
+    assert slow.get(timeout=20)
+    messages = collect(inbox, lambda m: sum(len(x.ends) for x in m
+                                            if isinstance(x, wire.TaskBatch)) == 31,
+                       seen=messages)
+    batches = [m for m in messages if isinstance(m, wire.TaskBatch)]
+    assert [b.first for b in batches] == sorted(b.first for b in batches)
+    assert batches[-1].names == ("tests.apps.leaky.sleep_then_keep",)
+    assert len(batches) < 30 / 2  # batched, not one message per task
+    kinds = [type(m).__name__ for m in messages if isinstance(m, wire.TaskBatch | wire.TaskRunning)]
+    assert kinds[-2:] == ["TaskRunning", "TaskBatch"]  # the announcement came before its end
 
 
 def test_an_idle_child_asked_to_recycle_leaves_at_once_and_its_slot_is_refilled(
@@ -96,13 +119,13 @@ def test_a_busy_child_finishes_its_task_before_leaving(inbox: Inbox,
     """The request arrives mid-task; the task still succeeds, then the child leaves."""
     worker = start_worker(socket_path=inbox.path, concurrency=1)
     result = worker.send("sleep_then_keep", 1.0, 1)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskStart) for x in m))
-    busy = next(m for m in messages if isinstance(m, wire.TaskStart)).pid
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskRunning) for x in m))
+    busy = next(m for m in messages if isinstance(m, wire.TaskRunning)).pid
     os.kill(busy, RECYCLE_SIGNAL)
     assert result.get(timeout=20) == busy
     messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildExit) for x in m), seen=messages)
     kinds = [type(m).__name__ for m in messages if getattr(m, "pid", None) == busy]
-    assert kinds.index("TaskEnd") < kinds.index("ChildExit")
+    assert kinds.index("TaskBatch") < kinds.index("ChildExit")
     assert worker.send("noop").get(timeout=20) != busy
 
 

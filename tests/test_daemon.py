@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,11 +55,29 @@ def procs() -> FakeProcs:
     return fake
 
 
+@pytest.fixture(autouse=True)
+def socket_dir(tmp_path: Path) -> Iterator[Path]:
+    """Each daemon here keeps its socket's neighbours (grant files) in the test's own directory."""
+    global _SOCKET
+    _SOCKET = tmp_path / "run" / "agent.sock"
+    _SOCKET.parent.mkdir()
+    yield _SOCKET.parent
+    _SOCKET = None
+
+
+_SOCKET: Path | None = None
+
+
 def make(procs: FakeProcs, clock: Clock | None = None, **sections: Any) -> Daemon:
+    """A daemon over the fake table; no jitter and no minimum lifetime unless a test sets them."""
     data: dict[str, Any] = {"limits": {"soft": "100MiB", "hard": "200MiB"},
-                            "recycle": {"jitter": 0}}
+                            "recycle": {"jitter": 0, "min_lifetime": 0},
+                            "agent": {"socket": str(_SOCKET)}}
     for key, values in sections.items():
-        data.setdefault(key, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(key, {}).update(values)
+        else:
+            data[key] = values
     cfg = config.parse(data, memory_total=16 * 1024 * MiB, env={})
     return Daemon(cfg, procs=procs, clock=clock or Clock(), log=structlog.get_logger())
 
@@ -348,13 +368,17 @@ def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None
 
 
 def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: Any) -> None:
-    """The children read the hard limit and watch interval from a file beside the socket."""
+    """The children read their limits, and the rules under which they may leave on their own,
+    from a file beside the socket."""
     daemon = make(procs, agent={"socket": str(tmp_path / "a.sock")},
-                  limits={"watch_interval": "20ms"})
+                  limits={"watch_interval": "20ms"},
+                  recycle={"min_lifetime": "3s", "skip_within_tasks": 4, "dry_run": True},
+                  workers=[{"match": "big@*", "limits": {"soft": "150MiB", "measure": "uss"}}])
     daemon._publish_settings()
     data = (tmp_path / "a.sock.settings.json").read_bytes()
-    assert wire.decode_settings(data) == wire.AgentSettings(hard=200 * MiB, watch_interval=0.02,
-                                                            soft=100 * MiB, jitter=0.0)
+    assert wire.decode_settings(data) == wire.AgentSettings(
+        hard=200 * MiB, watch_interval=0.02, soft=100 * MiB, jitter=0.0, dry_run=True,
+        min_lifetime=3.0, skip_within_tasks=4, workers=(("big@*", 200 * MiB, 150 * MiB, "uss"),))
 
 
 def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) -> None:
@@ -488,3 +512,152 @@ def test_a_storm_is_warned_once_with_its_figures(procs: FakeProcs, logs: list[di
     procs.table[KID0].rss = 150 * MiB
     daemon.tick(6.0)
     assert len([e for e in logs if e["event"] == "recycle_storm"]) == 2  # calmed, then again
+
+
+def batch(pid: int, first: int, *ends: tuple[str, float, float, int], index: int | None = None,
+          ) -> wire.TaskBatch:
+    """A child's batch of task ends: (task name, RSS before and after in MiB, age in ms)."""
+    names = tuple(dict.fromkeys(name for name, *_ in ends))
+    return wire.TaskBatch(
+        pid=pid, ppid=MAIN, index=index if index is not None else pid - KID0, first=first,
+        names=names, ends=tuple((names.index(name), int(before * MiB), int(after * MiB), 1, age)
+                                for name, before, after, age in ends))
+
+
+def test_a_batch_of_task_ends_is_folded_in_task_order(procs: FakeProcs) -> None:
+    """Each end counts: the task count, the growth by name, the leak history at its own time."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(batch(KID0, 1, ("app.a", 50, 52, 300), ("app.b", 52, 52, 200),
+                               ("app.a", 52, 54, 0))), 10.0)
+    child = daemon.state.workers[MAIN].children[KID0]
+    assert (child.tasks, child.rss, child.reported_end) == (3, 54 * MiB, True)
+    assert list(child.growth) == [2 * MiB, 0, 2 * MiB]
+    assert (daemon.state.growth["app.a"].count, daemon.state.growth["app.b"].count) == (2, 1)
+    assert child.history.last_at == 10.0
+    assert len(child.history) == 3
+    assert daemon.state.messages["task_batch"] == 1
+
+
+def test_ages_that_would_put_a_batch_before_the_last_one_keep_the_history_in_order(
+        procs: FakeProcs) -> None:
+    """Two batches read at different delays: the history never goes back in time."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(batch(KID0, 1, ("app.a", 50, 52, 0))), 10.0)
+    daemon.receive(dgram(batch(KID0, 2, ("app.a", 52, 54, 500))), 10.2)
+    child = daemon.state.workers[MAIN].children[KID0]
+    assert len(child.history) == 2
+    assert child.history.last_at == 10.0
+
+
+def test_a_running_task_is_shown_until_a_batch_ends_it_and_a_late_announcement_is_stale(
+        procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    running = wire.TaskRunning(pid=KID0, ppid=MAIN, index=0, task="app.slow", id="t6",
+                               rss=60 * MiB, tasks=5)
+    daemon.receive(dgram(running), 1.0)
+    assert daemon.state.workers[MAIN].children[KID0].task == "app.slow"
+    daemon.receive(dgram(batch(KID0, 6, ("app.slow", 60, 61, 0))), 2.0)
+    assert daemon.state.workers[MAIN].children[KID0].task is None
+    daemon.receive(dgram(running), 2.1)  # its task ended already: the announcement came late
+    assert daemon.state.workers[MAIN].children[KID0].task is None
+
+
+def test_a_batch_that_ends_over_the_limit_is_acted_on_at_once(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(batch(KID0, 1, ("app.a", 98, 99, 20), ("app.a", 99, 101, 0))), 0.1)
+    assert procs.signals == [(KID0, 38)]
+
+
+def _grant_file(daemon: Daemon) -> dict[str, Any]:
+    import json  # noqa: PLC0415
+
+    path = Path(f"{daemon.config.agent.socket}.grant.{MAIN}")
+    return dict(json.loads(path.read_text()))
+
+
+def test_the_tick_publishes_each_agent_workers_grant(procs: FakeProcs) -> None:
+    """Two children, half the pool may go at once: one unit, for the worker by pid and start."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    assert _grant_file(daemon) == {"v": 1, "worker": [MAIN, MAIN * 10], "grant": 1, "taken": []}
+
+
+def test_no_grant_is_published_in_a_dry_run(procs: FakeProcs) -> None:
+    daemon = make(procs, recycle={"dry_run": True})
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    assert _grant_file(daemon)["grant"] == 0
+
+
+def test_an_agentless_worker_gets_no_grant_file(socket_dir: Path) -> None:
+    procs = FakeProcs()
+    procs.add(20, 1, name="plain@h")
+    procs.add(21, 20)
+    make(procs).tick(0.0)
+    assert list(socket_dir.glob("*.grant.*")) == []
+
+
+def test_a_unit_a_child_took_counts_as_one_recycle_by_the_agent(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """Collected from the grant file on the tick, then announced by the child's exit: once."""
+    from celery_memguard import grants  # noqa: PLC0415
+
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    path = f"{daemon.config.agent.socket}.grant.{MAIN}"
+    assert grants.take(path, KID0, (MAIN, MAIN * 10), "soft")
+    assert not grants.take(path, KID1, (MAIN, MAIN * 10), "soft")
+    daemon.tick(1.0)
+    assert daemon.state.recycles[("w@h", "soft")] == 1
+    assert daemon.state.workers[MAIN].children[KID0].requested_at == 1.0
+    assert _grant_file(daemon)["grant"] == 0  # KID0 is still on its way out
+    daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 1.2)
+    assert daemon.state.recycles[("w@h", "soft")] == 1
+    assert _grant_file(daemon)["grant"] == 1  # it left: the next unit is out at once
+    assert procs.signals == []
+    [event] = [e for e in logs if e["event"] == "recycle_requested"]
+    assert event | {"worker": "w@h", "pid": KID0, "reason": "soft", "by": "agent"} == event
+
+
+def test_an_exit_under_a_grant_seen_first_is_counted_and_the_file_later_is_not(
+        procs: FakeProcs) -> None:
+    from celery_memguard import grants  # noqa: PLC0415
+
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    path = f"{daemon.config.agent.socket}.grant.{MAIN}"
+    assert grants.take(path, KID1, (MAIN, MAIN * 10), "predicted")
+    daemon.receive(dgram(wire.ChildExit(pid=KID1, ppid=MAIN, index=1, tasks=9,
+                                        reason="predicted")), 0.5)
+    daemon.tick(1.0)
+    assert daemon.state.recycles == {("w@h", "predicted"): 1}
+    assert daemon.state.requests["w@h"] == deque([0.5])
+
+
+def test_a_gone_worker_s_grant_file_is_removed(procs: FakeProcs, socket_dir: Path) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    assert [p.name for p in socket_dir.glob("*.grant.*")] == [f"agent.sock.grant.{MAIN}"]
+    for pid in (MAIN, KID0, KID1):
+        del procs.table[pid]
+    daemon.tick(1.0)
+    assert list(socket_dir.glob("*.grant.*")) == []
+
+
+def test_a_child_first_seen_less_than_min_lifetime_ago_is_held(procs: FakeProcs,
+                                                               logs: list[dict[str, Any]]) -> None:
+    daemon = make(procs, recycle={"min_lifetime": "5s"})
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.receive(dgram(task_end(KID0, 150, tasks=1)), 1.0)
+    assert procs.signals == []
+    assert [e["held_by"] for e in logs if e["event"] == "recycle_held"] == ["min_lifetime"]
+    daemon.receive(dgram(task_end(KID0, 152, tasks=2)), 5.0)
+    assert procs.signals == [(KID0, 38)]

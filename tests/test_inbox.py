@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from celery_memguard.inbox import Datagram, Inbox, SocketError
+from celery_memguard.wire import MAX_DATAGRAM
 
 
 def drain_all(inbox: Inbox, want: int = 1, timeout: float = 5.0) -> list[Datagram]:
@@ -81,7 +82,7 @@ def test_an_oversized_datagram_is_marked_truncated(tmp_path: Path) -> None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sender:
             sender.connect(str(tmp_path / "a.sock"))
-            sender.send(b"x" * 10000)
+            sender.send(b"x" * (MAX_DATAGRAM + 5000))
             [got] = drain_all(inbox)
         assert got.truncated
     finally:

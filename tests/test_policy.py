@@ -280,3 +280,62 @@ def test_a_storm_recycles_at_the_rate_limit_and_never_below_the_floor() -> None:
     decisions = policy.decide(snapshot(worker(*kids, concurrency=8)), limits(),
                               recycle(max_per_minute=3, max_share=1, min_serving=0), {}, now=0.0)
     assert len([d for d in decisions if d.acts]) == 3  # the rate limit
+
+
+def test_a_child_younger_than_min_lifetime_is_held_unless_past_the_hard_limit() -> None:
+    snap = snapshot(worker(child(0, 150, born=10.0), child(1, 250, born=10.0), concurrency=4))
+    young = policy.decide(snap, limits(), recycle(min_lifetime=5), {}, now=12.0)
+    assert [(d.index, d.hold) for d in young] == [(1, None), (0, Hold.MIN_LIFETIME)]
+    grown = policy.decide(snap, limits(), recycle(min_lifetime=5), {}, now=15.0)
+    assert [(d.index, d.hold) for d in grown] == [(1, None), (0, None)]
+
+
+def test_min_lifetime_also_holds_the_worker_total() -> None:
+    snap = snapshot(worker(child(0, 60, born=10.0), child(1, 60, born=10.0)))
+    [held] = policy.decide(snap, limits(worker_total="100MiB"), recycle(min_lifetime=5), {},
+                           now=12.0)
+    assert (held.reason, held.hold) == (Reason.WORKER_TOTAL, Hold.MIN_LIFETIME)
+
+
+def _grant(snap: object, now: float = 100.0, **kw: object) -> int:
+    requests = kw.pop("requests", {})
+    decisions = kw.pop("decisions", ())
+    [grant] = policy.grants(snap, recycle(**kw), requests, now, decisions).values()  # type: ignore[arg-type]
+    return grant
+
+
+def test_the_grant_is_what_the_share_cap_leaves() -> None:
+    """Half of a pool of four may be on its way out; one already is."""
+    assert _grant(snapshot(worker(*(child(i) for i in range(4)), concurrency=4))) == 2
+    asked = snapshot(worker(child(0, requested_at=99.0), *(child(i) for i in range(1, 4)),
+                            concurrency=4))
+    assert _grant(asked) == 1
+    leaving = snapshot(worker(child(0, leaving=True), *(child(i) for i in range(1, 4)),
+                              concurrency=4))
+    assert _grant(leaving) == 2  # it finished its last task: no longer in flight
+
+
+def test_the_grant_is_what_the_rate_limit_leaves() -> None:
+    snap = snapshot(worker(*(child(i) for i in range(8)), concurrency=8))
+    assert _grant(snap, requests={"w@h": [50.0, 60.0, 95.0]}, max_per_minute=4) == 1
+    assert _grant(snap, requests={"w@h": [30.0, 60.0, 95.0, 99.0]}, max_per_minute=4) == 1
+    assert _grant(snap, requests={"w@h": [60.0, 61.0, 95.0, 99.0]}, max_per_minute=4) == 0
+
+
+def test_the_grant_is_what_the_floor_leaves() -> None:
+    snap = snapshot(worker(child(0), child(1), child(2, leaving=True), concurrency=4))
+    assert _grant(snap, min_serving=1) == 1
+    assert _grant(snap, min_serving=2) == 0
+
+
+def test_decisions_just_taken_count_against_the_grant() -> None:
+    snap = snapshot(worker(*(child(i, 150) for i in range(4)), concurrency=4))
+    decisions = policy.decide(snap, limits(), recycle(), {}, now=100.0)
+    assert sum(d.acts for d in decisions) == 2
+    assert _grant(snap, decisions=decisions) == 0
+
+
+def test_no_grant_in_a_dry_run_or_for_a_worker_that_cannot_recycle() -> None:
+    assert _grant(snapshot(worker(child(0), child(1))), dry_run=True) == 0
+    assert _grant(snapshot(worker(child(0), child(1), agent=False, recycle_signal=None))) == 0
+    assert _grant(snapshot(worker(child(0), pool="solo"))) == 0

@@ -63,7 +63,22 @@ def test_the_thread_fires_once_past_the_limit_and_not_when_idle() -> None:
         signal.signal(INTERRUPT_SIGNAL, previous)
 
 
-def test_a_zero_hard_limit_starts_no_thread() -> None:
-    watch = Watch(lambda: 10**12, lambda r, limit: None)
+def test_a_zero_hard_limit_reads_no_rss_and_fires_nothing_but_still_polls() -> None:
+    """The thread still serves the child's reports; it only stops watching the memory."""
+    reads: list[int] = []
+    fired: list[tuple[int, int]] = []
+    polls: list[float] = []
+
+    def read() -> int:
+        reads.append(1)
+        return 10**12
+
+    watch = Watch(read, lambda r, limit: fired.append((r, limit)),
+                  lambda: polls.append(time.monotonic()))
+    watch.configure(0, 0.005)
     watch.task_started(None)
-    assert watch._thread is None
+    time.sleep(0.1)
+    watch.task_ended()
+    assert len(polls) >= 5
+    assert reads == []
+    assert fired == []

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from celery_memguard import wire
+from celery_memguard.child import _Batch
 
 MESSAGES: list[wire.Message] = [
     wire.WorkerHello(pid=10, node="celery@host", pool="prefork", concurrency=4, max_tasks=100,
@@ -19,6 +20,10 @@ MESSAGES: list[wire.Message] = [
     wire.TaskStart(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1),
     wire.TaskEnd(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123",
                  rss_before=1, rss=3, tasks=7, ok=True),
+    wire.TaskRunning(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1,
+                     tasks=6),
+    wire.TaskBatch(pid=11, ppid=10, index=0, first=5, names=("app.a", "app.b"),
+                   ends=((0, 1, 3, 1, 250), (1, 3, 3, 0, 12), (0, 3, 5, 1, 0))),
     wire.ChildExit(pid=11, ppid=10, index=0, tasks=7, reason="requested"),
     wire.TaskInterrupted(pid=11, ppid=10, index=0, task="app.big", id="x", rss=5, limit=4),
     wire.ChildDied(pid=10, child=11, index=0, exitcode=-9),
@@ -33,7 +38,7 @@ def test_round_trip(message: wire.Message) -> None:
 
 
 def _body(**changes: object) -> bytes:
-    body = json.loads(wire.encode(MESSAGES[4]))
+    body = json.loads(wire.encode(MESSAGES[4]))  # a TaskEnd
     body.update(changes)
     return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
@@ -125,8 +130,58 @@ def test_the_fast_task_encoders_produce_what_json_would(task: str, tid: str, rss
 
 def test_settings_carry_per_worker_limits_matched_by_nodename() -> None:
     settings = wire.AgentSettings(hard=300, watch_interval=0.01, soft=100, jitter=0.05,
-                                  workers=(("reports@*", 3000, 1000),))
+                                  workers=(("reports@*", 3000, 1000, "uss"),))
     decoded = wire.decode_settings(wire.encode_settings(settings))
     assert decoded == settings
-    assert decoded.for_worker("reports@h1") == (3000, 1000)
-    assert decoded.for_worker("default@h1") == (300, 100)
+    assert decoded.for_worker("reports@h1") == wire.WorkerLimits(3000, 1000, "uss")
+    assert decoded.for_worker("default@h1") == wire.WorkerLimits(300, 100, "rss")
+
+
+def test_settings_from_a_daemon_without_measures_per_worker_read_as_rss() -> None:
+    data = (b'{"v": 1, "hard": 300, "watch_interval": 0.01, "soft": 100, "jitter": 0.05,'
+            b' "workers": [["reports@*", 3000, 1000]]}')
+    decoded = wire.decode_settings(data)
+    assert decoded is not None
+    assert decoded.for_worker("reports@h1") == wire.WorkerLimits(3000, 1000, "rss")
+    assert (decoded.dry_run, decoded.min_lifetime, decoded.skip_within_tasks) == (False, 0.0, 0)
+
+
+def _batch(**changes: object) -> bytes:
+    body = json.loads(wire.encode(MESSAGES[6]))  # a TaskBatch
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"names": []}, "no names"),
+    ({"names": ["ok", "bad\n"]}, "an unprintable name"),
+    ({"names": [f"n{i}" for i in range(wire.MAX_BATCH_NAMES + 1)]}, "too many names"),
+    ({"ends": []}, "no task ends"),
+    ({"ends": [[2, 1, 3, 1, 0]]}, "a name index past the table"),
+    ({"ends": [[-1, 1, 3, 1, 0]]}, "a negative name index"),
+    ({"ends": [[0, 1, 3, 2, 0]]}, "ok neither 0 nor 1"),
+    ({"ends": [[0, 1, 3, 1, -5]]}, "a negative age"),
+    ({"ends": [[0, 1, 3, 1]]}, "an entry too short"),
+    ({"ends": [[0, 1.5, 3, 1, 0]]}, "a float"),
+    ({"ends": [[0, True, 3, 1, 0]]}, "a boolean for a size"),
+    ({"ends": [[0, 1, 3, 1, 0]] * (wire.MAX_BATCH + 1)}, "too many entries"),
+    ({"first": -1}, "a negative task number"),
+])
+def test_malformed_batches_are_refused(changes: dict[str, object], why: str) -> None:
+    with pytest.raises(wire.WireError) as error:
+        wire.decode(_batch(**changes))
+    assert error.value.reason == "bad_field", why
+
+
+@pytest.mark.parametrize("char", ["n", "\u00e9", "\U0001f600", '"'])
+def test_the_fullest_batch_an_agent_sends_fits_one_message(char: str) -> None:
+    """Long names (escaped six or twelve bytes a character) and the largest numbers: the
+    agent sends its batch before it passes the size the daemon reads."""
+    batch = _Batch()
+    n = 0
+    while not batch.due(0.0):
+        name = char * (wire.MAX_NAME - 4) + f"{n % 97:03d}"
+        batch.add(n + 1, name, 2**62 - 1, 2**62 - 1, True, 0.0)
+        n += 1
+    message = batch.take(2**31, 2**31, 1023, 2**31 / 1000 - 1)
+    assert wire.decode(wire.encode(message)) == message

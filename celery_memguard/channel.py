@@ -1,0 +1,86 @@
+"""An agent process's connection to the daemon: one SOCK_SEQPACKET connection, never blocking.
+
+A missing daemon costs one failed connect every two seconds at most, a full buffer loses the
+message (counted), and nothing here ever waits or raises into the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+from celery_memguard import wire
+
+SEND_BUFFER = 1 << 20  # bytes a process may have in flight to a busy daemon
+
+
+class Sender:
+    """This process's connection; a message that cannot go is only counted."""
+
+    RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between connection attempts, doubling
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.sent = 0
+        self.lost = 0
+        self._sock: socket.socket | None = None
+        self._bell: socket.socket | None = None
+        self._next_try = 0.0
+        self._retry = self.RETRY_MIN
+
+    def _connect(self) -> socket.socket | None:
+        """A restarted daemon is found again within a tenth of a second; a missing one costs a
+        failed connect every two seconds at most."""
+        now = time.monotonic()
+        if now < self._next_try:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # room for a burst while the daemon is busy
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            self._next_try = now + self._retry
+            self._retry = min(self._retry * 2, self.RETRY_MAX)
+            return None
+        self._retry = self.RETRY_MIN
+        self._sock = sock
+        return sock
+
+    def send(self, message: wire.Message) -> None:
+        sock = self._sock or self._connect()
+        if sock is None:
+            self.lost += 1
+            return
+        try:
+            sock.send(wire.encode(message), socket.MSG_NOSIGNAL)  # never a SIGPIPE into a worker
+            self.sent += 1
+        except BlockingIOError:
+            self.lost += 1  # the daemon is behind: drop this one, keep the connection
+        except OSError:
+            self.lost += 1  # the daemon went away: reconnect (a new one may be up already)
+            sock.close()
+            self._sock = None
+
+    def ring(self) -> None:
+        """Ask the daemon to read now: it reads routine reports in batches."""
+        try:
+            if self._bell is None:
+                self._bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
+            self._bell.sendto(b"!", wire.bell_path(self.path))
+        except OSError:
+            return  # no daemon, or its bell is full: it is awake already
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None

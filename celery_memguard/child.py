@@ -1,0 +1,321 @@
+"""A pool child's side of the agent: task bookkeeping, batched reports, and leaving safely.
+
+No Celery import: agent.py creates one ChildAgent per pool child and wires it to Celery's
+task signals and billiard's ``wait_for_job``.
+
+Reports cost the child almost nothing per task: the end of a task (its RSS before and after)
+is appended to a batch that is sent every ``FLUSH_SECONDS`` or when it fills, and a task is
+announced only once it has run ``ANNOUNCE_AFTER`` (from the watch thread, which polls while
+tasks run). Two messages per task, and the daemon woken for each, cost more CPU than the
+no-op tasks they described.
+
+A task that leaves the child past its own soft threshold (the daemon's exact figure: the same
+limit and jitter, from the published settings) is sent at once. Where the daemon has granted it
+in advance (grants.py), the child leaves right after that task on its own; otherwise it rings
+the daemon, which decides and signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any
+
+from celery_memguard import grants, rules, wire
+from celery_memguard.channel import Sender
+from celery_memguard.watch import Watch
+
+EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE, repeated to avoid importing billiard internals here
+CHILD_HELLO_SECONDS = 5.0
+FLUSH_SECONDS = 0.25  # the oldest task end in a batch waits at most this long (and idle)
+FLUSH_ENTRIES = 128
+FLUSH_BYTES = 12_000  # a batch is sent before it nears wire.MAX_DATAGRAM
+MAX_AGE_MS = 2**31 - 1  # what the wire takes
+ENTRY_BYTES = 60  # an encoded task end at most: five numbers, the largest the wire allows
+ANNOUNCE_AFTER = 0.05  # a task running this long is announced (TaskRunning)
+RETAKE_SECONDS = 0.1  # a child over its threshold but held tries its grant at most this often
+LEAVE_LOCK_SECONDS = 0.5  # leaving never waits longer than this for the report lock
+
+
+class StatmReader:
+    """Reads this process's RSS through one open descriptor (pread regenerates the file)."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+class _Batch:
+    """Task ends waiting to be sent, with the table of the names they use."""
+
+    __slots__ = ("ends", "first", "names", "opened", "size", "table")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.names: list[str] = []
+        self.table: dict[str, int] = {}
+        self.ends: list[tuple[int, int, int, int, float]] = []  # (name, before, after, ok, at)
+        self.first = 0
+        self.opened = 0.0
+        self.size = 0
+
+    def add(self, tasks: int, name: str, before: int, after: int, ok: bool, at: float) -> None:
+        if not self.ends:
+            self.first, self.opened = tasks, at
+        slot = self.table.get(name)
+        if slot is None:
+            slot = self.table[name] = len(self.names)
+            self.names.append(name)
+            self.size += len(json.dumps(name)) + 1
+        self.ends.append((slot, before, after, 1 if ok else 0, at))
+        self.size += ENTRY_BYTES
+
+    def due(self, now: float) -> bool:
+        return bool(self.ends) and (
+            now - self.opened >= FLUSH_SECONDS or len(self.ends) >= FLUSH_ENTRIES
+            or self.size >= FLUSH_BYTES or len(self.names) >= wire.MAX_BATCH_NAMES)
+
+    def take(self, pid: int, ppid: int, index: int, now: float) -> wire.TaskBatch:
+        message = wire.TaskBatch(
+            pid=pid, ppid=ppid, index=index, first=self.first, names=tuple(self.names),
+            ends=tuple((n, before, after, ok, min(int((now - at) * 1000), MAX_AGE_MS))
+                       for n, before, after, ok, at in self.ends))
+        self.clear()
+        return message
+
+
+class ChildAgent:
+    """Per pool child: its slot, task count, batch of reports, the recycle flag, its watch."""
+
+    def __init__(self, index: int, socket_path: str, node: str = "",
+                 max_tasks: int | None = None) -> None:
+        self.node = node  # the worker's nodename: per-worker limits in the settings
+        self.socket_path = socket_path
+        self.pid = os.getpid()
+        self.ppid = os.getppid()
+        self.index = index
+        self.max_tasks = max_tasks  # --max-tasks-per-child, as billiard applies it to this child
+        self.born = time.monotonic()
+        self.sender = Sender(socket_path)
+        self.tasks = 0
+        self.recycle_requested = False
+        self.exit_reason = "requested"
+        self.waiting = False  # blocked in billiard's read of the next job
+        self.running = False  # a task runs now (between task_prerun and task_postrun)
+        self.announced = False  # the running task was announced
+        self.rss_before = 0
+        self.task_name = ""
+        self.task_id = ""
+        self.task_started = 0.0
+        self.statm = StatmReader()
+        self.last_hello = 0.0
+        self.watch = Watch(self.statm.rss, self.on_hard_limit, self.on_poll)
+        self.start_ticks = start_ticks(self.pid)
+        self.worker = (self.ppid, start_ticks(self.ppid))  # the identity its grants are for
+        self.grant_path = grants.grant_path(socket_path, self.ppid)
+        self.growth: deque[int] = deque(maxlen=8)  # RSS each recent task left behind
+        self.rang: set[str] = set()  # reasons the daemon was rung for already
+        self.retake_at = 0.0
+        self._settings_mtime = 0.0
+        self._batch = _Batch()
+        self._lock = threading.Lock()  # the batch and the connection: main and watch threads
+        # from the published settings
+        self.soft_threshold = 0  # this process's own: the soft limit lowered by its jitter
+        self.hard = 0
+        self.measure = "rss"
+        self.ahead = 0  # predictive recycling's look-ahead in tasks (0: off)
+        self.dry_run = False
+        self.min_lifetime = 0.0
+        self.skip_within_tasks = 0
+
+    # -- settings and hellos ----------------------------------------------------------------
+
+    def hello(self) -> None:
+        self.last_hello = time.monotonic()
+        self.load_settings()
+        self._send(wire.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
+                                   tasks=self.tasks, rss=self.statm.rss()))
+
+    def load_settings(self) -> None:
+        """Pick up the limits and rules the daemon publishes beside its socket, when changed."""
+        path = wire.settings_path(self.socket_path)
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime == self._settings_mtime:
+                return
+            with open(path, "rb") as fh:
+                settings = wire.decode_settings(fh.read(65536))
+        except OSError:
+            return
+        if settings is None:
+            return
+        self._settings_mtime = mtime
+        limits = settings.for_worker(self.node)
+        self.hard, self.measure = limits.hard, limits.measure
+        self.ahead, self.dry_run = settings.ahead, settings.dry_run
+        self.min_lifetime, self.skip_within_tasks = settings.min_lifetime, settings.skip_within_tasks
+        self.watch.configure(limits.hard, settings.watch_interval)
+        self.soft_threshold = (rules.soft_threshold(limits.soft, settings.jitter, self.pid,
+                                                    self.start_ticks)
+                               if limits.soft and self.start_ticks else 0)
+
+    # -- tasks (main thread) ----------------------------------------------------------------
+
+    def begin(self, name: str, task_id: str, run_code: CodeType | None) -> None:
+        self.rss_before = self.statm.rss()
+        self.task_name, self.task_id = name, task_id
+        self.task_started = time.monotonic()
+        self.announced = False
+        self.running = True
+        self.watch.task_started(run_code)
+
+    def end(self, ok: bool) -> None:
+        self.running = False
+        self.watch.task_ended()
+        self.tasks += 1
+        rss = self.statm.rss()
+        self.growth.append(rss - self.rss_before)
+        now = time.monotonic()
+        with self._lock:
+            self._batch.add(self.tasks, self.task_name, self.rss_before, rss, ok, now)
+            verdict = None if self.recycle_requested else self.verdict(rss, now)
+            if verdict is not None or self._batch.due(now):
+                self._flush(now)
+            if verdict == "ring":
+                self.sender.ring()
+
+    def verdict(self, rss: int, now: float) -> str | None:
+        """What a task that left ``rss`` calls for: None (nothing), "self" (this child took a
+        grant and leaves after the task), "ring" (the daemon must decide: no grant left, a
+        dry run, a measure the child does not read, or a hold the daemon should log).
+
+        The rules are the policy's (rules.py). A child held here tries again at most every
+        ``RETAKE_SECONDS``, and rings once per reason: later reports reach the daemon with the
+        batches, and its tick looks at held children again.
+        """
+        threshold = self.soft_threshold
+        if threshold <= 0:
+            return None
+        if rss >= threshold:
+            reason = "soft"
+        elif rules.predicts_crossing(rss, rules.growth_per_task(self.growth), self.ahead, threshold):
+            reason = "predicted"
+        else:
+            return None
+        if now < self.retake_at:
+            return None
+        self.retake_at = now + RETAKE_SECONDS
+        if (self.measure == "rss" and not self.dry_run
+                and not rules.max_tasks_soon(self.tasks, self.max_tasks, self.skip_within_tasks)
+                and not rules.too_young(now - self.born, self.min_lifetime, rss, self.hard)
+                and grants.take(self.grant_path, self.pid, self.worker, reason)):
+            self.recycle_requested = True
+            self.exit_reason = reason
+            return "self"
+        if reason in self.rang:
+            return None
+        self.rang.add(reason)
+        return "ring"
+
+    # -- the watch thread -------------------------------------------------------------------
+
+    def on_poll(self) -> None:
+        """Announce a task that has run ``ANNOUNCE_AFTER``; send the batch of an idle child."""
+        now = time.monotonic()
+        if self.running:
+            if self.announced or now - self.task_started < ANNOUNCE_AFTER:
+                return
+            with self._lock:
+                if not self.running or self.announced:
+                    return  # it ended meanwhile: its end is in the batch, no announcement
+                self.announced = True
+                self._flush(now)  # what came before it goes first
+                self.sender.send(wire.TaskRunning(
+                    pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
+                    id=self.task_id, rss=self.statm.rss(), tasks=self.tasks))
+        elif self._batch.ends and now - self._batch.opened >= FLUSH_SECONDS:
+            with self._lock:
+                self._flush(now)
+
+    def on_hard_limit(self, rss: int, limit: int) -> None:
+        """Called by the watch thread: report the task, and leave after it in any case."""
+        self.recycle_requested = True
+        self.exit_reason = "hard"
+        self._send(wire.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
+                                        task=self.task_name, id=self.task_id, rss=rss,
+                                        limit=limit))
+
+    # -- leaving ----------------------------------------------------------------------------
+
+    def on_recycle_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.recycle_requested = True
+        if self.waiting:
+            # Idle, blocked reading the next job: nothing has been acknowledged to the parent,
+            # which puts back a job written to a child that exits before its ACK.
+            self.waiting = False
+            self.leave()
+
+    def leave(self) -> None:
+        locked = self._lock.acquire(timeout=LEAVE_LOCK_SECONDS)
+        try:
+            self._flush(time.monotonic())
+            self.sender.send(wire.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
+                                            tasks=self.tasks, reason=self.exit_reason))
+        finally:
+            if locked:
+                self._lock.release()
+        sys.exit(EX_RECYCLE)  # billiard's own sys.exit wrapper records the exit code
+
+    def wrap_wait_for_job(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+            if self.recycle_requested:
+                self.leave()
+            if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
+                self.hello()
+            self.waiting = True
+            try:
+                if self.recycle_requested:  # the signal came between the check and now
+                    self.waiting = False
+                    self.leave()
+                return original(*args, **kwargs)
+            finally:
+                self.waiting = False
+
+        return wait_for_job
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send(self, message: wire.Message) -> None:
+        with self._lock:
+            self._flush(time.monotonic())  # in order: the batch holds earlier events
+            self.sender.send(message)
+
+    def _flush(self, now: float) -> None:
+        """Send the batch; the caller holds the lock."""
+        if self._batch.ends:
+            self.sender.send(self._batch.take(self.pid, self.ppid, self.index, now))
+
+
+def start_ticks(pid: int) -> int:
+    """A process's start time in clock ticks (/proc/PID/stat field 22): with the pid, the
+    identity the daemon's jitter and grants are computed from. 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0

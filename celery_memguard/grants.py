@@ -1,0 +1,126 @@
+"""Recycle grants: how many children of a worker may recycle themselves before the daemon
+looks again.
+
+A child whose task leaves it past its soft threshold should leave right after that task. When
+the daemon has to be told first and answer with a signal, the answer comes tens to hundreds
+of milliseconds later on a busy host, and a fast leaker runs several more tasks meanwhile.
+So the daemon publishes in advance, per worker, what its rate limit, share cap and floor allow
+(``policy.grants``), in a small file beside its socket; a child past its threshold takes one
+unit under the file's lock and leaves after its task, and the daemon collects the units taken
+when it next publishes. A child that finds none left reports and waits for the daemon's word.
+
+Both sides lock without blocking: neither a stopped daemon nor a stopped child can hold the
+other up. The file names the worker by pid and start time, so a reused pid never inherits a
+grant. No dependencies beyond the standard library: the agent imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+
+VERSION = 1
+LOCK_TRIES = 20  # attempts 50 µs apart: the other side holds the lock for microseconds
+FILE_MODE = 0o660
+
+
+def grant_path(socket_path: str, worker_pid: int) -> str:
+    return f"{socket_path}.grant.{worker_pid}"
+
+
+REASONS = ("soft", "predicted")
+
+
+def exchange(path: str, worker: tuple[int, int], grant: int) -> list[tuple[int, str]] | None:
+    """Daemon side: collect (pid, reason) of the children that took a unit since the last
+    exchange and publish ``grant`` less those (it was computed before they were counted). None
+    when the file is locked or cannot be written: nothing changed, try again on the next tick."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    except OSError:
+        return None
+    try:
+        if not _lock(fd):
+            return None
+        os.fchmod(fd, FILE_MODE)
+        body = _read(fd, worker)
+        taken = body[1] if body is not None else []
+        _write(fd, worker, max(0, grant - len(taken)), [])
+    except OSError:
+        return None
+    else:
+        return taken
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def take(path: str, pid: int, worker: tuple[int, int], reason: str) -> bool:
+    """Child side: take one unit of this worker's grant for ``pid`` (``reason``: soft or
+    predicted); False when none is left, the file is missing or locked, or it belongs to an
+    earlier process that had the worker's pid."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if not _lock(fd):
+            return False
+        body = _read(fd, worker)
+        if body is None:
+            return False
+        grant, taken = body
+        if len(taken) >= grant or any(p == pid for p, _ in taken):
+            return False
+        _write(fd, worker, grant, [*taken, (pid, reason)])
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _lock(fd: int) -> bool:
+    for _ in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            time.sleep(0.00005)
+        else:
+            return True
+    return False
+
+
+def _read(fd: int, worker: tuple[int, int]) -> tuple[int, list[tuple[int, str]]] | None:
+    """(grant, taken) for this worker, or None for anything else (empty, malformed, the file of
+    an earlier process with the same pid)."""
+    try:
+        body = json.loads(os.pread(fd, 65536, 0))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or body.get("v") != VERSION or body.get("worker") != list(worker):
+        return None
+    grant, taken = body.get("grant"), body.get("taken")
+    if (type(grant) is not int or grant < 0 or not isinstance(taken, list) or len(taken) > 4096
+            or not all(isinstance(t, list) and len(t) == 2 and type(t[0]) is int and t[0] > 0
+                       and t[1] in REASONS for t in taken)):
+        return None
+    return grant, [(t[0], t[1]) for t in taken]
+
+
+def _write(fd: int, worker: tuple[int, int], grant: int, taken: list[tuple[int, str]]) -> None:
+    data = json.dumps({"v": VERSION, "worker": list(worker), "grant": grant,
+                       "taken": [list(t) for t in taken]}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)

@@ -1,0 +1,51 @@
+"""Rules both sides of the socket apply: a child's soft threshold, its predicted crossing, and
+the holds a single child is subject to.
+
+The daemon's policy and a child's agent must reach the same verdict on the same figures: the
+agent recycles its own child under a grant the daemon published in advance (grants.py), and the
+daemon decides for the children that could not. Pure and dependency-free, so the agent can
+import it without pydantic or psutil.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import zlib
+from collections.abc import Sequence
+
+GROWTH_SAMPLES = 4  # recent tasks needed before their growth predicts anything
+
+
+def jitter_fraction(pid: int, start: int) -> float:
+    """A stable number in [0, 1) per process (pid and start time in clock ticks)."""
+    return zlib.crc32(f"{pid}:{start}".encode()) / 2**32
+
+
+@functools.lru_cache(maxsize=8192)
+def soft_threshold(soft: int, jitter: float, pid: int, start: int) -> int:
+    """The soft limit lowered by this process's share of the jitter, never raised above it.
+    Cached: a tick asks it several times for every child."""
+    return int(soft * (1.0 - jitter * jitter_fraction(pid, start)))
+
+
+def growth_per_task(recent: Sequence[int]) -> float:
+    """The median RSS growth of a child's recent tasks; 0 until there are enough of them."""
+    return float(statistics.median(recent)) if len(recent) >= GROWTH_SAMPLES else 0.0
+
+
+def predicts_crossing(value: int, growth: float, ahead: int, threshold: int) -> bool:
+    """Whether ``ahead`` more tasks growing by ``growth`` each take ``value`` past ``threshold``
+    (predictive recycling: the next task, and one that may already be on its way)."""
+    return ahead > 0 and growth > 0 and value + ahead * growth >= threshold
+
+
+def max_tasks_soon(tasks: int, max_tasks: int | None, within: int) -> bool:
+    """--max-tasks-per-child will recycle this child within ``within`` tasks anyway."""
+    return bool(max_tasks) and tasks >= (max_tasks or 0) - within
+
+
+def too_young(age: float, min_lifetime: float, value: int, hard: int) -> bool:
+    """A child younger than ``min_lifetime`` is left alone unless it is past the hard limit, so
+    a limit set below what a fresh child needs cannot recycle a pool in a tight loop."""
+    return age < min_lifetime and not (0 < hard <= value)

@@ -1,0 +1,107 @@
+"""A pool child's verdict on its own task-end report: leave under a grant, ring, or nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery_memguard import grants
+from celery_memguard.child import RETAKE_SECONDS, ChildAgent
+
+MiB = 1024 * 1024
+
+
+def _agent(tmp_path: Path, threshold_mib: float = 100, grant: int = 1, **settings: object) -> ChildAgent:
+    """A child agent of this process with a soft threshold, and a grant file for its worker."""
+    agent = ChildAgent(0, str(tmp_path / "agent.sock"))
+    agent.soft_threshold = int(threshold_mib * MiB)
+    agent.born = -1000.0  # old enough for any minimum lifetime
+    for name, value in settings.items():
+        setattr(agent, name, value)
+    if grant >= 0:
+        assert grants.exchange(agent.grant_path, agent.worker, grant) == []
+    return agent
+
+
+def _taken(agent: ChildAgent) -> list[tuple[int, str]] | None:
+    return grants.exchange(agent.grant_path, agent.worker, 0)
+
+
+def test_a_report_under_the_threshold_calls_for_nothing(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    assert [agent.verdict(n * MiB, 0.0) for n in range(90, 100)] == [None] * 10
+    assert not agent.recycle_requested
+    assert _taken(agent) == []
+
+
+def test_past_the_threshold_with_a_grant_the_child_leaves_after_its_task(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    assert agent.verdict(100 * MiB, 0.0) == "self"
+    assert agent.recycle_requested
+    assert agent.exit_reason == "soft"
+    assert _taken(agent) == [(os.getpid(), "soft")]
+
+
+def test_with_the_grant_used_up_the_child_rings_once_then_retries_quietly(tmp_path: Path) -> None:
+    """The daemon decides for a child it did not grant; a held child tries again now and then."""
+    agent = _agent(tmp_path, grant=0)
+    assert agent.verdict(101 * MiB, 0.0) == "ring"
+    assert agent.verdict(102 * MiB, 0.0) is None  # too soon to try again
+    assert agent.verdict(103 * MiB, RETAKE_SECONDS) is None  # tried, no grant: rung already
+    assert not agent.recycle_requested
+    assert grants.exchange(agent.grant_path, agent.worker, 1) == []
+    assert agent.verdict(104 * MiB, 2 * RETAKE_SECONDS) == "self"
+
+
+def test_a_missing_grant_file_means_the_daemon_decides(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, grant=-1)
+    assert agent.verdict(150 * MiB, 0.0) == "ring"
+    assert not agent.recycle_requested
+
+
+def test_in_a_dry_run_the_child_never_leaves_on_its_own(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, dry_run=True)
+    assert agent.verdict(150 * MiB, 0.0) == "ring"
+    assert not agent.recycle_requested
+    assert _taken(agent) == []
+
+
+def test_with_uss_or_pss_as_the_measure_the_daemon_decides(tmp_path: Path) -> None:
+    """RSS past the threshold says nothing certain about USS: the daemon reads it."""
+    for measure in ("uss", "pss"):
+        agent = _agent(tmp_path, measure=measure)
+        assert agent.verdict(150 * MiB, 0.0) == "ring"
+        assert not agent.recycle_requested
+
+
+def test_a_young_child_does_not_leave_for_its_soft_limit_only_past_the_hard_one(
+        tmp_path: Path) -> None:
+    agent = _agent(tmp_path, min_lifetime=5.0, hard=200 * MiB)
+    agent.born = 0.0
+    assert agent.verdict(150 * MiB, 1.0) == "ring"
+    assert not agent.recycle_requested
+    assert agent.verdict(201 * MiB, 1.0 + RETAKE_SECONDS) == "self"
+
+
+def test_a_child_that_max_tasks_will_recycle_soon_leaves_it_to_billiard(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, max_tasks=100, skip_within_tasks=2)
+    agent.tasks = 98
+    assert agent.verdict(150 * MiB, 0.0) == "ring"
+    assert not agent.recycle_requested
+    agent.tasks = 97
+    assert agent.verdict(150 * MiB, RETAKE_SECONDS) == "self"
+
+
+def test_predictive_recycling_leaves_before_the_crossing(tmp_path: Path) -> None:
+    """With a look-ahead of two tasks of 2 MiB each, 97 MiB against 100 MiB is near enough."""
+    agent = _agent(tmp_path, ahead=2)
+    agent.growth.extend([2 * MiB] * 4)
+    assert agent.verdict(95 * MiB, 0.0) is None  # 95 + 2 * 2 < 100
+    assert agent.verdict(97 * MiB, 0.0) == "self"
+    assert agent.exit_reason == "predicted"
+    assert _taken(agent) == [(os.getpid(), "predicted")]
+
+
+def test_without_a_published_soft_limit_nothing_is_called_for(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, threshold_mib=0)
+    assert agent.verdict(2000 * MiB, 0.0) is None
