@@ -21,7 +21,7 @@ from typing import Any
 
 from celery_memguard import grants, growth, policy, wire
 from celery_memguard.actions import Actor
-from celery_memguard.config import Config, ConfigError, split_listen
+from celery_memguard.config import Config, ConfigError, LimitsConfig, split_listen
 from celery_memguard.inbox import Datagram, Inbox, raise_fd_limit
 from celery_memguard.metrics import HttpServer, Metrics, View, status_document
 from celery_memguard.model import Decision, Snapshot
@@ -55,6 +55,7 @@ class Daemon:
         from celery_memguard import log as logmod  # noqa: PLC0415 - avoids a cycle at import
 
         self.config = config
+        self._limits: dict[str, LimitsConfig] = {}  # limits_for, per worker name
         self.procs = procs if procs is not None else Procs()
         self.clock = clock
         self.log = log if log is not None else logmod.get()
@@ -236,6 +237,7 @@ class Daemon:
                 "metrics": new.metrics.model_copy(update={"listen": self.config.metrics.listen})})
         self.state.task_names.limit = new.metrics.max_task_names
         self.config = new
+        self._limits.clear()
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter = new.recycle.jitter
         if self.http is not None:  # running: the agents re-read the file within seconds
@@ -325,13 +327,22 @@ class Daemon:
                           tasks=child.tasks, rss_bytes=child.rss,
                           requested=child.requested_at is not None)
 
+    def limits_for(self, worker: str) -> LimitsConfig:
+        """The config's limits for a worker name, remembered: a tick asks for every child."""
+        limits = self._limits.get(worker)
+        if limits is None:
+            if len(self._limits) > 4096:
+                self._limits.clear()
+            limits = self._limits[worker] = self.config.limits_for(worker)
+        return limits
+
     def _soft_hard(self, worker: str) -> tuple[int, int]:
-        limits = self.config.limits_for(worker)
+        limits = self.limits_for(worker)
         return limits.soft, limits.hard
 
     def _total_clock(self, rec: WorkerRec, now: float) -> None:
         """Since when the children's sum (USS where sampled) has been over worker_total."""
-        limit = self.config.limits_for(rec.name or "").worker_total
+        limit = self.limits_for(rec.name or "").worker_total
         total = sum(c.uss if c.uss is not None else c.rss for c in rec.children.values())
         if limit is not None and total >= limit:
             if rec.total_over_since is None:
@@ -344,7 +355,7 @@ class Daemon:
         the hot path, so only that child is looked at (the others changed on the tick, which
         decides for all). RSS bounds USS and PSS from above, so a child under the lowest soft
         threshold by RSS needs no snapshot; worker_total, when set, sums the pool."""
-        limits = self.config.limits_for(rec.name or "")
+        limits = self.limits_for(rec.name or "")
         child = rec.children.get(pid)
         if child is not None:
             floor = limits.soft * (1.0 - self.config.recycle.jitter)
@@ -362,7 +373,7 @@ class Daemon:
         RSS bounds both from above: a child under its soft limit by RSS is under by USS, and
         a worker whose children's RSS sum is under worker_total is under by USS too.
         """
-        limits = self.config.limits_for(rec.name or "")
+        limits = self.limits_for(rec.name or "")
         whole = (limits.worker_total is not None
                  and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
         floor = (limits.soft * (1.0 - self.config.recycle.jitter) if limits.measure != "rss"
@@ -378,7 +389,7 @@ class Daemon:
     def _decide(self, now: float, only: WorkerRec | None) -> None:
         """Decide for one worker (a report) or all (the tick, which also publishes the view)."""
         snapshot = self.state.snapshot(now, only=only, trends=only is None)
-        decisions = policy.decide(snapshot, self.config.limits_for, self.config.recycle,
+        decisions = policy.decide(snapshot, self.limits_for, self.config.recycle,
                                   self.state.requests, now,
                                   term_grace=self.config.sampling.interval)
         if decisions:
@@ -420,7 +431,7 @@ class Daemon:
             if not worker.has_children or not worker.children:
                 self._storms.discard(worker.name)
                 continue
-            limits = self.config.limits_for(worker.name)
+            limits = self.limits_for(worker.name)
             over = [c for c in worker.children if policy.measured(c, limits.measure)
                     >= policy.soft_threshold(limits, self.config.recycle, c.proc)]
             if len(over) < len(worker.children):
@@ -463,8 +474,8 @@ class Daemon:
         return View(
             snapshot=snapshot if snapshot is not None else state.snapshot(now, trends=True),
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
-            worker_limits={w.name: {"soft": self.config.limits_for(w.name).soft,
-                                    "hard": self.config.limits_for(w.name).hard}
+            worker_limits={w.name: {"soft": self.limits_for(w.name).soft,
+                                    "hard": self.limits_for(w.name).hard}
                            for w in (snapshot or state.snapshot(now)).workers},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
