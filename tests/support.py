@@ -204,8 +204,9 @@ class Daemon:
         deadline = time.monotonic() + 15
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                output = self.output()  # before stop() closes the log
                 self.stop()
-                raise RuntimeError(f"daemon did not start: {self.output()}")
+                raise RuntimeError(f"daemon did not start: {output}")
             time.sleep(0.05)
 
     def healthy(self) -> bool:
