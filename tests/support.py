@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,23 @@ def tail(log: Any, path: Path) -> str:
     return path.read_text(errors="replace")[-3000:]
 
 
+@dataclass(frozen=True)
+class User:
+    """Who a test's process runs as: uid and gid, an interpreter that user can run, and
+    variables added to the environment (for that interpreter, HOME, ...)."""
+
+    uid: int
+    gid: int
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        """Popen arguments that switch to this user; none when this process already is it."""
+        if (os.geteuid(), os.getegid()) == (self.uid, self.gid):
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
 def kill_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM the process, then SIGKILL its whole session if it lingers."""
     if proc.poll() is None:
@@ -115,7 +133,7 @@ class Worker:
                  concurrency: int = 2, acks_late: bool = False, agent: bool = True,
                  extra_args: tuple[str, ...] = (), name: str | None = None,
                  queue: str | None = None, restart: bool = False,
-                 global_args: tuple[str, ...] = ()) -> None:
+                 global_args: tuple[str, ...] = (), user: User | None = None) -> None:
         self.queue = queue or f"q{os.getpid()}_{free_port()}"
         self.name = name or f"{self.queue}@memguard-test"
         self.concurrency = concurrency
@@ -134,13 +152,17 @@ class Worker:
         })
         if socket_path is not None:
             env["CELERY_MEMGUARD_SOCKET"] = str(socket_path)
+        if user is not None:
+            env.update(user.env)
         self.log = self.log_path.open("wb")
         self.args = extra_args
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.apps.leaky", *global_args, "worker",
+            [user.python if user else sys.executable, "-m", "celery", "-A", "tests.apps.leaky",
+             *global_args, "worker",
              "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
              "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            **(user.popen_kwargs() if user else {}))
 
     @property
     def pid(self) -> int:
@@ -178,7 +200,8 @@ class Worker:
 class Daemon:
     """``python -m celery_memguard run`` with a config written to tmp."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any], socket_path: Path | None = None) -> None:
+    def __init__(self, tmp: Path, config: dict[str, Any], socket_path: Path | None = None,
+                 user: User | None = None) -> None:
         import yaml  # noqa: PLC0415
 
         tmp.mkdir(parents=True, exist_ok=True)
@@ -198,9 +221,13 @@ class Daemon:
         self.log_path = tmp / "daemon.log"
         self.log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if k != "CELERY_MEMGUARD_SOCKET"}
+        if user is not None:
+            env.update(user.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery_memguard", "run", "--config", str(self.config_path)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [user.python if user else sys.executable, "-m", "celery_memguard", "run",
+             "--config", str(self.config_path)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            **(user.popen_kwargs() if user else {}))
         deadline = time.monotonic() + 15
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
