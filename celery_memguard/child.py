@@ -193,10 +193,12 @@ class ChildAgent:
         with self._lock:
             self._batch.add(self.tasks, self.task_name, self.rss_before, rss, ok, now)
             verdict = None if self.recycle_requested else self.verdict(rss, now)
-            if verdict is not None or self._batch.due(now):
+            if verdict == "ring" or (verdict is None and self._batch.due(now)):
                 self._flush(now)
             if verdict == "ring":
                 self.sender.ring()
+            # "self": leave() follows at once and sends the batch after the exit, so that the
+            # daemon knows the child is leaving before it reads the report that crossed.
 
     def verdict(self, rss: int, now: float) -> str | None:
         """What a task that left ``rss`` calls for: None (nothing), "self" (this child took a
@@ -270,11 +272,15 @@ class ChildAgent:
             self.leave()
 
     def leave(self) -> None:
+        """Say so and exit through billiard's recycle path. The exit goes before the last task
+        ends (the daemon must not decide on a report of a child that is leaving), and the
+        daemon is rung: one fewer child on its way out may free a unit for the next one."""
         locked = self._lock.acquire(timeout=LEAVE_LOCK_SECONDS)
         try:
-            self._flush(time.monotonic())
             self.sender.send(wire.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
                                             tasks=self.tasks, reason=self.exit_reason))
+            self._flush(time.monotonic())
+            self.sender.ring()
         finally:
             if locked:
                 self._lock.release()

@@ -123,9 +123,12 @@ def test_a_busy_child_finishes_its_task_before_leaving(inbox: Inbox,
     busy = next(m for m in messages if isinstance(m, wire.TaskRunning)).pid
     os.kill(busy, RECYCLE_SIGNAL)
     assert result.get(timeout=20) == busy
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildExit) for x in m), seen=messages)
-    kinds = [type(m).__name__ for m in messages if getattr(m, "pid", None) == busy]
-    assert kinds.index("TaskBatch") < kinds.index("ChildExit")
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskBatch) and x.pid == busy
+                                            for x in m), seen=messages)
+    [exit_message] = [m for m in messages if isinstance(m, wire.ChildExit)]
+    [batch] = [m for m in messages if isinstance(m, wire.TaskBatch) and m.pid == busy]
+    assert (exit_message.pid, exit_message.tasks, exit_message.reason) == (busy, 1, "requested")
+    assert (batch.first, len(batch.ends)) == (1, 1)  # the task it finished before leaving
     assert worker.send("noop").get(timeout=20) != busy
 
 
