@@ -109,7 +109,8 @@ def _read(fd: int, worker: tuple[int, int]) -> tuple[int, list[tuple[int, str]]]
         body = json.loads(os.pread(fd, 65536, 0))
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(body, dict) or body.get("v") != VERSION or body.get("worker") != list(worker):
+    if (not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != VERSION
+            or body.get("worker") != list(worker)):
         return None
     grant, taken = body.get("grant"), body.get("taken")
     if (type(grant) is not int or grant < 0 or not isinstance(taken, list) or len(taken) > 4096

@@ -241,7 +241,7 @@ def decode(data: bytes) -> Message:
         raise WireError("not_json", str(exc)[:80]) from None
     if not isinstance(body, dict):
         raise WireError("not_object")
-    if body.get("v") != VERSION:
+    if type(body.get("v")) is not int or body["v"] != VERSION:  # 1.0 and true equal 1
         raise WireError("bad_version", repr(body.get("v"))[:20])
     kind = body.get("t")
     if not isinstance(kind, str) or kind not in _FIELDS:
@@ -394,7 +394,7 @@ def decode_settings(data: bytes) -> AgentSettings | None:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(body, dict) or body.get("v") != VERSION:
+    if not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != VERSION:
         return None
     hard, interval = body.get("hard"), body.get("watch_interval")
     soft, jitter = body.get("soft", 0), body.get("jitter", 0.0)

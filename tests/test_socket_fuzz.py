@@ -115,9 +115,8 @@ def _extra(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
 
 
 def _version(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
-    # Not 1.0 or true: they compare equal to 1, and the decoder takes them.
     body["v"] = draw(_ints.filter(lambda v: v != 1) | st.text(max_size=5) | st.none()
-                     | st.lists(_ints, max_size=2))
+                     | st.lists(_ints, max_size=2) | st.sampled_from([1.0, True]))
     return _encode(body), "bad_version"
 
 

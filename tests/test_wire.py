@@ -50,6 +50,8 @@ def _body(**changes: object) -> bytes:
     (b'{"v":1,"t":"e"', "not_json"),
     (b"[1,2]", "not_object"),
     (_body(v=2), "bad_version"),
+    (_body(v=1.0), "bad_version"),
+    (_body(v=True), "bad_version"),
     (_body(t="z"), "unknown_type"),
     (_body(extra=1), "unknown_field"),
     (_body(rss=...), "missing_field"),
