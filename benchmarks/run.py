@@ -325,12 +325,15 @@ GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None]] = [
     ("celery-memguard soft 150MiB", [], True,
      {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
       "log": {"level": "info"}}),
+    ("celery-memguard soft 150MiB, jitter 0", [], True,
+     {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
+      "recycle": {"jitter": 0}, "log": {"level": "info"}}),
 ]
 
 
 def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
     kinds = workload_w(150 if quick else 600)
-    guards = GUARDS[-2:] if quick else GUARDS
+    guards = GUARDS[3:5] if quick else GUARDS
     results: dict[str, list[Run]] = {g[0]: [] for g in guards}
     for _ in range(runs):  # interleaved: one run of every guard, then the next round
         for name, args, agent, daemon_config in guards:

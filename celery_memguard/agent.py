@@ -36,6 +36,8 @@ from celery_memguard.wire import DEFAULT_SOCKET, SOCKET_ENV
 
 RECYCLE_SIGNAL = wire.RECYCLE_SIGNAL
 HEARTBEAT_SECONDS = 2.0
+JOIN_RETRY_SECONDS = 0.02  # how often an exited child is looked for again until it is joined
+JOIN_RETRIES = 50  # one second; past it Celery's own five-second maintain_pool timer remains
 _VERSION = __version__
 
 _socket_path: str = DEFAULT_SOCKET
@@ -74,6 +76,7 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
         return
     _installed_apps.add(id(app))
     uid = f"celery_memguard.{id(app)}"
+    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid=uid + ".init_worker")
     signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid=uid + ".ready")
     signals.worker_shutdown.connect(_on_worker_shutdown, weak=False, dispatch_uid=uid + ".shutdown")
     signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid=uid + ".init")
@@ -82,6 +85,56 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
 
 
 # -- main process ----------------------------------------------------------------------------
+
+def _on_worker_init(**_: Any) -> None:
+    with contextlib.suppress(Exception):
+        _join_exited_children_promptly()
+
+
+def _join_exited_children_promptly() -> None:
+    """Have Celery's prefork pool replace a child that left as soon as it can be joined.
+
+    Celery's AsynPool learns that a child exited when the child's sentinel pipe closes, stops
+    watching that pipe and runs ``maintain_pool`` once. The kernel closes an exiting process's
+    descriptors before the process can be reaped, so that run often finds no exit code yet,
+    joins nothing, and nothing looks again until the pool's five-second timer: meanwhile the
+    slot has no process, and a job the parent had already written to the leaving child waits
+    with it. Seen here in about one recycle in three, for every recycle path (this agent's,
+    --max-tasks-per-child and --max-memory-per-child alike), as stalls of up to 4.7 s with
+    no task finishing; reported upstream as celery/celery#9588. After the original handler,
+    a child still in the pool is looked for again every ``JOIN_RETRY_SECONDS``, briefly; the
+    rest of Celery's handling is unchanged. Installed before the pool is created.
+    """
+    from celery.concurrency import asynpool  # noqa: PLC0415 - only in a worker
+
+    original = getattr(asynpool.AsynPool, "_event_process_exit", None)
+    if original is None or getattr(original, "_memguard", False):
+        return
+
+    def _event_process_exit(self: Any, hub: Any, proc: Any) -> None:
+        original(self, hub, proc)
+        _join_later(self, hub, proc, JOIN_RETRIES)
+
+    _event_process_exit._memguard = True  # type: ignore[attr-defined]
+    asynpool.AsynPool._event_process_exit = _event_process_exit
+
+
+def _join_later(pool: Any, hub: Any, proc: Any, tries: int) -> None:
+    """While ``proc`` is still in the pool, run its ``maintain_pool`` again shortly. Errors
+    raised by maintain_pool are Celery's own and reach its loop as from its own timer."""
+    try:
+        if tries <= 0 or proc not in pool._pool:
+            return
+
+        def again() -> None:
+            if proc in pool._pool:
+                pool.maintain_pool()
+            _join_later(pool, hub, proc, tries - 1)
+
+        hub.call_later(JOIN_RETRY_SECONDS, again)
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
 
 def _worker_hello(consumer: Any) -> wire.WorkerHello:
     pool = consumer.pool

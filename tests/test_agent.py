@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -139,3 +140,18 @@ def test_no_daemon_listening_changes_nothing(tmp_path: Path, start_worker: Calla
     assert all(r.get(timeout=20) for r in results)
     assert "Traceback" not in worker.output()
     assert len(worker.runs()) == len(set(worker.runs())) == 20
+
+
+def test_a_child_that_left_is_replaced_at_once(tmp_path: Path,
+                                               start_worker: Callable[..., Worker]) -> None:
+    """One child recycled every 4 tasks by --max-tasks-per-child: each exit leaves the pool
+    empty until the replacement, and none waits for Celery's 5 s maintain_pool timer. (The
+    same worker without the agent: a longest gap of 5.03 s, celery/celery#9588.)"""
+    worker = start_worker(socket_path=tmp_path / "nobody" / "here.sock", concurrency=1,
+                          extra_args=("--max-tasks-per-child", "4"))
+    results = [worker.send("noop") for _ in range(60)]
+    pids = [r.get(timeout=120) for r in results]
+    assert len(set(pids)) == 15
+    done = sorted(r.date_done for r in results)
+    longest = max((b - a).total_seconds() for a, b in itertools.pairwise(done))
+    assert longest < 1.0, f"a replacement waited {longest:.2f} s"
