@@ -28,6 +28,7 @@ import psutil
 from celery import Celery
 
 from celery_memguard import config as cfgmod
+from celery_memguard import rules
 from celery_memguard.daemon import Daemon
 from celery_memguard.procs import FoundWorker, Procs
 from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group, redis_pings
@@ -283,7 +284,8 @@ class Bench:
             kinds: list[str], thresholds: tuple[int, ...] = (), period: float = 0.05) -> Run:
         run = Run(guard)
         with self.worker(args, agent, daemon_config) as (proc, queue, daemon), \
-                RssSampler(proc.pid, period, thresholds) as sampler:
+                RssSampler(proc.pid, period, thresholds, series=True) as sampler:
+            cpu_before = cpu_split(proc.pid, daemon)
             start = time.time()
             results = [self.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
                        for kind in kinds]
@@ -294,6 +296,9 @@ class Bench:
                     states.append(result.state)
                 except Exception:  # noqa: BLE001 - a lost task is what we count here
                     run.lost += 1
+            cpu_after = cpu_split(proc.pid, daemon)
+            run.extra["cpu_us"] = tuple((b - a) / len(kinds) * 1e6
+                                        for a, b in zip(cpu_before, cpu_after, strict=True))
             time.sleep(0.3)
             times = sorted(t for item in finished if isinstance(item, list | tuple)
                            for t in item[1:2])
@@ -303,13 +308,28 @@ class Bench:
                 run.longest_gap = max(b - a for a, b in itertools.pairwise(edges))
             run.extra["failures"] = sum(1 for s in states if s != "SUCCESS")
             if daemon is not None:
-                run.recycles = int(daemon.metric("celery_memguard_recycles_total"))
                 run.extra["events"] = daemon.events()
-            else:
-                run.recycles = max(0, len(sampler.peak) - 2)
+            run.recycles = max(0, len(sampler.peak) - 2)  # every guard counted alike: children seen
             run.peak_rss = max(sampler.peak.values(), default=0)
             run.extra["sampler"] = sampler
         return run
+
+
+def cpu_split(worker_pid: int, daemon: DaemonProc | None) -> tuple[float, float, float]:
+    """CPU seconds so far of the worker's main process, of its pool children (live ones, plus
+    those it has reaped), and of the daemon."""
+    main = psutil.Process(worker_pid)
+    times = main.cpu_times()
+    children = times.children_user + times.children_system
+    for child in main.children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = child.cpu_times()
+            children += t.user + t.system
+    daemon_cpu = 0.0
+    if daemon is not None:
+        d = psutil.Process(daemon.proc.pid).cpu_times()
+        daemon_cpu = d.user + d.system
+    return times.user + times.system, children, daemon_cpu
 
 
 def workload_w(n: int = 600) -> list[str]:
@@ -331,6 +351,9 @@ GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None]] = [
 ]
 
 
+BUILTIN = "--max-memory-per-child 153600"
+
+
 def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
     kinds = workload_w(150 if quick else 600)
     guards = GUARDS[3:5] if quick else GUARDS
@@ -339,30 +362,57 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
         for name, args, agent, daemon_config in guards:
             results[name].append(bench.run(name, args, agent, daemon_config, kinds,
                                            thresholds=(150 * MiB,)))
-    rows = []
+    rows, per_run = [], []
     base = median([r.tasks_per_second for r in results[guards[0][0]]])
-    for name, runs_ in results.items():
+    builtin = median([r.tasks_per_second for r in results[BUILTIN]])
+    for name, _args, agent, daemon_config in guards:
+        runs_ = results[name]
+        jitter = (float((daemon_config or {}).get("recycle", {}).get("jitter", 0.05))
+                  if agent else None)
+        spans = [span for r in runs_ for span in soft_to_exit(r, 150 * MiB, jitter)]
         peaks = [r.peak_rss / MiB for r in runs_]
+        rate = median([r.tasks_per_second for r in runs_])
+        recycles = [r.recycles for r in runs_]
         rows.append([name, f"{min(peaks):.1f}-{max(peaks):.1f}",
-                     "-".join(sorted({str(r.recycles) for r in runs_})),
-                     f"{median([r.tasks_per_second for r in runs_]):.0f}",
-                     f"{median([r.tasks_per_second for r in runs_]) / base:.2f}",
+                     f"{median(recycles):.0f} ({min(recycles)}-{max(recycles)})",
+                     f"{rate:.0f}", f"{rate / base:.2f}", f"{rate / builtin:.2f}",
                      f"{max(r.longest_gap for r in runs_):.2f}",
-                     str(sum(r.lost for r in runs_)),
-                     f"{median(soft_to_exit(r) for r in runs_):.2f}"])
-    table(f"Workload W: {len(kinds)} tasks (seed 42: 30 % keep 2 MiB, 10 % 4 MiB cache once, "
-          f"60 % no-op), prefork -c 2, prefetch 1, Redis; {runs} interleaved runs",
-          ["guard", "peak child RSS (MiB)", "recycles", "tasks/s (median)",
-           f"vs {guards[0][0]}", "longest gap (s)", "lost", "soft crossing→exit (s, median)"],
-          rows)
+                     str(sum(r.lost for r in runs_)), spread(spans)])
+        per_run.append([name, " ".join(f"{r.tasks_per_second:.0f}" for r in runs_),
+                        " ".join(str(r.recycles) for r in runs_),
+                        " ".join(f"{r.longest_gap:.2f}" for r in runs_)])
+    title = (f"Workload W: {len(kinds)} tasks (seed 42: 30 % keep 2 MiB, 10 % 4 MiB cache once, "
+             f"60 % no-op), prefork -c 2, prefetch 1, Redis; {runs} interleaved runs")
+    table(title, ["guard", "peak child RSS (MiB)", "recycles, median (range)",
+                  "tasks/s (median)", f"vs {guards[0][0]}", f"vs {BUILTIN}", "longest gap (s)",
+                  "lost", "soft crossing → exit (s): min / median / max"], rows)
+    table("Workload W, run by run (in the order they ran)",
+          ["guard", "tasks/s", "recycles", "longest gap (s)"], per_run)
 
 
-def soft_to_exit(run: Run) -> float:
-    """Median seconds from a child's first sample over 150 MiB to its last sample alive."""
+def spread(values: list[float]) -> str:
+    """min / median / max, or a dash when there is nothing to spread."""
+    if not values:
+        return "-"
+    return f"{min(values):.3f} / {median(values):.3f} / {max(values):.3f}"
+
+
+def soft_to_exit(run: Run, soft: int, jitter: float | None) -> list[float]:
+    """Seconds from a child's first sample at or over the soft limit to its last sample alive,
+    for each child that crossed it and left before the end. ``jitter``: celery-memguard's own
+    threshold per child (the limit lowered by its share of the jitter), else the limit."""
     sampler: RssSampler = run.extra["sampler"]
-    spans = [sampler.last_seen[pid] - at for (pid, _), at in sampler.crossed.items()
-             if pid in sampler.last_seen]
-    return median(spans)
+    end = max(sampler.last_seen.values(), default=0.0)
+    spans = []
+    for pid, readings in sampler.series.items():
+        if sampler.last_seen[pid] >= end - 2 * sampler.period:
+            continue  # still there when the run ended
+        limit = (soft if jitter is None
+                 else rules.soft_threshold(soft, jitter, pid, sampler.start[pid]))
+        crossed = next((at for at, rss in readings if rss >= limit), None)
+        if crossed is not None:
+            spans.append(sampler.last_seen[pid] - crossed)
+    return spans
 
 
 def bench_spikes(bench: Bench, quick: bool) -> None:
@@ -397,27 +447,38 @@ def bench_runaway(bench: Bench, quick: bool) -> None:
            ["measured RSS at interruption (agent), median",
             f"{median([e['rss_bytes'] / MiB for e in interrupts]):.1f} MiB"],
            ["crossing hard → child gone (5 ms sampler): min / median / max",
-            f"{min(delays, default=0):.3f} / {median(delays):.3f} / {max(delays, default=0):.3f} s"],
+            spread(delays) + " s"],
            ["lost", str(run.lost)]])
 
 
 def bench_agent(bench: Bench, runs: int, quick: bool) -> None:
+    """Throughput with and without the agent, and where the CPU goes: throughput moves by
+    several per cent between runs on a shared host, CPU seconds per task much less."""
     kinds = ["noop"] * (300 if quick else 2000)
-    with_agent: list[float] = []
-    without: list[float] = []
+    with_agent: list[Run] = []
+    without: list[Run] = []
     config = {"limits": {"soft": "1GiB", "hard": "2GiB"}, "log": {"level": "warning"}}
     for i in range(runs):  # alternate which goes first in a round
         order = [(without, False), (with_agent, True)]
         for target, agent in (order if i % 2 == 0 else order[::-1]):
             target.append(bench.run("agent" if agent else "no agent", [], agent,
-                                    config if agent else None, kinds).tasks_per_second)
+                                    config if agent else None, kinds))
     hook = agent_hook_cost(2000 if quick else 20000)
+    rate = [median([r.tasks_per_second for r in runs_]) for runs_ in (without, with_agent)]
+    cpu = [[median([r.extra["cpu_us"][part] for r in runs_]) for part in range(3)]
+           for runs_ in (without, with_agent)]
+    total = [sum(parts) for parts in cpu]
     table(f"Agent overhead: {len(kinds)} no-op tasks, prefork -c 2, {runs} interleaved runs",
-          ["what", "figure"],
-          [["tasks/s without the agent (median)", f"{median(without):.0f}"],
-           ["tasks/s with the agent and daemon (median)", f"{median(with_agent):.0f}"],
-           ["ratio", f"{median(with_agent) / median(without):.3f}"],
-           ["agent work per task (prerun + postrun hooks, in-process)", f"{hook * 1e6:.1f} µs"]])
+          ["what", "without the agent", "with the agent and daemon", "ratio / added"],
+          [["tasks/s (median)", f"{rate[0]:.0f}", f"{rate[1]:.0f}", f"{rate[1] / rate[0]:.3f}"],
+           ["CPU per task, worker main process (µs, median)", f"{cpu[0][0]:.0f}",
+            f"{cpu[1][0]:.0f}", f"{cpu[1][0] - cpu[0][0]:+.0f}"],
+           ["CPU per task, pool children (µs, median)", f"{cpu[0][1]:.0f}", f"{cpu[1][1]:.0f}",
+            f"{cpu[1][1] - cpu[0][1]:+.0f}"],
+           ["CPU per task, daemon (µs, median)", "-", f"{cpu[1][2]:.0f}", f"{cpu[1][2]:+.0f}"],
+           ["CPU per task, all (µs)", f"{total[0]:.0f}", f"{total[1]:.0f}",
+            f"{total[1] / total[0]:.3f}"],
+           ["agent hooks per task, in-process (µs)", "-", f"{hook * 1e6:.1f}", ""]])
 
 
 def agent_hook_cost(n: int) -> float:

@@ -280,11 +280,14 @@ class Daemon:
 class RssSampler:
     """Reads the RSS of every child of a worker every ``period``, independently of the daemon:
     the peak per pid, and for each threshold the first time a pid crossed it, the first time it
-    was back under, and the last time the pid was seen."""
+    was back under, and the last time the pid was seen; with ``series``, every reading."""
 
     def __init__(self, worker_pid: int, period: float = 0.05,
-                 thresholds: tuple[int, ...] = ()) -> None:
+                 thresholds: tuple[int, ...] = (), series: bool = False) -> None:
         self.worker_pid, self.period, self.thresholds = worker_pid, period, thresholds
+        self.keep_series = series
+        self.series: dict[int, list[tuple[float, int]]] = {}  # pid -> (monotonic time, rss)
+        self.start: dict[int, int] = {}  # pid -> start time in clock ticks
         self.peak: dict[int, int] = {}
         self.crossed: dict[tuple[int, int], float] = {}
         self.recovered: dict[tuple[int, int], float] = {}
@@ -310,6 +313,9 @@ class RssSampler:
                     continue
                 self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
                 self.last_seen[child.pid] = now
+                self.start.setdefault(child.pid, child.start)
+                if self.keep_series:
+                    self.series.setdefault(child.pid, []).append((now, rss))
                 for limit in self.thresholds:
                     if rss > limit:
                         self.crossed.setdefault((child.pid, limit), now)
