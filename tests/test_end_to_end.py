@@ -99,3 +99,43 @@ def test_worker_without_agent_is_shown_and_never_recycled(
     held = [e for e in daemon.events()
             if e.get("event") == "recycle_held" and e.get("held_by") == "no_agent"]
     assert held
+
+
+def test_a_child_past_its_threshold_leaves_on_its_own_right_after_that_task(
+    start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker],
+) -> None:
+    """Under the daemon's published grant a child leaves after the very task that crossed its
+    threshold, without waiting for the daemon: its peak is the soft limit plus that task."""
+    daemon = start_daemon(limits={"soft": "120MiB", "hard": "1GiB"}, sampling={"interval": "1s"})
+    worker = start_worker(socket_path=daemon.socket_path)
+
+    sampler = _leak_run(worker, daemon)
+
+    by_agent = [e for e in daemon.events()
+                if e.get("event") == "recycle_requested" and e.get("by") == "agent"]
+    assert by_agent, daemon.output()
+    for event in by_agent:
+        peak = sampler.peak.get(event["pid"], 0)
+        assert peak <= SOFT + 4 * MiB, (event, peak / MiB)  # one 2 MiB task past the limit
+    assert len(worker.runs()) == CALLS
+    assert daemon.metric("celery_memguard_recycles_total", reason="soft") == len(
+        {e["pid"] for e in daemon.events() if e.get("event") == "recycle_requested"})
+
+
+def test_a_storm_of_children_over_the_limit_recycles_at_the_rate_limit_only(
+    start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker],
+) -> None:
+    """A soft limit below what a fresh child needs: every child crosses it at its first task.
+    Children leave on their own only as often as recycle.max_per_minute allows, the storm is
+    warned once, and every task still runs once."""
+    daemon = start_daemon(limits={"soft": "20MiB", "hard": "1GiB"},
+                          recycle={"max_per_minute": 3}, sampling={"interval": "250ms"})
+    worker = start_worker(socket_path=daemon.socket_path)
+    results = [worker.send("noop") for _ in range(80)]
+    pids = {r.get(timeout=60) for r in results}
+    time.sleep(1.0)  # a few ticks: nothing more may leave
+    assert daemon.metric("celery_memguard_recycles_total") == 3, daemon.output()
+    assert len(pids) <= worker.concurrency + 3
+    assert sorted(Counter(worker.runs()).values()) == [1] * 80
+    storms = [e for e in daemon.events() if e.get("event") == "recycle_storm"]
+    assert len(storms) == 1, storms
