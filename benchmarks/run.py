@@ -438,6 +438,9 @@ def bench_runaway(bench: Bench, quick: bool) -> None:
     # crossing (5 ms sampler) to the last sample of that child: interrupted, left, replaced
     delays = sorted(sampler.last_seen[pid] - at for (pid, _), at in sampler.crossed.items()
                     if pid in sampler.last_seen)
+    # crossing to the child's peak: its memory stopped growing, the task was interrupted
+    stopped = [max(sampler.series[pid], key=lambda reading: reading[1])[0] - at
+               for (pid, _), at in sampler.crossed.items() if pid in sampler.series]
     table(f"Runaway: 16 MiB every 20 ms, hard 300 MiB, tick 1 s ({kinds.count('runaway')} runs)",
           ["what", "figure"],
           [["interrupted (MemoryLimitExceeded in the backend)",
@@ -446,6 +449,8 @@ def bench_runaway(bench: Bench, quick: bool) -> None:
            ["peak child RSS", f"{run.peak_rss / MiB:.1f} MiB (hard + {(run.peak_rss - hard) / MiB:.1f})"],
            ["measured RSS at interruption (agent), median",
             f"{median([e['rss_bytes'] / MiB for e in interrupts]):.1f} MiB"],
+           ["crossing hard → memory stops growing (5 ms sampler): min / median / max",
+            spread(stopped) + " s"],
            ["crossing hard → child gone (5 ms sampler): min / median / max",
             spread(delays) + " s"],
            ["lost", str(run.lost)]])
