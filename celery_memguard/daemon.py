@@ -75,6 +75,7 @@ class Daemon:
         self.view = self._make_view(clock())
         self.http: HttpServer | None = None
         self._storms: set[str] = set()  # workers whose storm was already logged
+        self._revision = 0  # the state's revision the published view shows
         self._scans = 0
         self.between_workers: Callable[[], int] | None = None  # set by the loop: drain reports
         self._wake_r, self._wake_w = -1, -1
@@ -397,11 +398,14 @@ class Daemon:
         self._grant(snapshot, decisions, now)
         if only is None:
             self._warn_storms(snapshot)
-        acted = any(d.acts for d in decisions)
-        if only is None and not acted:
+        # Published at once when something was done: by the daemon, or by a child under its
+        # grant (counted when its exit arrives or its unit is collected).
+        changed = any(d.acts for d in decisions) or self.state.revision != self._revision
+        if only is None and not changed:
             self.view = self._make_view(now, snapshot)  # nothing changed since the snapshot
-        elif acted:
+        elif changed:
             self.view = self._make_view(now)
+            self._revision = self.state.revision
 
     def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> None:
         """Publish each agent worker's grant (policy.grants) and collect the units its children

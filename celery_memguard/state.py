@@ -101,6 +101,7 @@ class State:
         self.task_names = BoundedNames(max_task_names)
         self.growth: dict[str, TaskGrowth] = {}  # by bounded task name
         self.events: list[tuple[str, dict[str, object]]] = []  # for the daemon to log
+        self.revision = 0  # counts recycles the children did on their own: the view is stale
         self._gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
         self._killed: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
 
@@ -186,6 +187,7 @@ class State:
         name = worker.name or ""
         self.requests.setdefault(name, deque(maxlen=1024)).append(now)
         self.recycles[(name, reason)] += 1
+        self.revision += 1
         self.events.append(("recycle_requested", {
             "worker": name, "index": child.index, "pid": child.proc.pid, "reason": reason,
             "by": "agent", "measured_bytes": child.rss, "tasks": child.tasks}))

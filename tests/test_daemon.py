@@ -661,3 +661,12 @@ def test_a_child_first_seen_less_than_min_lifetime_ago_is_held(procs: FakeProcs,
     assert [e["held_by"] for e in logs if e["event"] == "recycle_held"] == ["min_lifetime"]
     daemon.receive(dgram(task_end(KID0, 152, tasks=2)), 5.0)
     assert procs.signals == [(KID0, 38)]
+
+
+def test_a_recycle_a_child_did_on_its_own_is_exported_at_once(procs: FakeProcs) -> None:
+    """Not at the next tick: its exit is published with the counters it changed."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 0.5)
+    assert b'celery_memguard_recycles_total{reason="soft",worker="w@h"} 1.0' in daemon.metrics.render()

@@ -118,8 +118,12 @@ def test_a_child_past_its_threshold_leaves_on_its_own_right_after_that_task(
         peak = sampler.peak.get(event["pid"], 0)
         assert peak <= SOFT + 4 * MiB, (event, peak / MiB)  # one 2 MiB task past the limit
     assert len(worker.runs()) == CALLS
-    assert daemon.metric("celery_memguard_recycles_total", reason="soft") == len(
-        {e["pid"] for e in daemon.events() if e.get("event") == "recycle_requested"})
+
+    def counted_once() -> bool:  # a last exit may still be on its way: both settle together
+        requested = {e["pid"] for e in daemon.events() if e.get("event") == "recycle_requested"}
+        return daemon.metric("celery_memguard_recycles_total", reason="soft") == len(requested)
+
+    wait_for(counted_once, 5, f"recycles counted other than once each: {daemon.output()}")
 
 
 def test_a_storm_of_children_over_the_limit_recycles_at_the_rate_limit_only(
