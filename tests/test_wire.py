@@ -117,17 +117,17 @@ def test_settings_round_trip_and_bad_settings_are_ignored() -> None:
         assert wire.decode_settings(bad) is None
 
 
-@given(st.text(max_size=60), st.text(max_size=60), st.integers(0, 2**40), st.booleans())
-def test_the_fast_task_encoders_produce_what_json_would(task: str, tid: str, rss: int, ok: bool) -> None:
-    """Names with quotes, backslashes or any unicode survive the hand-formatted encoders."""
-    end = wire.TaskEnd(pid=5, ppid=4, index=1, task=task, id=tid, rss_before=rss, rss=rss + 1,
-                       tasks=3, ok=ok)
-    start = wire.TaskStart(pid=5, ppid=4, index=1, task=task, id=tid, rss=rss)
-    for message in (end, start):
-        body = json.loads(wire.encode(message))
-        assert body == {**{k: getattr(message, k) for k in body if k not in ("v",)}, "v": 1}
-        if task.isprintable() and tid.isprintable():
-            assert wire.decode(wire.encode(message)) == message
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=4), st.integers(0, 2**40),
+       st.booleans())
+def test_the_batch_encoder_produces_what_json_would(names: list[str], rss: int, ok: bool) -> None:
+    """Names with quotes, backslashes or any unicode survive the hand-formatted encoder."""
+    batch = wire.TaskBatch(pid=5, ppid=4, index=1, first=3, names=tuple(names),
+                           ends=tuple((i, rss, rss + i, int(ok), i) for i in range(len(names))))
+    body = json.loads(wire.encode(batch))
+    assert body == {"pid": 5, "ppid": 4, "index": 1, "first": 3, "names": names,
+                    "ends": [list(end) for end in batch.ends], "t": "k", "v": 1}
+    if all(name.isprintable() for name in names):
+        assert wire.decode(wire.encode(batch)) == batch
 
 
 def test_settings_carry_per_worker_limits_matched_by_nodename() -> None:
