@@ -11,7 +11,7 @@ import sys
 import sysconfig
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,15 +53,31 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target, follow_symlinks=False)
 
 
-def _link_tree(source: Path, target: Path) -> None:
+def _link_tree(source: Path, target: Path, skip: Callable[[str], bool] = lambda name: False,
+               ) -> None:
     """``_link`` every file of ``source`` into ``target``, leaving out the directories no
-    daemon or worker imports from."""
+    daemon or worker imports from, and files named as ``skip`` says."""
     for top, dirs, files in os.walk(source):
-        dirs[:] = [d for d in dirs if d not in LEFT_OUT]
+        dirs[:] = [d for d in dirs if d not in LEFT_OUT and d != "__pycache__"]
         here = target / Path(top).relative_to(source)
-        here.mkdir(mode=0o755, exist_ok=True)
+        here.mkdir(mode=0o755, parents=True, exist_ok=True)
         for name in files:
-            _link(Path(top, name), here / name)
+            if not skip(name):
+                _link(Path(top, name), here / name)
+
+
+def _readable_project(where: Path) -> dict[str, str]:
+    """This environment's packages and the project's own (the daemon, the test app) linked
+    outside a directory the user cannot enter (CI clones the project into a mode 0700
+    directory), for the stand-in interpreter. The editable install's hooks are left out: they
+    point into that directory. Returns the environment that finds them."""
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    site_packages = where / "site-packages"
+    _link_tree(purelib, site_packages, skip=lambda name: name.startswith("__editable__"))
+    project = where / "project"
+    for package in ("celery_memguard", "tests"):
+        _link_tree(ROOT / package, project / package)
+    return {"PYTHONPATH": str(project), "MEMGUARD_TEST_SITE": str(site_packages)}
 
 
 def _stand_in_interpreter(where: Path) -> tuple[str, dict[str, str]]:
@@ -80,8 +96,11 @@ def _stand_in_interpreter(where: Path) -> tuple[str, dict[str, str]]:
     _link_tree(base / "lib" / version, where / "lib" / version)
     site_packages = where / "lib" / version / "site-packages"
     site_packages.mkdir(mode=0o755)
+    # This environment's packages: in place, or linked beside (MEMGUARD_TEST_SITE) when the
+    # user cannot read them where they are.
     (site_packages / "memguard-test.pth").write_text(
-        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+        "import os, site; site.addsitedir(os.environ.get('MEMGUARD_TEST_SITE') or "
+        f"{sysconfig.get_paths()['purelib']!r})\n")
     return str(python), {"LD_LIBRARY_PATH": str(where / "lib")}
 
 
@@ -104,6 +123,11 @@ def unprivileged() -> Iterator[tuple[User, Path]]:
             python, needs = _stand_in_interpreter(stand_in / "python")
             user = User(uid, gid, python=python, env={**env, **needs})
             why = _cannot_import(user)
+            if why is not None:
+                print(f"uid {uid} cannot read the project under {ROOT} ({why}): linked beside")
+                user = User(uid, gid, python=python,
+                            env={**env, **needs, **_readable_project(stand_in / "tree")})
+                why = _cannot_import(user)
         if why is not None:
             pytest.skip(f"uid {uid} cannot import the daemon and the test app: {why}")
         yield user, home
