@@ -432,9 +432,11 @@ class Daemon:
         """Every child of a pool over its soft threshold at once: the limit is likely too low.
         Recycling goes on at the rate limit; this is said once, until the pool calms down."""
         for worker in snapshot.workers:
-            if not worker.has_children or not worker.children:
+            if not worker.has_children:
                 self._storms.discard(worker.name)
                 continue
+            if not worker.children:
+                continue  # between recycles and their replacements: not a pool that calmed down
             limits = self.limits_for(worker.name)
             over = [c for c in worker.children if policy.measured(c, limits.measure)
                     >= policy.soft_threshold(limits, self.config.recycle, c.proc)]

@@ -514,6 +514,24 @@ def test_a_storm_is_warned_once_with_its_figures(procs: FakeProcs, logs: list[di
     assert len([e for e in logs if e["event"] == "recycle_storm"]) == 2  # calmed, then again
 
 
+def test_a_storm_is_not_warned_again_when_the_pool_is_empty_between_recycles(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """Both children gone a moment before their replacements: the pool has not calmed down."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    for pid in (KID0, KID1):
+        procs.table[pid].rss = 150 * MiB
+    daemon.tick(0.0)
+    for pid in (KID0, KID1):
+        del procs.table[pid]
+    daemon.tick(1.0)
+    procs.add(13, MAIN, rss=150 * MiB)
+    daemon.receive(dgram(wire.ChildHello(pid=13, ppid=MAIN, index=0, tasks=1, rss=150 * MiB)), 1.5)
+    daemon.tick(2.0)
+    assert [c.pid for w in daemon.view.snapshot.workers for c in w.children] == [13]
+    assert len([e for e in logs if e["event"] == "recycle_storm"]) == 1
+
+
 def batch(pid: int, first: int, *ends: tuple[str, float, float, int], index: int | None = None,
           ) -> wire.TaskBatch:
     """A child's batch of task ends: (task name, RSS before and after in MiB, age in ms)."""
