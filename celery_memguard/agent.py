@@ -52,12 +52,12 @@ def _send(message: wire.Message) -> None:
     global _sender
     try:
         if _sender is None or _sender.pid != os.getpid():
+            if _sender is not None:
+                _sender.close()  # a parent's connection, inherited across fork: ours to close
             _sender = Sender(_socket_path)
         _sender.send(message)
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
-
-
 
 
 def install(app: Celery, socket: str | None = None, restart_worker: bool = False) -> None:

@@ -1,7 +1,7 @@
 """An agent process's connection to the daemon: one SOCK_SEQPACKET connection, never blocking.
 
 A missing daemon costs one failed connect every two seconds at most, a full buffer loses the
-message (counted), and nothing here ever waits or raises into the worker.
+message, and nothing here ever waits or raises into the worker.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ SEND_BUFFER = 1 << 20  # bytes a process may have in flight to a busy daemon
 
 
 class Sender:
-    """This process's connection; a message that cannot go is only counted."""
+    """This process's connection; a message that cannot go is dropped."""
 
     RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between connection attempts, doubling
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.pid = os.getpid()
-        self.sent = 0
-        self.lost = 0
         self._sock: socket.socket | None = None
         self._bell: socket.socket | None = None
         self._next_try = 0.0
@@ -53,19 +51,23 @@ class Sender:
         return sock
 
     def send(self, message: wire.Message) -> None:
-        sock = self._sock or self._connect()
-        if sock is None:
-            self.lost += 1
-            return
-        try:
-            sock.send(wire.encode(message), socket.MSG_NOSIGNAL)  # never a SIGPIPE into a worker
-            self.sent += 1
-        except BlockingIOError:
-            self.lost += 1  # the daemon is behind: drop this one, keep the connection
-        except OSError:
-            self.lost += 1  # the daemon went away: reconnect (a new one may be up already)
-            sock.close()
-            self._sock = None
+        """Send without blocking. A connection found broken (a restarted daemon) is replaced
+        and the message tried once more on the new one, so the first report after a restart,
+        often a child's exit, is not the one lost."""
+        data = wire.encode(message)
+        for _ in range(2):
+            sock = self._sock or self._connect()
+            if sock is None:
+                return
+            try:
+                sock.send(data, socket.MSG_NOSIGNAL)  # never a SIGPIPE into a worker
+            except BlockingIOError:
+                return  # the daemon is behind: drop this one, keep the connection
+            except OSError:
+                sock.close()  # the daemon went away: a new one may be up already
+                self._sock = None
+            else:
+                return
 
     def ring(self) -> None:
         """Ask the daemon to read now: it reads routine reports in batches."""

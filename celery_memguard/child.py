@@ -123,7 +123,7 @@ class ChildAgent:
         self.task_started = 0.0
         self.statm = StatmReader()
         self.last_hello = 0.0
-        self.watch = Watch(self.statm.rss, self.on_hard_limit, self.on_poll)
+        self.watch = Watch(self.statm.rss, self.on_hard_limit, self.on_poll, self.on_park)
         self.start_ticks = start_ticks(self.pid)
         self.worker = (self.ppid, start_ticks(self.ppid))  # the identity its grants are for
         self.grant_path = grants.grant_path(socket_path, self.ppid)
@@ -184,13 +184,13 @@ class ChildAgent:
         self.watch.task_started(run_code)
 
     def end(self, ok: bool) -> None:
-        self.running = False
         self.watch.task_ended()
-        self.tasks += 1
         rss = self.statm.rss()
         self.growth.append(rss - self.rss_before)
         now = time.monotonic()
-        with self._lock:
+        with self._lock:  # the watch thread announces under it: never with a half-ended task
+            self.running = False
+            self.tasks += 1
             self._batch.add(self.tasks, self.task_name, self.rss_before, rss, ok, now)
             verdict = None if self.recycle_requested else self.verdict(rss, now)
             if verdict == "ring" or (verdict is None and self._batch.due(now)):
@@ -250,13 +250,21 @@ class ChildAgent:
                     pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
                     id=self.task_id, rss=self.statm.rss(), tasks=self.tasks))
         elif self._batch.ends and now - self._batch.opened >= FLUSH_SECONDS:
-            with self._lock:
-                self._flush(now)
+            self.on_park()
+
+    def on_park(self) -> None:
+        """The watch thread goes quiet (or an idle batch is due): send what is waiting. Not
+        for a child on its way out, whose exit must reach the daemon before its last report."""
+        with self._lock:
+            if not self.recycle_requested:
+                self._flush(time.monotonic())
 
     def on_hard_limit(self, rss: int, limit: int) -> None:
-        """Called by the watch thread: report the task, and leave after it in any case."""
+        """Called by the watch thread: report the task, and leave after it in any case (as the
+        hard case, unless the task's end took a grant meanwhile: one recycle, counted once)."""
         self.recycle_requested = True
-        self.exit_reason = "hard"
+        if self.exit_reason == "requested":
+            self.exit_reason = "hard"
         self._send(wire.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
                                         task=self.task_name, id=self.task_id, rss=rss,
                                         limit=limit))
@@ -291,7 +299,10 @@ class ChildAgent:
             if self.recycle_requested:
                 self.leave()
             if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
-                self.hello()
+                try:
+                    self.hello()
+                except Exception:  # noqa: BLE001 - the agent never raises into the worker
+                    self.last_hello = time.monotonic()
             self.waiting = True
             try:
                 if self.recycle_requested:  # the signal came between the check and now

@@ -7,10 +7,10 @@ of milliseconds later on a busy host, and a fast leaker runs several more tasks 
 So the daemon publishes in advance, per worker, what its rate limit, share cap and floor allow
 (``policy.grants``), in a small file beside its socket; a child past its threshold takes one
 unit under the file's lock and leaves after its task, and the daemon collects the units taken
-when it next publishes. A child that finds none left reports and waits for the daemon's word.
+when it next publishes. A child that finds none left rings the daemon, which decides.
 
-Both sides lock without blocking: neither a stopped daemon nor a stopped child can hold the
-other up. The file names the worker by pid and start time, so a reused pid never inherits a
+Both sides try the lock for a millisecond at most: neither a stopped daemon nor a stopped
+child can hold the other up. The file names the worker by pid and start time, so a reused pid never inherits a
 grant. No dependencies beyond the standard library: the agent imports it.
 """
 
@@ -21,7 +21,10 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
+
+from celery_memguard import wire
 
 VERSION = 1
 LOCK_TRIES = 20  # attempts 50 µs apart: the other side holds the lock for microseconds
@@ -32,7 +35,7 @@ def grant_path(socket_path: str, worker_pid: int) -> str:
     return f"{socket_path}.grant.{worker_pid}"
 
 
-REASONS = ("soft", "predicted")
+REASONS = wire.SELF_REASONS
 
 
 def exchange(path: str, worker: tuple[int, int], grant: int) -> list[tuple[int, str]] | None:
@@ -44,6 +47,9 @@ def exchange(path: str, worker: tuple[int, int], grant: int) -> list[tuple[int, 
     except OSError:
         return None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            return None  # not a file this daemon made: never truncate what a link points at
         if not _lock(fd):
             return None
         os.fchmod(fd, FILE_MODE)
@@ -107,7 +113,7 @@ def _read(fd: int, worker: tuple[int, int]) -> tuple[int, list[tuple[int, str]]]
     an earlier process with the same pid)."""
     try:
         body = json.loads(os.pread(fd, 65536, 0))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # anyone in the group may write it
         return None
     if (not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != VERSION
             or body.get("worker") != list(worker)):

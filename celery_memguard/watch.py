@@ -39,10 +39,12 @@ class Watch:
     """
 
     def __init__(self, read_rss: Callable[[], int], on_fire: Callable[[int, int], None],
-                 on_poll: Callable[[], None] | None = None) -> None:
+                 on_poll: Callable[[], None] | None = None,
+                 on_park: Callable[[], None] | None = None) -> None:
         self.read_rss = read_rss
         self.on_fire = on_fire  # (rss, limit): report and ask to leave after the task
         self.on_poll = on_poll  # every wake-up, busy or idle until it parks
+        self.on_park = on_park  # just before it parks: nothing may wait for the next task
         self.hard = 0
         self.interval = 0.01
         self._main_ident = threading.main_thread().ident
@@ -105,6 +107,9 @@ class Watch:
                     if time.monotonic() - idle_since > IDLE_PARK:
                         self._wake.clear()
                         if not self._busy:
+                            if self.on_park is not None:
+                                with contextlib.suppress(Exception):
+                                    self.on_park()
                             break  # parked; a task start sets the event again
                     continue
                 idle_since = time.monotonic()

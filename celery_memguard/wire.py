@@ -23,6 +23,7 @@ MAX_NAME = 200
 MAX_KIDS = 1024
 MAX_BATCH = 256  # task ends in one TaskBatch
 MAX_BATCH_NAMES = 64  # distinct task names in one TaskBatch
+SELF_REASONS = ("soft", "predicted")  # why a child left on its own, under a grant
 
 
 class WireError(ValueError):
@@ -135,7 +136,7 @@ class ChildExit:
     ppid: int
     index: int
     tasks: int
-    reason: str  # requested (by the daemon's signal), hard, or soft/predicted (under a grant)
+    reason: str  # requested (by the daemon's signal), hard, or one of SELF_REASONS
     t: str = "x"
 
 
@@ -227,7 +228,7 @@ def decode(data: bytes) -> Message:
         raise WireError("oversized", f"{len(data)} bytes")
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # [[[[... nests too deep
         raise WireError("not_json", str(exc)[:80]) from None
     if not isinstance(body, dict):
         raise WireError("not_object")
@@ -382,7 +383,7 @@ def decode_settings(data: bytes) -> AgentSettings | None:
     """The settings, or None for anything malformed (the agent then keeps what it had)."""
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != VERSION:
         return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from celery_memguard import grants
 from celery_memguard.child import RETAKE_SECONDS, ChildAgent
 
@@ -105,3 +107,60 @@ def test_predictive_recycling_leaves_before_the_crossing(tmp_path: Path) -> None
 def test_without_a_published_soft_limit_nothing_is_called_for(tmp_path: Path) -> None:
     agent = _agent(tmp_path, threshold_mib=0)
     assert agent.verdict(2000 * MiB, 0.0) is None
+
+
+class _Recorder:
+    """Stands in for the child's connection: what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+    def ring(self) -> None:
+        self.sent.append("ring")
+
+
+def test_a_young_batch_is_sent_when_the_watch_parks(tmp_path: Path) -> None:
+    """Nothing may wait for a next task that never comes."""
+    agent = _agent(tmp_path)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    agent.begin("app.a", "t1", None)
+    agent.end(True)
+    assert sender.sent == []  # too young to go on its own
+    agent.on_park()
+    [batch] = sender.sent
+    assert (batch.first, len(batch.ends)) == (1, 1)  # type: ignore[attr-defined]
+
+
+def test_a_leaving_child_keeps_its_last_report_for_after_its_exit(tmp_path: Path) -> None:
+    """The daemon must know the child is leaving before it reads the report that crossed."""
+    agent = _agent(tmp_path)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    agent.begin("app.a", "t1", None)
+    agent.rss_before = 0
+    agent.soft_threshold = 1  # whatever it holds now is past it
+    agent.end(True)
+    assert agent.recycle_requested
+    agent.on_park()
+    agent._batch.opened -= 1.0  # an idle batch long due
+    agent.on_poll()
+    assert sender.sent == []
+    with pytest.raises(SystemExit):
+        agent.leave()
+    assert [type(m).__name__ for m in sender.sent] == ["ChildExit", "TaskBatch", "str"]
+
+
+def test_an_announcement_counts_the_tasks_ended_before_it(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    for n in range(3):
+        agent.begin("app.a", f"t{n}", None)
+        agent.end(True)
+    agent.begin("app.slow", "t3", None)
+    agent.task_started -= 1.0  # it has run a while
+    agent.on_poll()
+    batch, running = sender.sent
+    assert (type(batch).__name__, running.tasks, running.task) == (  # type: ignore[attr-defined]
+        "TaskBatch", 3, "app.slow")

@@ -79,3 +79,19 @@ def test_a_symlink_in_place_of_the_file_is_not_followed(tmp_path: Path) -> None:
     assert grants.exchange(str(link), WORKER, 1) is None
     assert not grants.take(str(link), 101, WORKER, "soft")
     assert target.read_text() == "precious"
+
+
+def test_a_grant_file_nested_too_deep_grants_nothing_and_raises_nothing(tmp_path: Path) -> None:
+    """Anyone in the socket's group can write the file; neither side may crash on it."""
+    path = tmp_path / "g"
+    path.write_text("[" * 10000)
+    assert not grants.take(str(path), 101, WORKER, "soft")
+    assert grants.exchange(str(path), WORKER, 1) == []
+
+
+def test_a_hard_link_in_place_of_the_file_is_not_written(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    os.link(target, tmp_path / "g")
+    assert grants.exchange(str(tmp_path / "g"), WORKER, 1) is None
+    assert target.read_text() == "precious"

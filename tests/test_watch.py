@@ -82,3 +82,17 @@ def test_a_zero_hard_limit_reads_no_rss_and_fires_nothing_but_still_polls() -> N
     assert len(polls) >= 5
     assert reads == []
     assert fired == []
+
+
+def test_the_watch_hands_over_what_waits_before_it_parks() -> None:
+    """A child idle long enough parks its thread; what it held back goes first."""
+    parked: list[float] = []
+    watch = Watch(lambda: 0, lambda r, limit: None, None, lambda: parked.append(time.monotonic()))
+    watch.configure(0, 0.005)
+    watch.task_started(None)
+    watch.task_ended()
+    deadline = time.monotonic() + 3
+    while not parked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(parked) == 1
+    assert not watch._wake.is_set()  # parked

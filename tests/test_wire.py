@@ -187,3 +187,11 @@ def test_the_fullest_batch_an_agent_sends_fits_one_message(char: str) -> None:
         n += 1
     message = batch.take(2**31, 2**31, 1023, 2**31 / 1000 - 1)
     assert wire.decode(wire.encode(message)) == message
+
+
+def test_json_nested_too_deep_is_refused_not_raised() -> None:
+    """One packet of brackets must not take the daemon down with a RecursionError."""
+    with pytest.raises(wire.WireError) as error:
+        wire.decode(b"[" * 10000)
+    assert error.value.reason == "not_json"
+    assert wire.decode_settings(b"[" * 10000) is None
