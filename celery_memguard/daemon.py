@@ -62,7 +62,8 @@ class Daemon:
         self._reload = reload
         self.batch_gap = batch_gap
         self.state = State(self.procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
-                           max_task_names=config.metrics.max_task_names)
+                           max_task_names=config.metrics.max_task_names,
+                           age=lambda proc: self.procs.age(proc.start))
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
         self.metrics = Metrics(lambda: self.view)
         self.stopping = threading.Event()
@@ -243,6 +244,7 @@ class Daemon:
         self.state.jitter = new.recycle.jitter
         if self.http is not None:  # running: the agents re-read the file within seconds
             self._publish_settings()
+        self._decide(self.clock(), None)  # the grants at once: a dry run, lower caps
         self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
                       dry_run=new.recycle.dry_run)
 
@@ -271,6 +273,8 @@ class Daemon:
         self._log_events()
         if isinstance(message, wire.WorkerHello) and worker is not None:
             self._refresh_children(worker, now)
+        if isinstance(message, wire.WorkerBye):
+            grants.remove(self._grant_path(message.pid))
         if worker is None:
             return
         if isinstance(message, wire.ChildExit):
@@ -393,9 +397,11 @@ class Daemon:
         decisions = policy.decide(snapshot, self.limits_for, self.config.recycle,
                                   self.state.requests, now,
                                   term_grace=self.config.sampling.interval)
+        # The grant goes out first, less what these decisions use: no child may take a unit
+        # the daemon is about to spend. A child that took one meanwhile is leaving already.
+        taken = self._grant(snapshot, decisions, now)
         if decisions:
-            self.actor.carry_out(decisions, now)
-        self._grant(snapshot, decisions, now)
+            self.actor.carry_out([d for d in decisions if d.proc.pid not in taken], now)
         if only is None:
             self._warn_storms(snapshot)
         # Published at once when something was done: by the daemon, or by a child under its
@@ -407,10 +413,12 @@ class Daemon:
             self.view = self._make_view(now)
             self._revision = self.state.revision
 
-    def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> None:
+    def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> set[int]:
         """Publish each agent worker's grant (policy.grants) and collect the units its children
-        took since the last exchange, which count as recycles from then on."""
-        allowed = policy.grants(snapshot, self.config.recycle, self.state.requests, now, decisions)
+        took since the last exchange, which count as recycles from then on; return their pids."""
+        allowed = policy.grants(snapshot, self.limits_for, self.config.recycle,
+                                self.state.requests, now, decisions)
+        collected: set[int] = set()
         for worker in snapshot.workers:
             rec = self.state.workers.get(worker.pid)
             if rec is None or not rec.agent or not worker.has_children:
@@ -419,6 +427,8 @@ class Daemon:
                                     allowed.get(worker.name, 0))
             if taken:
                 self.state.grants_taken(rec, taken, now)
+                collected.update(pid for pid, _ in taken)
+        return collected
 
     def _grant_path(self, worker_pid: int) -> str:
         return grants.grant_path(str(self.config.agent.socket), worker_pid)

@@ -75,7 +75,7 @@ class Child(NamedTuple):
     growth_per_task: float = 0.0  # median RSS growth of its recent tasks (predictive recycling)
     reported_end: bool = False  # its last RSS reading is a task-end report (else a tick sample)
     over_soft_since: float | None = None  # first reading over its soft threshold, this spell
-    born: float | None = None  # when the daemon first saw it (None: unknown, as good as old)
+    born: float | None = None  # when it started, on the daemon's clock (None: as good as old)
     leak: Leak | None = None  # computed on the tick, once the child has enough samples
 
     @property

@@ -170,16 +170,19 @@ def _decide_worker(
     return decisions
 
 
-def grants(snapshot: Snapshot, recycle: RecycleConfig, requests: Mapping[str, Sequence[float]],
-           now: float, decisions: Sequence[Decision] = ()) -> dict[str, int]:
+def grants(snapshot: Snapshot, limits: LimitsConfig | Callable[[str], LimitsConfig],
+           recycle: RecycleConfig, requests: Mapping[str, Sequence[float]], now: float,
+           decisions: Sequence[Decision] = ()) -> dict[str, int]:
     """Per worker, how many children may recycle themselves past their soft threshold before
     the daemon looks again (grants.py): what the rate limit, the share cap and the floor leave
     once ``decisions`` (just taken) are carried out. The per-child holds (fresh, too young,
-    --max-tasks-per-child soon) the child applies itself, with the same rules."""
+    --max-tasks-per-child soon) the child applies itself, with the same rules. None where the
+    soft limit compares USS or PSS, which a child does not read."""
     out: dict[str, int] = {}
     for worker in snapshot.workers:
-        if recycle.dry_run or not worker.has_children or not (worker.agent
-                                                              and worker.recycle_signal):
+        limits_of = limits if isinstance(limits, LimitsConfig) else limits(worker.name)
+        if (recycle.dry_run or limits_of.measure != "rss" or not worker.has_children
+                or not (worker.agent and worker.recycle_signal)):
             out[worker.name] = 0
             continue
         acting = sum(1 for d in decisions if d.worker == worker.name and d.acts

@@ -55,6 +55,7 @@ class Procs:
         self.root = root
         self.cgroup_root = cgroup_root
         self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.denied_smaps = 0  # smaps_rollup reads refused (no CAP_SYS_PTRACE over another user)
         self._seen: dict[int, list[str] | None] = {}  # pid -> worker command line, or None
         self._hold = os.path.realpath(root) == "/proc"
@@ -120,6 +121,16 @@ class Procs:
         fd = self._statm.pop(pid, None)
         if fd is not None:
             os.close(fd)
+
+    def age(self, start: int) -> float | None:
+        """Seconds since a process started, from its start time in clock ticks (stat field
+        22) and the system's uptime; None where the root has no uptime (a fixture tree)."""
+        try:
+            with open(f"{self.root}/uptime", "rb") as fh:
+                uptime = float(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return max(0.0, uptime - start / self.clock_ticks)
 
     def uss_pss(self, pid: int) -> tuple[int, int] | None:
         """USS and PSS in bytes from /proc/PID/smaps_rollup (tens of microseconds); None if gone,

@@ -44,7 +44,7 @@ class ChildRec:
     task: str | None = None
     task_id: str | None = None
     task_seq: int = 0  # tasks it had finished when the running task was announced
-    born: float | None = None  # when the daemon first saw it (None: unknown, as good as old)
+    born: float | None = None  # when it started, on the daemon's clock (None: as good as old)
     agent: bool = False
     requested_at: float | None = None
     noted: bool = False  # a dry run has counted it already
@@ -83,8 +83,10 @@ class State:
     """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
 
     def __init__(self, stat: StatFn, limits: LimitsFn | None = None, jitter: float = 0.0,
-                 max_task_names: int = 50) -> None:
+                 max_task_names: int = 50,
+                 age: Callable[[ProcId], float | None] | None = None) -> None:
         self._stat = stat
+        self._age = age or (lambda proc: None)  # seconds a process has lived, where known
         # (soft, hard) bytes for a worker name: the over-soft and over-hard clocks, time to the
         # soft limit and the max-tasks advice are measured against them
         self.limits: LimitsFn = limits or (lambda name: (0, 0))
@@ -155,12 +157,19 @@ class State:
                 "task": message.task, "task_id": message.id, "rss_bytes": message.rss,
                 "limit_bytes": message.limit, "reason": "hard"}))
         elif isinstance(message, wire.ChildExit):
-            child.leaving = True
-            child.tasks = message.tasks
-            if message.reason == "hard":
-                self.recycles[(worker.name or "", "hard")] += 1
-            elif message.reason in ("soft", "predicted"):
-                self.granted(worker, child, message.reason, now)
+            self._child_exit(worker, child, message, now)
+
+    def _child_exit(self, worker: WorkerRec, child: ChildRec, message: wire.ChildExit,
+                    now: float) -> None:
+        """A child says it leaves: after the daemon's request, the hard limit, or a grant."""
+        child.leaving = True
+        child.tasks = message.tasks
+        if message.reason == "hard":
+            self.recycles[(worker.name or "", "hard")] += 1
+            if child.requested_at is None:  # a unit it took meanwhile is this recycle too
+                child.requested_at = now
+        elif message.reason in wire.SELF_REASONS:
+            self.granted(worker, child, message.reason, now)
 
     def _task_end(self, child: ChildRec, tasks: int, name: str, before: int, after: int,
                   at: float) -> None:
@@ -193,9 +202,13 @@ class State:
             "by": "agent", "measured_bytes": child.rss, "tasks": child.tasks}))
 
     def grants_taken(self, worker: WorkerRec, taken: list[tuple[int, str]], now: float) -> None:
-        """The children the grant file lists as having taken a unit since the last exchange."""
+        """The children the grant file lists as having taken a unit since the last exchange,
+        also those already gone (their exit message may have been lost)."""
         for pid, reason in taken:
             child = worker.children.get(pid)
+            if child is None:
+                gone = self._gone.get(pid)
+                child = gone[1] if gone is not None and gone[0] == (worker.name or "") else None
             if child is not None:
                 self.granted(worker, child, reason, now)
 
@@ -279,7 +292,7 @@ class State:
                 raise Rejected("gone")
             worker = self.workers[msg.ppid] = WorkerRec(proc=parent.proc, name=None)
         child = worker.children[msg.pid] = ChildRec(proc=stat.proc, ppid=msg.ppid, index=msg.index,
-                                                    born=now)
+                                                    born=self._born(stat.proc, now))
         return worker, child
 
     def _unique_name(self, name: str, pid: int) -> str:
@@ -339,9 +352,16 @@ class State:
                 index = rec.kid_index.get(pid)
                 if index is None and not rec.agent:
                     index = _free_slot(rec)
-                rec.children[pid] = ChildRec(proc=stat.proc, ppid=rec.proc.pid, index=index,
-                                             born=born)
+                rec.children[pid] = ChildRec(
+                    proc=stat.proc, ppid=rec.proc.pid, index=index,
+                    born=None if born is None else self._born(stat.proc, born))
         return gone
+
+    def _born(self, proc: ProcId, now: float) -> float:
+        """When a child started, on the daemon's clock: from its age where the process table
+        tells it (so a restarted daemon does not take old children for young), else now."""
+        age = self._age(proc)
+        return now if age is None else now - age
 
     def drop_worker(self, pid: int) -> WorkerRec | None:
         return self.workers.pop(pid, None)

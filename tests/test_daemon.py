@@ -688,3 +688,78 @@ def test_a_recycle_a_child_did_on_its_own_is_exported_at_once(procs: FakeProcs) 
     daemon.tick(0.0)
     daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 0.5)
     assert b'celery_memguard_recycles_total{reason="soft",worker="w@h"} 1.0' in daemon.metrics.render()
+
+
+def _take(daemon: Daemon, pid: int, reason: str = "soft") -> None:
+    from celery_memguard import grants  # noqa: PLC0415
+
+    path = f"{daemon.config.agent.socket}.grant.{MAIN}"
+    assert grants.take(path, pid, (MAIN, MAIN * 10), reason)
+
+
+def test_a_unit_taken_by_a_child_already_gone_is_still_counted(procs: FakeProcs) -> None:
+    """Its exit message lost (a daemon restarting, say), the grant file still tells."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    _take(daemon, KID0)
+    del procs.table[KID0]
+    daemon.tick(1.0)
+    assert daemon.state.recycles == {("w@h", "soft"): 1}
+
+
+def test_the_daemon_does_not_signal_a_child_that_took_a_unit_meanwhile(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """Idle and over soft on the tick: the daemon would ask it, but it is leaving on its own."""
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    procs.table[KID0].rss = 150 * MiB
+    daemon.receive(dgram(wire.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=3, rss=150 * MiB)), 0.0)
+    daemon.tick(0.0)
+    daemon.tick(1.0)
+    _take(daemon, KID0)
+    daemon.tick(3.0)  # recycle.grace has passed: the tick would act now
+    assert procs.signals == []
+    assert daemon.state.recycles == {("w@h", "soft"): 1}
+    assert [e.get("by") for e in logs if e["event"] == "recycle_requested"] == ["agent"]
+
+
+def test_a_hard_exit_and_a_unit_taken_for_the_same_child_count_one_recycle(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    _take(daemon, KID1)
+    daemon.receive(dgram(wire.ChildExit(pid=KID1, ppid=MAIN, index=1, tasks=4, reason="hard")), 0.5)
+    daemon.tick(1.0)
+    assert daemon.state.recycles == {("w@h", "hard"): 1}
+
+
+def test_a_worker_saying_goodbye_takes_its_grant_file_with_it(procs: FakeProcs,
+                                                              socket_dir: Path) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    assert list(socket_dir.glob("*.grant.*"))
+    daemon.receive(dgram(wire.WorkerBye(pid=MAIN)), 0.5)
+    assert list(socket_dir.glob("*.grant.*")) == []
+
+
+def test_a_reload_to_a_dry_run_withdraws_the_grants_at_once(procs: FakeProcs) -> None:
+    daemon = make(procs)
+    daemon.receive(dgram(hello()), 0.0)
+    daemon.tick(0.0)
+    assert _grant_file(daemon)["grant"] == 1
+    dry = daemon.config.model_copy(update={"recycle": daemon.config.recycle.model_copy(
+        update={"dry_run": True})})
+    daemon._reload = lambda: dry
+    daemon.handle_reload()
+    assert _grant_file(daemon)["grant"] == 0
+
+
+def test_a_child_older_than_min_lifetime_when_first_seen_is_not_held(procs: FakeProcs) -> None:
+    """A restarted daemon takes a child's age from its start, not from when it first saw it."""
+    procs.age = lambda start: 60.0  # type: ignore[method-assign]
+    daemon = make(procs, recycle={"min_lifetime": "30s"})
+    daemon.receive(dgram(hello()), 100.0)
+    daemon.receive(dgram(task_end(KID0, 150, tasks=7)), 100.1)
+    assert procs.signals == [(KID0, 38)]

@@ -300,7 +300,9 @@ def test_min_lifetime_also_holds_the_worker_total() -> None:
 def _grant(snap: object, now: float = 100.0, **kw: object) -> int:
     requests = kw.pop("requests", {})
     decisions = kw.pop("decisions", ())
-    [grant] = policy.grants(snap, recycle(**kw), requests, now, decisions).values()  # type: ignore[arg-type]
+    limits_of = kw.pop("limits", limits())
+    [grant] = policy.grants(snap, limits_of, recycle(**kw), requests, now,  # type: ignore[arg-type]
+                            decisions).values()  # type: ignore[arg-type]
     return grant
 
 
@@ -337,5 +339,6 @@ def test_decisions_just_taken_count_against_the_grant() -> None:
 
 def test_no_grant_in_a_dry_run_or_for_a_worker_that_cannot_recycle() -> None:
     assert _grant(snapshot(worker(child(0), child(1))), dry_run=True) == 0
+    assert _grant(snapshot(worker(child(0), child(1))), limits=limits(measure="uss")) == 0
     assert _grant(snapshot(worker(child(0), child(1), agent=False, recycle_signal=None))) == 0
     assert _grant(snapshot(worker(child(0), pool="solo"))) == 0

@@ -219,3 +219,21 @@ def test_smaps_of_another_users_process_without_ptrace_reads_as_none_not_an_erro
         target.wait()
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None", "1", "True"]
+
+
+def test_the_age_of_a_process_comes_from_its_start_and_the_uptime() -> None:
+    """A process started just now is young; this one has lived at least as long as the test."""
+    procs = Procs()
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        started = procs.stat(child.pid)
+        me = procs.stat(os.getpid())
+        assert started is not None and me is not None
+        young, old = procs.age(started.start), procs.age(me.start)
+        assert young is not None and old is not None
+        assert 0.0 <= young < 2.0
+        assert old >= young
+    finally:
+        child.kill()
+        child.wait()
+    assert Procs(root="/nonexistent").age(12345) is None
