@@ -228,9 +228,11 @@ def test_the_age_of_a_process_comes_from_its_start_and_the_uptime() -> None:
     try:
         started = procs.stat(child.pid)
         me = procs.stat(os.getpid())
-        assert started is not None and me is not None
+        assert started is not None
+        assert me is not None
         young, old = procs.age(started.start), procs.age(me.start)
-        assert young is not None and old is not None
+        assert young is not None
+        assert old is not None
         assert 0.0 <= young < 2.0
         assert old >= young
     finally:
