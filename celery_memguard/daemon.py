@@ -326,7 +326,7 @@ class Daemon:
                 self.log.info("worker_found", worker=rec.name, pid=found.stat.pid,
                               agent=rec.agent, children=len(found.children))
 
-    def _refresh_children(self, rec: WorkerRec, now: float | None = None) -> None:
+    def _refresh_children(self, rec: WorkerRec, now: float) -> None:
         for child in self.state.sync_child_pids(rec, self.procs.child_pids(rec.proc.pid), now):
             self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
                           tasks=child.tasks, rss_bytes=child.rss,

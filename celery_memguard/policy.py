@@ -134,10 +134,8 @@ def _decide_worker(
                   or _over_worker_total(worker, limits, recycle, now))
     if not candidates:
         return []
-    in_flight = sum(1 for c in worker.children if c.requested_at is not None and not c.leaving)
-    serving = sum(1 for c in worker.children if _available(c))
+    in_flight, serving, used = _room(worker, recent, now)
     cap = share_cap(worker, recycle)
-    used = sum(1 for t in recent if now - t < RATE_WINDOW)
     decisions = []
     for child, value, threshold, reason in candidates:
         hold = None
@@ -187,14 +185,20 @@ def grants(snapshot: Snapshot, limits: LimitsConfig | Callable[[str], LimitsConf
             continue
         acting = sum(1 for d in decisions if d.worker == worker.name and d.acts
                      and not d.whole and d.reason is not Reason.KILL)
-        used = sum(1 for t in requests.get(worker.name, ()) if now - t < RATE_WINDOW) + acting
-        in_flight = sum(1 for c in worker.children
-                        if c.requested_at is not None and not c.leaving) + acting
-        serving = sum(1 for c in worker.children if _available(c)) - acting
-        out[worker.name] = max(0, min(recycle.max_per_minute - used,
-                                      share_cap(worker, recycle) - in_flight,
-                                      serving - recycle.min_serving))
+        in_flight, serving, used = _room(worker, requests.get(worker.name, ()), now)
+        out[worker.name] = max(0, min(recycle.max_per_minute - used - acting,
+                                      share_cap(worker, recycle) - in_flight - acting,
+                                      serving - acting - recycle.min_serving))
     return out
+
+
+def _room(worker: Worker, recent: Sequence[float], now: float) -> tuple[int, int, int]:
+    """(asked and still running their last task, serving, requests in the rate window): what
+    the share cap, the floor and the rate limit are measured against, by decide and grants."""
+    in_flight = sum(1 for c in worker.children if c.requested_at is not None and not c.leaving)
+    serving = sum(1 for c in worker.children if _available(c))
+    used = sum(1 for t in recent if now - t < RATE_WINDOW)
+    return in_flight, serving, used
 
 
 def _graced(child: Child, recycle: RecycleConfig, now: float) -> bool:

@@ -306,7 +306,7 @@ class State:
 
     def found(self, found: FoundWorker, now: float | None = None) -> WorkerRec:
         """A worker seen by the scan: known ones keep their agent data; new ones are observe-only.
-        ``now``: when new children were first seen (their minimum lifetime counts from it)."""
+        ``now`` dates its new children (``_born``); without it their age is unknown."""
         rec = self.workers.get(found.stat.pid)
         if rec is not None and rec.proc != found.stat.proc:
             rec = None  # the pid was reused by another worker
@@ -330,7 +330,7 @@ class State:
     def sync_child_pids(self, rec: WorkerRec, pids: list[int],
                         now: float | None = None) -> list[ChildRec]:
         """The tick's cheaper form: known pids keep their identity (every signal re-checks it),
-        only new pids are looked up (``now``: when they were first seen); return those gone."""
+        only new pids are looked up (``now`` dates them, ``_born``); return those gone."""
         listed = set(pids)
         gone = [c for pid, c in rec.children.items() if pid not in listed]
         live: dict[int, ProcStat] = {}
@@ -341,7 +341,7 @@ class State:
         return self._replace_children(rec, gone, live, now)
 
     def _replace_children(self, rec: WorkerRec, gone: list[ChildRec],
-                          new: dict[int, ProcStat], born: float | None = None) -> list[ChildRec]:
+                          new: dict[int, ProcStat], now: float | None = None) -> list[ChildRec]:
         for child in gone:
             del rec.children[child.proc.pid]
             self._gone[child.proc.pid] = (rec.name or "", child)
@@ -354,7 +354,7 @@ class State:
                     index = _free_slot(rec)
                 rec.children[pid] = ChildRec(
                     proc=stat.proc, ppid=rec.proc.pid, index=index,
-                    born=None if born is None else self._born(stat.proc, born))
+                    born=None if now is None else self._born(stat.proc, now))
         return gone
 
     def _born(self, proc: ProcId, now: float) -> float:
