@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 from celery import Celery
 
+import celery_memguard
 from celery_memguard import config as cfgmod
 from celery_memguard import rules
 from celery_memguard.daemon import Daemon
@@ -468,7 +469,7 @@ def bench_agent(bench: Bench, runs: int, quick: bool) -> None:
         for target, agent in (order if i % 2 == 0 else order[::-1]):
             target.append(bench.run("agent" if agent else "no agent", [], agent,
                                     config if agent else None, kinds))
-    hook = agent_hook_cost(2000 if quick else 20000)
+    base, added = agent_task_cost(500, 10 if quick else 60)
     rate = [median([r.tasks_per_second for r in runs_]) for runs_ in (without, with_agent)]
     cpu = [[median([r.extra["cpu_us"][part] for r in runs_]) for part in range(3)]
            for runs_ in (without, with_agent)]
@@ -483,32 +484,63 @@ def bench_agent(bench: Bench, runs: int, quick: bool) -> None:
            ["CPU per task, daemon (µs, median)", "-", f"{cpu[1][2]:.0f}", f"{cpu[1][2]:+.0f}"],
            ["CPU per task, all (µs)", f"{total[0]:.0f}", f"{total[1]:.0f}",
             f"{total[1] / total[0]:.3f}"],
-           ["agent hooks per task, in-process (µs)", "-", f"{hook * 1e6:.1f}", ""]])
+           ["a child's own work per no-op task, in-process (µs, median)", f"{base * 1e6:.1f}",
+            f"{(base + added) * 1e6:.1f}", f"{added * 1e6:+.1f}"]])
 
 
-def agent_hook_cost(n: int) -> float:
-    """Seconds the agent's prerun+postrun hooks add per task, measured in this process."""
+def agent_task_cost(n: int, rounds: int) -> tuple[float, float]:
+    """Seconds per no-op task of a pool child's own work, measured in this process: Celery's
+    trace function run as billiard's loop runs it, without the agent and with its two
+    wrappers (``wait_for_job``, ``prepare_result``), alternately; returns the median time
+    without and the median of the paired differences."""
+    from celery.app import trace  # noqa: PLC0415
+
     from celery_memguard import agent  # noqa: PLC0415
     from celery_memguard.child import ChildAgent  # noqa: PLC0415
 
-    class _Task:
-        name = "benchmarks.bench_app.work"
+    app = Celery("bench-trace", broker="memory://")
+    app.conf.task_ignore_result = True
 
-        def run(self) -> None:
-            return None
+    @app.task(name="bench.noop", shared=False)
+    def noop() -> None:
+        return None
+
+    app.finalize()
+    celery_memguard.install(app, socket="/nonexistent/agent.sock")
+    trace.setup_worker_optimizations(app, "bench")
+    noop.__trace__ = trace.build_tracer(noop.name, noop, app.loader, "bench", app=app)
+    jobs = [(2, (i, 0, trace.fast_trace_task,
+                 (noop.name, f"id-{i}", {"id": f"id-{i}", "task": noop.name, "delivery_info": {}},
+                  ((), {}, None), None, None), {})) for i in range(n)]
+    pending: Iterator[Any] = iter(())
+
+    def read() -> Any:
+        return next(pending)
+
+    def prepare(result: Any) -> Any:
+        return result
 
     child = ChildAgent(0, "/nonexistent/agent.sock")
-    previous = agent._child
-    agent._child = child
-    task = _Task()
-    try:
+    wrapped = (child.wrap_wait_for_job(read, agent._describe), child.wrap_prepare_result(prepare))
+
+    def loop(wait: Callable[[], Any], prepare_result: Callable[[Any], Any]) -> float:
+        nonlocal pending
+        pending = iter(jobs)
         start = time.perf_counter()
-        for i in range(n):
-            agent._on_task_prerun(task_id=f"id-{i}", task=task)
-            agent._on_task_postrun(task_id=f"id-{i}", task=task, state="SUCCESS")
+        for _ in range(n):
+            _kind, (_job, _i, fun, args, kwargs) = wait()
+            prepare_result(fun(*args, **kwargs))
         return (time.perf_counter() - start) / n
+
+    base, added = [], []
+    try:
+        for _ in range(rounds):
+            without = loop(read, prepare)
+            base.append(without)
+            added.append(loop(*wrapped) - without)
     finally:
-        agent._child = previous
+        child.watch.task_ended()
+    return median(base), median(added)
 
 
 def main(argv: list[str] | None = None) -> int:

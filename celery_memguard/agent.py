@@ -1,5 +1,9 @@
 """The in-worker side: Celery signal hooks, reports to the daemon, recycle-after-task.
 
+Per task, nothing goes through Celery's signals: a pool child follows its jobs in billiard's
+own loop (``wait_for_job`` and ``prepare_result``, wrapped once at ``worker_process_init``),
+which costs less and sees one job as one task, whatever the task does inside.
+
 The only module that imports Celery. It is small on purpose and must never slow or break a
 worker: every hook swallows its own errors, sends never block and are simply lost when no
 daemon listens, and nothing here waits. A pool child's own bookkeeping (batched reports,
@@ -43,7 +47,7 @@ _VERSION = __version__
 _socket_path: str = DEFAULT_SOCKET
 _sender: Sender | None = None  # the main process's connection
 _child: ChildAgent | None = None
-_installed_apps: set[int] = set()
+_apps: list[Celery] = []  # the apps installed into: their registries name a job's task
 _restart_worker = False
 
 
@@ -72,16 +76,14 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
     global _socket_path, _restart_worker
     _socket_path = os.environ.get(SOCKET_ENV) or socket or DEFAULT_SOCKET
     _restart_worker = restart_worker
-    if id(app) in _installed_apps:
+    if any(known is app for known in _apps):
         return
-    _installed_apps.add(id(app))
+    _apps.append(app)
     uid = f"celery_memguard.{id(app)}"
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid=uid + ".init_worker")
     signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid=uid + ".ready")
     signals.worker_shutdown.connect(_on_worker_shutdown, weak=False, dispatch_uid=uid + ".shutdown")
     signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid=uid + ".init")
-    signals.task_prerun.connect(_on_task_prerun, weak=False, dispatch_uid=uid + ".prerun")
-    signals.task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid=uid + ".postrun")
 
 
 # -- main process ----------------------------------------------------------------------------
@@ -210,8 +212,8 @@ def _find_pool_worker() -> Any:
     """The billiard Worker whose initializer is running us, found on the call stack.
 
     worker_process_init is sent from the pool initializer, which billiard calls from
-    ``Worker.after_fork`` before ``workloop`` binds ``wait_for_job``: wrapping it now is the
-    one place where the recycle check can join billiard's own loop. None outside a pool child
+    ``Worker.after_fork`` before ``workloop`` binds ``wait_for_job`` and ``prepare_result``:
+    wrapping them now is the one place where the agent can join billiard's own loop. None outside a pool child
     (the solo pool sends the same signal from the main process).
     """
     try:
@@ -231,7 +233,8 @@ def _on_process_init(sender: Any = None, **_: Any) -> None:
     global _child, _sender
     try:
         pool_worker = _find_pool_worker()
-        if pool_worker is None or not hasattr(pool_worker, "wait_for_job"):
+        if pool_worker is None or not all(hasattr(pool_worker, attr)
+                                          for attr in ("wait_for_job", "prepare_result")):
             return
         from billiard.process import current_process  # noqa: PLC0415
 
@@ -245,32 +248,40 @@ def _on_process_init(sender: Any = None, **_: Any) -> None:
                            max_tasks=maxtasks if isinstance(maxtasks, int) else None)
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         agent.watch.install()
-        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job)
+        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, _describe)
+        pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
         _child = agent
         agent.hello()
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
 
 
-def _on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    agent = _child
-    if agent is None or agent.pid != os.getpid():
-        return
+def _describe(job: Any) -> tuple[str, str, CodeType | None]:
+    """A billiard job as the agent reports it: task name, task id, and the code object of the
+    task's body. Celery's prefork pool runs every task as ``trace(name, id, request, body,
+    ...)`` (celery/worker/request.py ``execute_using_pool``); anything else is "unknown"."""
     try:
-        agent.begin(_name(task), str(task_id)[: wire.MAX_NAME], _run_code(task))
-    except Exception:  # noqa: BLE001 - the agent never raises into the worker
-        return
+        args = job[1][3]
+        name, task_id = args[0], args[1]
+    except (TypeError, IndexError, KeyError):
+        return "unknown", "", None
+    if not isinstance(name, str):
+        return "unknown", "", None
+    known = _tasks.get(name)
+    if known is None:
+        known = (_clean(name), _run_code(_lookup(name)))
+        if len(_tasks) < 10000:
+            _tasks[name] = known
+    return known[0], str(task_id)[: wire.MAX_NAME], known[1]
 
 
-def _on_task_postrun(task_id: str | None = None, task: Any = None, state: str | None = None,
-                     **_: Any) -> None:
-    agent = _child
-    if agent is None or agent.pid != os.getpid():
-        return
-    try:
-        agent.end(state == "SUCCESS")
-    except Exception:  # noqa: BLE001 - the agent never raises into the worker
-        return
+def _lookup(name: str) -> Any:
+    for app in _apps:
+        with contextlib.suppress(Exception):
+            task = app.tasks.get(name)
+            if task is not None:
+                return task
+    return None
 
 
 def _run_code(task: Any) -> CodeType | None:
@@ -281,15 +292,9 @@ def _run_code(task: Any) -> CodeType | None:
     return code if isinstance(code, CodeType) else None
 
 
-_names: dict[str, str] = {}
+_tasks: dict[str, tuple[str, CodeType | None]] = {}  # per task name: (clean name, body)
 
 
-def _name(task: Any) -> str:
-    """The task's name, printable and bounded, as the wire format requires (cached per name)."""
-    name = str(getattr(task, "name", None) or "unknown")
-    clean = _names.get(name)
-    if clean is None:
-        clean = "".join(ch for ch in name if ch.isprintable())[: wire.MAX_NAME]
-        if len(_names) < 10000:
-            _names[name] = clean
-    return clean
+def _clean(name: str) -> str:
+    """The task's name, printable and bounded, as the wire format requires."""
+    return "".join(ch for ch in name if ch.isprintable())[: wire.MAX_NAME] or "unknown"

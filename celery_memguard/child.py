@@ -1,7 +1,9 @@
 """A pool child's side of the agent: task bookkeeping, batched reports, and leaving safely.
 
-No Celery import: agent.py creates one ChildAgent per pool child and wires it to Celery's
-task signals and billiard's ``wait_for_job``.
+No Celery import: agent.py creates one ChildAgent per pool child and wires it into billiard's
+own loop, ``wait_for_job`` (a job begins) and ``prepare_result`` (it ended). One job is one
+task: unlike Celery's task_prerun/task_postrun, a task that runs another in-process with
+``apply()`` is not counted twice, and its watch is not disarmed by the inner task's end.
 
 Reports cost the child almost nothing per task: the end of a task (its RSS before and after)
 is appended to a batch that is sent every ``FLUSH_SECONDS`` or when it fills, and a task is
@@ -115,7 +117,7 @@ class ChildAgent:
         self.recycle_requested = False
         self.exit_reason = "requested"
         self.waiting = False  # blocked in billiard's read of the next job
-        self.running = False  # a task runs now (between task_prerun and task_postrun)
+        self.running = False  # a job runs now (read by wait_for_job, not yet at prepare_result)
         self.announced = False  # the running task was announced
         self.rss_before = 0
         self.task_name = ""
@@ -294,8 +296,18 @@ class ChildAgent:
                 self._lock.release()
         sys.exit(EX_RECYCLE)  # billiard's own sys.exit wrapper records the exit code
 
-    def wrap_wait_for_job(self, original: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap_wait_for_job(self, original: Callable[..., Any],
+                          describe: Callable[[Any], tuple[str, str, CodeType | None]],
+                          ) -> Callable[..., Any]:
+        """billiard's read of the next job, wrapped: where a child leaves, and where a task
+        begins. ``describe`` names the job (task name, task id, the body's code object).
+
+        A job that returned ends at ``wrap_prepare_result``; one that raised out of billiard's
+        call (it reports the exception itself) ends here, at the next read.
+        """
         def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+            if self.running:
+                self._end_quietly(False)
             if self.recycle_requested:
                 self.leave()
             if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
@@ -308,11 +320,34 @@ class ChildAgent:
                 if self.recycle_requested:  # the signal came between the check and now
                     self.waiting = False
                     self.leave()
-                return original(*args, **kwargs)
+                job = original(*args, **kwargs)
             finally:
                 self.waiting = False
+            if job:
+                try:
+                    self.begin(*describe(job))
+                except Exception:  # noqa: BLE001 - the agent never raises into the worker
+                    self.running = False
+            return job
 
         return wait_for_job
+
+    def wrap_prepare_result(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """billiard's hook on a job's return value: the task has ended, its result not yet
+        handed to the parent. Celery's trace functions return ``(failed, result, runtime)``."""
+        def prepare_result(result: Any) -> Any:
+            if self.running:
+                failed = isinstance(result, tuple) and bool(result) and result[0] == 1
+                self._end_quietly(not failed)
+            return original(result)
+
+        return prepare_result
+
+    def _end_quietly(self, ok: bool) -> None:
+        try:
+            self.end(ok)
+        except Exception:  # noqa: BLE001 - the agent never raises into the worker
+            self.running = False
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ bookkeeping around the task. Either way the child leaves after the task.
 The same thread serves the child's reports: every read it calls ``on_poll``, which announces a
 task that has run for a while and sends the ends of recent tasks once the child is idle.
 
-No Celery import here: the agent wires it to task_prerun/task_postrun.
+No Celery import here: the child agent arms and disarms it as each job begins and ends.
 """
 
 from __future__ import annotations

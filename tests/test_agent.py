@@ -89,6 +89,30 @@ def test_a_long_task_is_announced_while_it_runs_and_short_ones_are_batched(
     assert kinds[-2:] == ["TaskRunning", "TaskBatch"]  # the announcement came before its end
 
 
+def test_one_job_is_one_task_whatever_it_runs_inside_and_failures_are_marked(
+        inbox: Inbox, start_worker: Callable[..., Worker]) -> None:
+    """A task that runs another in-process with apply() is reported once, under its own
+    name, with what it kept; a task that raises is reported as failed."""
+    worker = start_worker(socket_path=inbox.path, concurrency=1)
+    nested = worker.send("nested", 8)
+    assert nested.get(timeout=20)
+    failed = worker.send("boom")
+    with pytest.raises(ValueError, match="boom"):
+        failed.get(timeout=20)
+    messages = collect(inbox, lambda m: sum(len(x.ends) for x in m
+                                            if isinstance(x, wire.TaskBatch)) >= 2)
+    ends = [(batch.names[slot], before, after, ok)
+            for batch in messages if isinstance(batch, wire.TaskBatch)
+            for slot, before, after, ok, _age in batch.ends]
+    assert [(name, ok) for name, *_, ok in ends] == [
+        ("tests.apps.leaky.nested", 1), ("tests.apps.leaky.boom", 0)]
+    _, before, after, _ = ends[0]
+    assert after - before >= 8 * 1024 * 1024
+    time.sleep(0.5)  # nothing more comes: no second end for the task run inside
+    assert sum(len(m.ends) for m in [wire.decode(d.data) for d in inbox.drain(100)]
+               if isinstance(m, wire.TaskBatch)) == 0
+
+
 def test_an_idle_child_asked_to_recycle_leaves_at_once_and_its_slot_is_refilled(
         inbox: Inbox, start_worker: Callable[..., Worker]) -> None:
     """Celery's children block reading the next job; the handler leaves from there, losing nothing."""

@@ -164,3 +164,71 @@ def test_an_announcement_counts_the_tasks_ended_before_it(tmp_path: Path) -> Non
     batch, running = sender.sent
     assert (type(batch).__name__, running.tasks, running.task) == (  # type: ignore[attr-defined]
         "TaskBatch", 3, "app.slow")
+
+
+def _job(name: object, task_id: str = "t1") -> tuple[int, tuple[object, ...]]:
+    """A job as billiard reads it for Celery: (TASK, (job, i, fun, args, kwargs))."""
+    return (2, (7, 0, print, (name, task_id, {}, b"", None, None), {}))
+
+
+def _describe(job: tuple[int, tuple[object, ...]]) -> tuple[str, str, None]:
+    args = job[1][3]
+    assert isinstance(args, tuple)
+    return str(args[0]), str(args[1]), None
+
+
+def test_billiards_loop_marks_where_each_task_begins_and_ends(tmp_path: Path) -> None:
+    """A job begins when it is read; it ends at prepare_result, ok unless Celery's trace
+    function says the task failed; a job that raised ends at the next read, as failed."""
+    agent = _agent(tmp_path)
+    jobs = iter([_job("app.a", "t1"), _job("app.b", "t2"), _job("app.c", "t3"), None])
+    wait = agent.wrap_wait_for_job(lambda: next(jobs), _describe)
+    prepare = agent.wrap_prepare_result(lambda result: ("prepared", result))
+
+    assert wait() == _job("app.a", "t1")
+    assert (agent.running, agent.task_name, agent.task_id, agent.tasks) == (True, "app.a", "t1", 0)
+    assert prepare((0, "result", 0.1)) == ("prepared", (0, "result", 0.1))
+    assert (agent.running, agent.tasks) == (False, 1)
+    wait()
+    prepare((1, "ValueError()", 0.1))  # Celery's trace function: the task failed
+    wait()  # app.c raised out of billiard's call: prepare_result never came
+    assert wait() is None  # app.c ended here; no job, nothing begins
+    assert (agent.running, agent.tasks) == (False, 3)
+    batch = agent._batch
+    assert [(batch.names[slot], ok) for slot, _before, _after, ok, _at in batch.ends] == [
+        ("app.a", 1), ("app.b", 0), ("app.c", 0)]
+
+
+def test_a_job_that_cannot_be_named_still_runs(tmp_path: Path) -> None:
+    """The agent never raises into billiard's loop."""
+    agent = _agent(tmp_path)
+
+    def describe(job: object) -> tuple[str, str, None]:
+        raise RuntimeError("unreadable")
+
+    wait = agent.wrap_wait_for_job(lambda: _job("app.a"), describe)
+    assert wait() == _job("app.a")
+    assert not agent.running
+    assert agent.wrap_prepare_result(lambda result: result)("r") == "r"
+    assert agent.tasks == 0
+
+
+def test_a_celery_job_is_named_from_its_trace_arguments() -> None:
+    """Celery's prefork pool runs every task as trace(name, id, ...): the agent reads the name
+    and id there, and the task body's code from the installed app's registry."""
+    from celery import Celery  # noqa: PLC0415
+
+    from celery_memguard import agent, install  # noqa: PLC0415
+
+    app = Celery("naming", broker="memory://")
+
+    @app.task(name="app.job\x00name")
+    def job() -> None:
+        return None
+
+    install(app, socket=str(Path("/nonexistent/agent.sock")))
+    assert agent._describe(_job("app.job\x00name", "id-1")) == (
+        "app.jobname", "id-1", job.run.__code__)
+    assert agent._describe(_job("app.unknown", "id-2")) == ("app.unknown", "id-2", None)
+    assert agent._describe((2, (7, 0, print, (), {}))) == ("unknown", "", None)
+    assert agent._describe(_job(42)) == ("unknown", "", None)

@@ -52,6 +52,20 @@ def test_a_runaway_task_is_interrupted_near_the_hard_limit_whatever_the_tick(
     assert event["rss_bytes"] > event["limit_bytes"] == HARD
 
 
+def test_a_task_that_ran_another_inside_is_still_watched(
+        start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker]) -> None:
+    """The inner task's end (apply(), Celery's task signals) does not disarm the outer's watch."""
+    daemon = start_daemon(limits={"soft": "250MiB", "hard": "300MiB"},
+                          sampling={"interval": "5s"})
+    worker = start_worker(socket_path=daemon.socket_path)
+    time.sleep(0.5)  # the children read the published hard limit at start
+    with RssSampler(worker.pid) as sampler:
+        result = worker.send("nested", 0, 640)
+        with pytest.raises(MemoryLimitExceeded):
+            result.get(timeout=30)
+    assert sampler.max_rss <= HARD + 64 * MiB, f"peak {sampler.max_rss / MiB:.1f} MiB"
+
+
 def test_a_task_that_swallows_the_interruption_is_killed_and_the_worker_serves_on(
         start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker]) -> None:
     """Still above hard kill_after later: SIGTERM (then SIGKILL), within kill_after + one tick."""

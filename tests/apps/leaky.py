@@ -114,3 +114,25 @@ def spiky(self, mib: float = 100) -> int:
     block = b"\x06" * int(mib * 1024 * 1024)
     del block
     return os.getpid()
+
+
+@app.task(bind=True)
+def nested(self, mib: float = 8, runaway_mib: float = 0) -> int:
+    """Runs ``noop`` in-process with ``apply()`` first (Celery's task signals fire for it too),
+    then keeps ``mib`` MiB, then allocates 16 MiB every 20 ms up to ``runaway_mib``."""
+    import time  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    noop.apply()
+    _kept.append(b"\x01" * int(mib * 1024 * 1024))
+    held = []
+    while len(held) * 16 < runaway_mib:
+        held.append(b"\x01" * (16 * 1024 * 1024))
+        time.sleep(0.02)
+    return os.getpid()
+
+
+@app.task(bind=True)
+def boom(self) -> int:
+    _log_run(self.request.id)
+    raise ValueError("boom")
