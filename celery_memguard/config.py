@@ -129,8 +129,9 @@ class LimitsConfig(_Section):
     watch_interval: float = Field(
         default=0.01,
         description=(
-            "How often each child reads its own RSS while a task runs, to interrupt a runaway "
-            "task at the hard limit (a tick is too slow for a task that grows 1 GiB a second)."
+            "How often each child reads its own RSS while a task runs near the hard limit, to "
+            "interrupt a runaway task there (a tick is too slow for a task that grows 1 GiB a "
+            "second). Further from the limit it reads less often, at least every 50 ms."
         ),
     )
 

@@ -1,11 +1,15 @@
 """The in-child watch that stops a runaway task: a thread reads RSS while a task runs.
 
 A daemon tick (a second, or a quarter of one) is far too slow for a task that allocates
-16 MiB every 20 ms, so each pool child watches itself while a task runs, every
-``watch_interval`` (10 ms by default: one pread of /proc/self/statm). Past the hard limit the
-thread signals the main thread, whose handler raises MemoryLimitExceeded - but only when the
-task's own code is on the stack, so the exception can never land in Celery's or billiard's
-bookkeeping around the task. Either way the child leaves after the task.
+16 MiB every 20 ms, so each pool child watches itself while a task runs (one pread of
+/proc/self/statm per read). It reads every ``watch_interval`` (10 ms by default) near the
+hard limit, and less often further from it: never later than a child growing
+``FASTEST_GROWTH`` could reach the limit, and at least every ``MAX_DELAY`` (or every
+``watch_interval``, if longer). (Reading every
+10 ms regardless woke each child's thread 100 times a second under short tasks.) Past the
+hard limit the thread signals the main thread, whose handler raises MemoryLimitExceeded - but
+only when the task's own code is on the stack, so the exception can never land in Celery's or
+billiard's bookkeeping around the task. Either way the child leaves after the task.
 
 The same thread serves the child's reports: every read it calls ``on_poll``, which announces a
 task that has run for a while and sends the ends of recent tasks once the child is idle.
@@ -28,6 +32,18 @@ INTERRUPT_SIGNAL = signal.SIGRTMIN + 5
 
 
 IDLE_PARK = 1.0  # seconds without a running task after which the thread parks on an event
+FASTEST_GROWTH = 8 << 30  # bytes a second: several times what a Python child reaches here
+MAX_DELAY = 0.05  # the longest sleep between two reads (and the pace of the child's reports)
+
+
+def next_delay(rss: int, hard: int, interval: float) -> float:
+    """How long the watch may sleep after reading ``rss``: not past the moment a child
+    growing ``FASTEST_GROWTH`` could cross ``hard``; never less than ``interval``, and never
+    more than ``MAX_DELAY`` unless ``interval`` itself is longer."""
+    longest = max(interval, MAX_DELAY)
+    if hard <= 0:
+        return longest
+    return min(longest, max(interval, (hard - rss) / FASTEST_GROWTH))
 
 
 class Watch:
@@ -94,11 +110,12 @@ class Watch:
 
     def _loop(self) -> None:
         fired = 0  # the token of the last task fired on: once per task
+        delay = self.interval
         while True:
             self._wake.wait()
             idle_since = time.monotonic()
             while True:
-                time.sleep(self.interval)
+                time.sleep(delay)
                 token = self._token
                 if self.on_poll is not None:
                     with contextlib.suppress(Exception):  # the watch must outlive any error
@@ -114,9 +131,12 @@ class Watch:
                     continue
                 idle_since = time.monotonic()
                 hard = self.hard
+                if hard <= 0:
+                    delay = next_delay(0, hard, self.interval)
                 if token == fired or hard <= 0:
                     continue
                 rss = self.read_rss()
+                delay = next_delay(rss, hard, self.interval)
                 if rss > hard and token == self._token and self._busy:
                     fired = token
                     self._pending = (token, rss, hard)

@@ -77,9 +77,9 @@ def test_a_zero_hard_limit_reads_no_rss_and_fires_nothing_but_still_polls() -> N
                   lambda: polls.append(time.monotonic()))
     watch.configure(0, 0.005)
     watch.task_started(None)
-    time.sleep(0.1)
+    time.sleep(0.3)
     watch.task_ended()
-    assert len(polls) >= 5
+    assert len(polls) >= 3  # at the reports' pace, MAX_DELAY: no memory to watch
     assert reads == []
     assert fired == []
 
@@ -96,3 +96,21 @@ def test_the_watch_hands_over_what_waits_before_it_parks() -> None:
         time.sleep(0.05)
     assert len(parked) == 1
     assert not watch._wake.is_set()  # parked
+
+
+def test_the_watch_reads_often_only_where_a_fast_task_could_reach_the_hard_limit() -> None:
+    """A child growing FASTEST_GROWTH is read before it can cross: every interval close to the
+    limit, at most MAX_DELAY apart far from it, and never faster than the interval asked for."""
+    from celery_memguard.watch import FASTEST_GROWTH, MAX_DELAY, next_delay  # noqa: PLC0415
+
+    mib = 1024 * 1024
+    hard = 1024 * mib
+    assert next_delay(45 * mib, hard, 0.01) == MAX_DELAY  # 979 MiB away: 0.12 s at 8 GiB/s
+    assert next_delay(hard - 200 * mib, hard, 0.01) == (200 * mib) / FASTEST_GROWTH
+    assert next_delay(hard - 10 * mib, hard, 0.01) == 0.01
+    assert next_delay(hard + 10 * mib, hard, 0.01) == 0.01  # past it: as often as asked
+    assert next_delay(45 * mib, 0, 0.01) == MAX_DELAY  # no hard limit: only the reports' pace
+    assert next_delay(45 * mib, hard, 1.0) == 1.0  # a longer interval asked for is kept
+    for rss in range(0, hard, 7 * mib):  # the promise itself
+        delay = next_delay(rss, hard, 0.01)
+        assert rss + FASTEST_GROWTH * delay <= hard or delay == 0.01
