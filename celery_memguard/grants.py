@@ -52,10 +52,13 @@ def exchange(path: str, worker: tuple[int, int], grant: int) -> list[tuple[int, 
             return None  # not a file this daemon made: never truncate what a link points at
         if not _lock(fd):
             return None
-        os.fchmod(fd, FILE_MODE)
+        if stat.S_IMODE(info.st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # a new file: the umask may have narrowed it
         body = _read(fd, worker)
         taken = body[1] if body is not None else []
-        _write(fd, worker, max(0, grant - len(taken)), [])
+        publish = max(0, grant - len(taken))
+        if body != (publish, []):  # most ticks: the same grant, nothing taken, nothing to write
+            _write(fd, worker, publish, [])
     except OSError:
         return None
     else:

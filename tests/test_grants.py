@@ -95,3 +95,21 @@ def test_a_hard_link_in_place_of_the_file_is_not_written(tmp_path: Path) -> None
     os.link(target, tmp_path / "g")
     assert grants.exchange(str(tmp_path / "g"), WORKER, 1) is None
     assert target.read_text() == "precious"
+
+
+def test_an_unchanged_grant_is_not_written_again(tmp_path: Path) -> None:
+    """A tick that publishes what the file already says writes nothing; any change is written."""
+    path = str(tmp_path / "agent.sock.grant.4242")
+    assert grants.exchange(path, WORKER, 2) == []
+    before = os.stat(path).st_mtime_ns
+    time.sleep(0.01)
+    assert grants.exchange(path, WORKER, 2) == []
+    assert os.stat(path).st_mtime_ns == before
+    assert grants.exchange(path, WORKER, 1) == []
+    assert os.stat(path).st_mtime_ns != before
+    assert grants.take(path, 101, WORKER, "soft")
+    assert grants.exchange(path, WORKER, 1) == [(101, "soft")]  # collected: taken cleared
+    assert not grants.take(path, 102, WORKER, "soft")  # 1 less the 1 taken meanwhile: none
+    os.chmod(path, 0o600)
+    assert grants.exchange(path, WORKER, 0) == []
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660  # the mode is put right
