@@ -457,26 +457,44 @@ def bench_runaway(bench: Bench, quick: bool) -> None:
            ["lost", str(run.lost)]])
 
 
-def bench_agent(bench: Bench, runs: int, quick: bool) -> None:
-    """Throughput with and without the agent, and where the CPU goes: throughput moves by
-    several per cent between runs on a shared host, CPU seconds per task much less."""
+def bench_agent(bench: Bench, rounds: int, quick: bool) -> None:
+    """Throughput with and without the agent, and where the CPU goes.
+
+    Each round starts three fresh workers in turn, without the agent, with it (and its
+    daemon), and without it again: the agent's run is compared with the mean of the two that
+    bracket it, which cancels a host that speeds up or slows down through the round, and the
+    two runs without it are compared with each other, which shows how far two identical
+    workers differ here (the resolution of the first ratio). Both ratios are medians over the
+    rounds, with a bootstrap 95 % interval.
+    """
     kinds = ["noop"] * (300 if quick else 2000)
-    with_agent: list[Run] = []
-    without: list[Run] = []
     config = {"limits": {"soft": "1GiB", "hard": "2GiB"}, "log": {"level": "warning"}}
-    for i in range(runs):  # alternate which goes first in a round
-        order = [(without, False), (with_agent, True)]
-        for target, agent in (order if i % 2 == 0 else order[::-1]):
-            target.append(bench.run("agent" if agent else "no agent", [], agent,
-                                    config if agent else None, kinds))
+    without: list[Run] = []
+    with_agent: list[Run] = []
+    ratio: list[float] = []
+    control: list[float] = []
+    for _ in range(rounds):
+        first = bench.run("no agent", [], False, None, kinds)
+        middle = bench.run("agent", [], True, config, kinds)
+        last = bench.run("no agent", [], False, None, kinds)
+        without += [first, last]
+        with_agent.append(middle)
+        bracket = (first.tasks_per_second + last.tasks_per_second) / 2
+        ratio.append(middle.tasks_per_second / bracket)
+        control.append(last.tasks_per_second / first.tasks_per_second)
     base, added = agent_task_cost(500, 10 if quick else 60)
     rate = [median([r.tasks_per_second for r in runs_]) for runs_ in (without, with_agent)]
     cpu = [[median([r.extra["cpu_us"][part] for r in runs_]) for part in range(3)]
            for runs_ in (without, with_agent)]
     total = [sum(parts) for parts in cpu]
-    table(f"Agent overhead: {len(kinds)} no-op tasks, prefork -c 2, {runs} interleaved runs",
+    table(f"Agent overhead: {len(kinds)} no-op tasks, prefork -c 2, {rounds} rounds of three "
+          "fresh workers (without, with, without)",
           ["what", "without the agent", "with the agent and daemon", "ratio / added"],
-          [["tasks/s (median)", f"{rate[0]:.0f}", f"{rate[1]:.0f}", f"{rate[1] / rate[0]:.3f}"],
+          [["tasks/s (median)", f"{rate[0]:.0f}", f"{rate[1]:.0f}", ""],
+           ["with / mean of the two bracketing runs without (median, 95 % interval)", "", "",
+            f"{median(ratio):.3f} ({interval(ratio)})"],
+           ["control: second run without / first (median, 95 % interval)", "", "",
+            f"{median(control):.3f} ({interval(control)})"],
            ["CPU per task, worker main process (µs, median)", f"{cpu[0][0]:.0f}",
             f"{cpu[1][0]:.0f}", f"{cpu[1][0] - cpu[0][0]:+.0f}"],
            ["CPU per task, pool children (µs, median)", f"{cpu[0][1]:.0f}", f"{cpu[1][1]:.0f}",
@@ -486,6 +504,17 @@ def bench_agent(bench: Bench, runs: int, quick: bool) -> None:
             f"{total[1] / total[0]:.3f}"],
            ["a child's own work per no-op task, in-process (µs, median)", f"{base * 1e6:.1f}",
             f"{(base + added) * 1e6:.1f}", f"{added * 1e6:+.1f}"]])
+    print("\nper round, with / bracket: " + " ".join(f"{r:.3f}" for r in ratio)
+          + "\nper round, control:        " + " ".join(f"{r:.3f}" for r in control))
+
+
+def interval(values: list[float], draws: int = 2000) -> str:
+    """A bootstrap 95 % interval of the median (fixed seed: the same figures print the same)."""
+    if len(values) < 2:
+        return "-"
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return f"{medians[int(0.025 * draws)]:.3f}-{medians[int(0.975 * draws) - 1]:.3f}"
 
 
 def agent_task_cost(n: int, rounds: int) -> tuple[float, float]:
@@ -548,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: CI checks it runs")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(PARTS))
+    parser.add_argument("--agent-rounds", type=int, default=0,
+                        help="rounds of the agent comparison (default: --runs)")
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     runs = 1 if args.quick else args.runs
@@ -571,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "runaway" in parts:
                     bench_runaway(bench, args.quick)
                 if "agent" in parts:
-                    bench_agent(bench, runs, args.quick)
+                    bench_agent(bench, args.agent_rounds or runs, args.quick)
             finally:
                 bench.close()
     return 0
