@@ -32,6 +32,7 @@ DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
 BATCH_GAP = 0.05  # seconds routine reports wait to be read together; the bell cuts it short
+LEAKING_USS_EVERY = 10.0  # seconds between USS reads of a leaking child far from any limit
 _MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
                   "s": "task_start", "e": "task_end", "r": "task_running", "k": "task_batch",
                   "x": "child_exit", "h": "task_interrupted", "d": "child_died"}
@@ -281,7 +282,7 @@ class Daemon:
             self._decide(now, worker)  # one fewer in flight: a new grant may be due
         elif (isinstance(message, wire.TaskBatch | wire.TaskEnd | wire.ChildHello)
                 and self._near_a_limit(worker, message.pid)):
-            self._measure_near_limit(worker)
+            self._measure_near_limit(worker, now)
             self._decide(now, worker)
 
     # -- tick ----------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ class Daemon:
                     self.state.observe(rec, child, rss, now)
                 if n % DRAIN_EVERY == 0 and self.between_workers is not None:
                     self.between_workers()  # a large pool must not leave reports waiting
-            self._measure_near_limit(rec)
+            self._measure_near_limit(rec, now)
             self._total_clock(rec, now)
         self._decide(now, None)
         self._log_events()
@@ -371,12 +372,14 @@ class Daemon:
         return (limits.worker_total is not None
                 and sum(c.rss for c in rec.children.values()) >= limits.worker_total)
 
-    def _measure_near_limit(self, rec: WorkerRec) -> None:
-        """Read USS/PSS (about 30x dearer than RSS) only where it decides something, or for a
-        leaking child, whose USS is what recycling it would free.
+    def _measure_near_limit(self, rec: WorkerRec, now: float) -> None:
+        """Read USS/PSS (about 30x dearer than RSS) only where it decides something, and now
+        and then for a leaking child, whose USS is what recycling it would free.
 
         RSS bounds both from above: a child under its soft limit by RSS is under by USS, and
-        a worker whose children's RSS sum is under worker_total is under by USS too.
+        a worker whose children's RSS sum is under worker_total is under by USS too. A leaking
+        child's figure is only shown, so it is read every ``LEAKING_USS_EVERY``: on every
+        tick, 200 leaking children cost 14 ms of the daemon's second.
         """
         limits = self.limits_for(rec.name or "")
         whole = (limits.worker_total is not None
@@ -384,12 +387,19 @@ class Daemon:
         floor = (limits.soft * (1.0 - self.config.recycle.jitter) if limits.measure != "rss"
                  else float("inf"))
         for child in rec.children.values():
-            if whole or child.rss >= floor or child.leaking:
+            if whole or child.rss >= floor:
+                due = True
+            elif child.leaking:
+                due = child.uss_read_at is None or now - child.uss_read_at >= LEAKING_USS_EVERY
+            else:
+                child.uss = child.pss = None
+                child.uss_read_at = None
+                continue
+            if due:
                 figures = self.procs.uss_pss(child.proc.pid)
                 if figures is not None:
                     child.uss, child.pss = figures
-            else:
-                child.uss = child.pss = None
+                    child.uss_read_at = now
 
     def _decide(self, now: float, only: WorkerRec | None) -> None:
         """Decide for one worker (a report) or all (the tick, which also publishes the view)."""

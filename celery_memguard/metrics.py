@@ -64,7 +64,7 @@ def _leak(get: Callable[[Leak], float | None]) -> Callable[[Child], float | None
 
 _CHILD_GAUGES: tuple[tuple[str, str, Callable[[Child], float | None]], ...] = (
     ("child_rss_bytes", "Resident set size of each live pool child.", lambda c: c.rss),
-    ("child_uss_bytes", "Unique set size (what recycling frees), where it was sampled to decide.",
+    ("child_uss_bytes", "Unique set size (what recycling frees): near a limit, or of a leaking child.",
      lambda c: c.uss),
     ("child_tasks", "Tasks run by the current process of each pool slot.", lambda c: c.tasks),
     ("child_busy", "1 while the child runs a task, 0 when idle.", lambda c: 1 if c.task else 0),

@@ -55,6 +55,7 @@ class ChildRec:
     history: History = field(default_factory=History)  # task-boundary RSS, for the trend
     growth: deque[int] = field(default_factory=lambda: deque(maxlen=8))  # recent per-task growth
     leaking: bool = False  # the last trend computed (on the tick) said so
+    uss_read_at: float | None = None  # when USS/PSS were last read (smaps_rollup)
     reported_end: bool = False  # the last RSS reading came from a task-end report
     over_soft_since: float | None = None
 

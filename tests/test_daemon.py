@@ -462,6 +462,35 @@ def test_a_steady_leak_is_exported_with_its_rate_time_to_limit_and_advice(procs:
     assert 'celery_memguard_recommended_max_tasks_per_child{worker="w@h"} 461.0' in text
 
 
+def test_a_leaking_childs_uss_is_read_now_and_then_and_every_tick_near_a_limit(
+        procs: FakeProcs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """USS of a leaking child is only shown: read every LEAKING_USS_EVERY, kept between. Where
+    it decides (measure uss near the soft limit), it is read on every tick."""
+    from celery_memguard.daemon import LEAKING_USS_EVERY  # noqa: PLC0415
+
+    reads: list[int] = []
+    original = procs.uss_pss
+    monkeypatch.setattr(procs, "uss_pss", lambda pid: reads.append(pid) or original(pid))
+    daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB", "measure": "uss"})
+    daemon.receive(dgram(hello()), 0.0)
+    _leak_reports(daemon, KID0, 0, 60, 1 * MiB)
+    procs.table[KID0].rss, procs.table[KID0].uss = 110 * MiB, 100 * MiB
+    daemon.tick(6.0)  # the trend says leaking from this tick on
+    assert reads == []
+    ticks = [7.0 + n for n in range(int(LEAKING_USS_EVERY) + 2)]
+    for now in ticks:
+        daemon.tick(now)
+        text = daemon.metrics.render().decode()
+        assert 'celery_memguard_child_uss_bytes{index="0",worker="w@h"} 1.048576e+08' in text
+    assert reads.count(KID0) == 2  # at 7 s and again at 17 s, not on the ticks between
+    assert KID1 not in reads  # neither leaking nor near a limit
+    reads.clear()
+    procs.table[KID0].rss = 600 * MiB  # past soft by RSS: USS (100 MiB) decides now
+    for now in (ticks[-1] + 1, ticks[-1] + 2, ticks[-1] + 3):
+        daemon.tick(now)
+    assert reads.count(KID0) == 3
+
+
 def test_a_child_that_stopped_growing_is_not_leaking_and_has_no_time_to_limit(procs: FakeProcs) -> None:
     daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
     daemon.receive(dgram(hello()), 0.0)
