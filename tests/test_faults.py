@@ -123,7 +123,9 @@ def test_the_broker_restarting_does_not_disturb_supervision(
         assert all(r.get(timeout=60) for r in second)
         assert daemon.healthy()
         assert daemon.metric("celery_memguard_recycles_total", reason="soft") >= 1
-        assert daemon.metric("celery_memguard_child_rss_bytes", worker=worker.name) > 0
+        # Both children may be between leaving and their replacements' hellos just now.
+        wait_for(lambda: daemon.metric("celery_memguard_child_rss_bytes", worker=worker.name) > 0,
+                 5, "the worker's children are not supervised any more")
     finally:
         worker.stop()
         redis.stop()
