@@ -276,7 +276,11 @@ def _describe(job: Any) -> tuple[str, str, CodeType | None]:
 
 
 def _lookup(name: str) -> Any:
-    for app in _apps:
+    """The task registered under ``name``: in an installed app, else in the app the worker
+    runs (Celery's current app in a pool child), should the two ever differ."""
+    from celery import current_app  # noqa: PLC0415 - a pool child has its worker's app current
+
+    for app in (*_apps, current_app):
         with contextlib.suppress(Exception):
             task = app.tasks.get(name)
             if task is not None:

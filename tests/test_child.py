@@ -232,3 +232,24 @@ def test_a_celery_job_is_named_from_its_trace_arguments() -> None:
     assert agent._describe(_job("app.unknown", "id-2")) == ("app.unknown", "id-2", None)
     assert agent._describe((2, (7, 0, print, (), {}))) == ("unknown", "", None)
     assert agent._describe(_job(42)) == ("unknown", "", None)
+
+
+def test_a_task_of_the_workers_current_app_is_named_even_if_another_was_installed() -> None:
+    from celery import Celery  # noqa: PLC0415
+    from celery._state import get_current_app  # noqa: PLC0415
+
+    from celery_memguard import agent  # noqa: PLC0415
+
+    previous = get_current_app()
+    current = Celery("current", broker="memory://")
+
+    @current.task(name="app.only_in_the_current_app", shared=False)
+    def elsewhere() -> None:
+        return None
+
+    current.set_current()
+    try:
+        assert agent._describe(_job("app.only_in_the_current_app", "id-3")) == (
+            "app.only_in_the_current_app", "id-3", elsewhere.run.__code__)
+    finally:
+        previous.set_current()
