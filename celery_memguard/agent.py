@@ -213,8 +213,8 @@ def _find_pool_worker() -> Any:
 
     worker_process_init is sent from the pool initializer, which billiard calls from
     ``Worker.after_fork`` before ``workloop`` binds ``wait_for_job`` and ``prepare_result``:
-    wrapping them now is the one place where the agent can join billiard's own loop. None outside a pool child
-    (the solo pool sends the same signal from the main process).
+    wrapping them now is the one place where the agent can join billiard's own loop. None
+    outside a pool child (the solo pool sends the same signal from the main process).
     """
     try:
         from billiard.pool import Worker  # noqa: PLC0415 - only meaningful inside a child

@@ -379,7 +379,7 @@ class Daemon:
         RSS bounds both from above: a child under its soft limit by RSS is under by USS, and
         a worker whose children's RSS sum is under worker_total is under by USS too. A leaking
         child's figure is only shown, so it is read every ``LEAKING_USS_EVERY``: on every
-        tick, 200 leaking children cost 14 ms of the daemon's second.
+        tick, 200 leaking children cost 12-14 ms of the daemon's second.
         """
         limits = self.limits_for(rec.name or "")
         whole = (limits.worker_total is not None

@@ -5,11 +5,11 @@ A daemon tick (a second, or a quarter of one) is far too slow for a task that al
 /proc/self/statm per read). It reads every ``watch_interval`` (10 ms by default) near the
 hard limit, and less often further from it: never later than a child growing
 ``FASTEST_GROWTH`` could reach the limit, and at least every ``MAX_DELAY`` (or every
-``watch_interval``, if longer). (Reading every
-10 ms regardless woke each child's thread 100 times a second under short tasks.) Past the
-hard limit the thread signals the main thread, whose handler raises MemoryLimitExceeded - but
-only when the task's own code is on the stack, so the exception can never land in Celery's or
-billiard's bookkeeping around the task. Either way the child leaves after the task.
+``watch_interval``, if longer). Reading every 10 ms regardless woke each busy child's thread
+about 150 times a second under short tasks. Past the hard limit the thread signals the main
+thread, whose handler raises MemoryLimitExceeded - but only when the task's own code is on
+the stack, so the exception can never land in Celery's or billiard's bookkeeping around the
+task. Either way the child leaves after the task.
 
 The same thread serves the child's reports: every read it calls ``on_poll``, which announces a
 task that has run for a while and sends the ends of recent tasks once the child is idle.
