@@ -387,19 +387,15 @@ class Daemon:
         floor = (limits.soft * (1.0 - self.config.recycle.jitter) if limits.measure != "rss"
                  else float("inf"))
         for child in rec.children.values():
-            if whole or child.rss >= floor:
-                due = True
-            elif child.leaking:
-                due = child.uss_read_at is None or now - child.uss_read_at >= LEAKING_USS_EVERY
-            else:
-                child.uss = child.pss = None
-                child.uss_read_at = None
-                continue
-            if due:
+            shown_due = child.leaking and (child.uss_read_at is None
+                                           or now - child.uss_read_at >= LEAKING_USS_EVERY)
+            if whole or child.rss >= floor or shown_due:
                 figures = self.procs.uss_pss(child.proc.pid)
                 if figures is not None:
                     child.uss, child.pss = figures
                     child.uss_read_at = now
+            elif not child.leaking:  # a leaking child keeps its last figure until the next read
+                child.uss = child.pss = child.uss_read_at = None
 
     def _decide(self, now: float, only: WorkerRec | None) -> None:
         """Decide for one worker (a report) or all (the tick, which also publishes the view)."""

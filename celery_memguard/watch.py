@@ -131,9 +131,10 @@ class Watch:
                     continue
                 idle_since = time.monotonic()
                 hard = self.hard
-                if hard <= 0:
+                if hard <= 0:  # no memory to watch: only the reports' pace
                     delay = next_delay(0, hard, self.interval)
-                if token == fired or hard <= 0:
+                    continue
+                if token == fired:
                     continue
                 rss = self.read_rss()
                 delay = next_delay(rss, hard, self.interval)
