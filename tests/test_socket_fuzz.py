@@ -46,7 +46,7 @@ VALID: list[wire.Message] = [
                          limit=800 * MiB),
     wire.ChildDied(pid=ME, child=PARENT, index=0, exitcode=-9),
 ]
-TYPES = {"w", "b", "c", "s", "e", "x", "h", "d"}
+TYPES = {"w", "b", "c", "s", "e", "r", "k", "x", "h", "d"}
 # The wire format, stated here independently of the decoder: each field's kind.
 KIND = {"pid": "pid", "ppid": "pid", "child": "pid", "index": "count", "tasks": "count",
         "rss": "count", "rss_before": "count", "concurrency": "count", "recycle_signal": "count",
