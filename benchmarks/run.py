@@ -265,7 +265,7 @@ class Bench:
             env["CELERY_MEMGUARD_SOCKET"] = str(daemon.socket_path)
         log = (run_dir / "worker.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-c", "2",
+            [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-c", str(POOL),
              "-Q", queue, "-n", f"{queue}@bench", "--loglevel", "warning", "--without-gossip",
              "--without-mingle", "--without-heartbeat", *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -347,13 +347,11 @@ GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None]] = [
     ("celery-memguard soft 150MiB", [], True,
      {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
       "log": {"level": "info"}}),
-    ("celery-memguard soft 150MiB, jitter 0", [], True,
-     {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
-      "recycle": {"jitter": 0}, "log": {"level": "info"}}),
 ]
 
 
 BUILTIN = "--max-memory-per-child 153600"
+POOL = 2  # prefork concurrency of every benchmark worker
 
 
 def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
@@ -369,8 +367,7 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
     builtin = median([r.tasks_per_second for r in results[BUILTIN]])
     for name, _args, agent, daemon_config in guards:
         runs_ = results[name]
-        jitter = (float((daemon_config or {}).get("recycle", {}).get("jitter", 0.05))
-                  if agent else None)
+        jitter = pool_jitter(daemon_config) if agent else None
         spans = [span for r in runs_ for span in soft_to_exit(r, 150 * MiB, jitter)]
         peaks = [r.peak_rss / MiB for r in runs_]
         rate = median([r.tasks_per_second for r in runs_])
@@ -390,6 +387,12 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
                   "lost", "soft crossing → exit (s): min / median / max"], rows)
     table("Workload W, run by run (in the order they ran)",
           ["guard", "tasks/s", "recycles", "longest gap (s)"], per_run)
+
+
+def pool_jitter(daemon_config: dict[str, Any] | None) -> float:
+    """The jitter celery-memguard applies to the children of the benchmark's pool of 2."""
+    recycle = cfgmod.RecycleConfig.model_validate((daemon_config or {}).get("recycle", {}))
+    return rules.pool_jitter(recycle.jitter, recycle.max_share, POOL)
 
 
 def spread(values: list[float]) -> str:

@@ -49,6 +49,7 @@ _sender: Sender | None = None  # the main process's connection
 _child: ChildAgent | None = None
 _apps: list[Celery] = []  # the apps installed into: their registries name a job's task
 _restart_worker = False
+_controller: Any = None  # the WorkController, kept at worker_init: its children inherit it
 
 
 def _send(message: wire.Message) -> None:
@@ -88,9 +89,23 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
 
 # -- main process ----------------------------------------------------------------------------
 
-def _on_worker_init(**_: Any) -> None:
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _controller
+    _controller = sender
     with contextlib.suppress(Exception):
         _join_exited_children_promptly()
+
+
+def _pool_size(pool: Any) -> int:
+    """The size of a worker's pool as its hello reports it, and as its children take it for
+    the jitter: the same expression on both sides, so they compute the same thresholds. 0
+    when unknown."""
+    try:
+        size = getattr(pool, "num_processes", None)
+    except Exception:  # noqa: BLE001 - TaskPool.num_processes before billiard's pool exists
+        size = None
+    size = size or getattr(pool, "limit", None)
+    return size if isinstance(size, int) and size > 0 else 0
 
 
 def _join_exited_children_promptly() -> None:
@@ -150,11 +165,10 @@ def _worker_hello(consumer: Any) -> wire.WorkerHello:
         pid, index = getattr(proc, "pid", None), getattr(proc, "index", None)
         if isinstance(pid, int) and isinstance(index, int):
             kids.append((pid, index))
-    concurrency = getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1
     return wire.WorkerHello(
         pid=os.getpid(), node=str(consumer.hostname)[: wire.MAX_NAME],
         pool=type(pool).__module__.rsplit(".", 1)[-1][:40],
-        concurrency=int(concurrency), max_tasks=int(max_tasks) if max_tasks else None,
+        concurrency=_pool_size(pool) or 1, max_tasks=int(max_tasks) if max_tasks else None,
         max_memory_kib=int(max_mem) if max_mem else None,
         recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: wire.MAX_KIDS]), agent=_VERSION,
         restart=_restart_worker,
@@ -245,7 +259,8 @@ def _on_process_init(sender: Any = None, **_: Any) -> None:
         maxtasks = getattr(pool_worker, "maxtasks", None)
         agent = ChildAgent(index if isinstance(index, int) else 0, _socket_path,
                            node=sender if isinstance(sender, str) else "",
-                           max_tasks=maxtasks if isinstance(maxtasks, int) else None)
+                           max_tasks=maxtasks if isinstance(maxtasks, int) else None,
+                           pool=_pool_size(getattr(_controller, "pool", None)))
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         agent.watch.install()
         pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, _describe)

@@ -104,8 +104,9 @@ class ChildAgent:
     """Per pool child: its slot, task count, batch of reports, the recycle flag, its watch."""
 
     def __init__(self, index: int, socket_path: str, node: str = "",
-                 max_tasks: int | None = None) -> None:
+                 max_tasks: int | None = None, pool: int = 0) -> None:
         self.node = node  # the worker's nodename: per-worker limits in the settings
+        self.pool = pool  # the pool's size as its worker reports it (0: unknown), for the jitter
         self.socket_path = socket_path
         self.pid = os.getpid()
         self.ppid = os.getppid()
@@ -171,8 +172,8 @@ class ChildAgent:
         self.ahead, self.dry_run = settings.ahead, settings.dry_run
         self.min_lifetime, self.skip_within_tasks = settings.min_lifetime, settings.skip_within_tasks
         self.watch.configure(limits.hard, settings.watch_interval)
-        self.soft_threshold = (rules.soft_threshold(limits.soft, settings.jitter, self.pid,
-                                                    self.start_ticks)
+        jitter = rules.pool_jitter(settings.jitter, settings.max_share, self.pool)
+        self.soft_threshold = (rules.soft_threshold(limits.soft, jitter, self.pid, self.start_ticks)
                                if limits.soft and self.start_ticks else 0)
 
     # -- tasks (main thread) ----------------------------------------------------------------

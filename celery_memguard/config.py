@@ -174,7 +174,8 @@ class RecycleConfig(_Section):
         default=0.05,
         description=(
             "Each child's threshold is lowered by a stable random share up to this, "
-            "so children do not recycle in lock-step."
+            "so children do not recycle in lock-step. Only in pools where max_share lets two "
+            "or more children recycle at once: one at a time, they cannot."
         ),
     )
     max_per_minute: int = Field(

@@ -63,6 +63,7 @@ class Daemon:
         self._reload = reload
         self.batch_gap = batch_gap
         self.state = State(self.procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
+                           max_share=config.recycle.max_share,
                            max_task_names=config.metrics.max_task_names,
                            age=lambda proc: self.procs.age(proc.start))
         self.actor = Actor(self.procs, self.state, self.log, config.recycle.dry_run)
@@ -242,7 +243,7 @@ class Daemon:
         self.config = new
         self._limits.clear()
         self.actor.dry_run = new.recycle.dry_run
-        self.state.jitter = new.recycle.jitter
+        self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
         if self.http is not None:  # running: the agents re-read the file within seconds
             self._publish_settings()
         self._decide(self.clock(), None)  # the grants at once: a dry run, lower caps
@@ -455,7 +456,8 @@ class Daemon:
                 continue  # between recycles and their replacements: not a pool that calmed down
             limits = self.limits_for(worker.name)
             over = [c for c in worker.children if policy.measured(c, limits.measure)
-                    >= policy.soft_threshold(limits, self.config.recycle, c.proc)]
+                    >= policy.soft_threshold(limits, self.config.recycle, c.proc,
+                                              worker.concurrency)]
             if len(over) < len(worker.children):
                 self._storms.discard(worker.name)
             elif worker.name not in self._storms:
@@ -480,7 +482,8 @@ class Daemon:
         limits, recycle = self.config.limits, self.config.recycle
         data = wire.encode_settings(wire.AgentSettings(
             hard=limits.hard, watch_interval=limits.watch_interval, soft=limits.soft,
-            jitter=recycle.jitter, ahead=recycle.predictive_tasks if recycle.predictive else 0,
+            jitter=recycle.jitter, max_share=recycle.max_share,
+            ahead=recycle.predictive_tasks if recycle.predictive else 0,
             measure=limits.measure, dry_run=recycle.dry_run, min_lifetime=recycle.min_lifetime,
             skip_within_tasks=recycle.skip_within_tasks,
             workers=tuple((w.match, w.limits.hard, w.limits.soft, w.limits.measure)

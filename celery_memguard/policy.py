@@ -6,7 +6,6 @@ tested with tables. The daemon carries the decisions out (actions.py) and logs t
 
 from __future__ import annotations
 
-import math
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
@@ -17,10 +16,12 @@ from celery_memguard.model import Child, Decision, Hold, ProcId, Reason, Snapsho
 RATE_WINDOW = 60.0
 
 
-def soft_threshold(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId) -> int:
-    """The soft limit lowered by this child's stable share of the jitter (rules.soft_threshold,
-    which the child's agent computes too), never raised above it."""
-    return rules.soft_threshold(limits.soft, recycle.jitter, proc.pid, proc.start)
+def soft_threshold(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId, pool: int) -> int:
+    """The soft limit lowered by this child's stable share of its pool's jitter (``pool``: the
+    worker's concurrency, 0 when unknown), never raised above it. rules.soft_threshold and
+    rules.pool_jitter: the child's agent computes the same."""
+    jitter = rules.pool_jitter(recycle.jitter, recycle.max_share, pool)
+    return rules.soft_threshold(limits.soft, jitter, proc.pid, proc.start)
 
 
 def measured(child: Child, measure: str) -> int:
@@ -38,8 +39,7 @@ def measured(child: Child, measure: str) -> int:
 
 def share_cap(worker: Worker, recycle: RecycleConfig) -> int:
     """How many children of this pool may be asked to recycle and still be running at once."""
-    pool = max(worker.concurrency, len(worker.children), 1)
-    return max(1, math.floor(recycle.max_share * pool))
+    return rules.at_once(recycle.max_share, max(worker.concurrency, len(worker.children), 1))
 
 
 def decide(
@@ -76,7 +76,7 @@ def _decide_whole(worker: Worker, limits: LimitsConfig, recycle: RecycleConfig,
     a warm shutdown (SIGTERM: running tasks finish), past hard a cold one (SIGQUIT); its process
     manager starts it again. Opt-in per worker, one restart per host at a time, so the workers
     of a host never all stop together."""
-    soft = soft_threshold(limits, recycle, worker.proc)
+    soft = soft_threshold(limits, recycle, worker.proc, 0)  # workers of a host: full jitter
     if worker.rss >= limits.hard:
         signum, threshold, reason = signal.SIGQUIT, limits.hard, Reason.HARD
     elif worker.rss >= soft:
@@ -222,7 +222,7 @@ def _over_soft(worker: Worker, limits: LimitsConfig,
             # A busy child is judged on the RSS its task leaves behind, reported at the task's
             # end: memory a task takes and frees before it returns is no reason to recycle.
             continue
-        threshold = soft_threshold(limits, recycle, child.proc)
+        threshold = soft_threshold(limits, recycle, child.proc, worker.concurrency)
         value = measured(child, limits.measure)
         if value >= threshold:
             over.append((child, value, threshold, Reason.SOFT))

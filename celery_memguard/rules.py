@@ -10,6 +10,7 @@ import it without pydantic or psutil.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import zlib
 from collections.abc import Sequence
@@ -27,6 +28,22 @@ def soft_threshold(soft: int, jitter: float, pid: int, start: int) -> int:
     """The soft limit lowered by this process's share of the jitter, never raised above it.
     Cached: a tick asks it several times for every child."""
     return int(soft * (1.0 - jitter * jitter_fraction(pid, start)))
+
+
+def at_once(max_share: float, pool: int) -> int:
+    """How many children of a pool of ``pool`` may be recycling at once: ``max_share`` of it,
+    at least one."""
+    return max(1, math.floor(max_share * pool))
+
+
+def pool_jitter(jitter: float, max_share: float | None, pool: int) -> float:
+    """The jitter a pool's children get. None where only one child of the pool may recycle at
+    a time: its children cannot recycle together there, and lower thresholds would only mean
+    more recycles (workload W in BENCHMARKS.md: 3.3 against 2.7 a run at concurrency 2). The
+    full jitter where the pool size (0) or the share (None) is not known."""
+    if max_share is None or pool <= 0 or at_once(max_share, pool) >= 2:
+        return jitter
+    return 0.0
 
 
 def growth_per_task(recent: Sequence[int]) -> float:

@@ -84,6 +84,7 @@ class State:
     """The registry of supervised workers; ``stat`` looks a pid up in the process table."""
 
     def __init__(self, stat: StatFn, limits: LimitsFn | None = None, jitter: float = 0.0,
+                 max_share: float | None = None,
                  max_task_names: int = 50,
                  age: Callable[[ProcId], float | None] | None = None) -> None:
         self._stat = stat
@@ -92,6 +93,7 @@ class State:
         # soft limit and the max-tasks advice are measured against them
         self.limits: LimitsFn = limits or (lambda name: (0, 0))
         self.jitter = jitter
+        self.max_share = max_share  # with the pool size, whether the jitter applies (rules)
         self.workers: dict[int, WorkerRec] = {}
         self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
@@ -234,7 +236,8 @@ class State:
 
     def _threshold(self, worker: WorkerRec, child: ChildRec) -> int:
         soft = self.limits(worker.name or "")[0]
-        return rules.soft_threshold(soft, self.jitter, child.proc.pid, child.proc.start)
+        jitter = rules.pool_jitter(self.jitter, self.max_share, worker.concurrency)
+        return rules.soft_threshold(soft, jitter, child.proc.pid, child.proc.start)
 
     def _child_died(self, msg: wire.ChildDied) -> WorkerRec | None:
         """The main process reaped a child: a SIGKILL we did not send is counted as an OOM kill."""

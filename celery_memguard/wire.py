@@ -330,6 +330,7 @@ class AgentSettings:
     watch_interval: float  # seconds between two RSS reads while a task runs
     soft: int = 0  # bytes; with jitter, each child's own soft threshold (0: unknown)
     jitter: float = 0.0
+    max_share: float | None = None  # with the pool size, whether the jitter applies (rules)
     workers: tuple[tuple[str, int, int, str], ...] = ()  # (nodename pattern, hard, soft, measure)
     ahead: int = 0  # predictive recycling looks this many tasks ahead (0: off)
     measure: str = "rss"
@@ -361,7 +362,8 @@ _MEASURES = ("rss", "uss", "pss")
 def encode_settings(settings: AgentSettings) -> bytes:
     return json.dumps({"v": VERSION, "hard": settings.hard,
                        "watch_interval": settings.watch_interval, "soft": settings.soft,
-                       "jitter": settings.jitter, "ahead": settings.ahead,
+                       "jitter": settings.jitter, "max_share": settings.max_share,
+                       "ahead": settings.ahead,
                        "measure": settings.measure, "dry_run": settings.dry_run,
                        "min_lifetime": settings.min_lifetime,
                        "skip_within_tasks": settings.skip_within_tasks,
@@ -389,12 +391,14 @@ def decode_settings(data: bytes) -> AgentSettings | None:
         return None
     hard, interval = body.get("hard"), body.get("watch_interval")
     soft, jitter = body.get("soft", 0), body.get("jitter", 0.0)
+    max_share = body.get("max_share")
     workers, ahead = body.get("workers", []), body.get("ahead", 0)
     measure, dry_run = body.get("measure", "rss"), body.get("dry_run", False)
     min_lifetime, skip = body.get("min_lifetime", 0.0), body.get("skip_within_tasks", 0)
     if (type(hard) is not int or type(soft) is not int or type(ahead) is not int
             or type(skip) is not int or not _number(interval) or not _number(jitter)
             or not _number(min_lifetime) or not isinstance(dry_run, bool)
+            or not (max_share is None or (_number(max_share) and 0 <= max_share <= 1))
             or measure not in _MEASURES):
         return None
     if (hard < 0 or soft < 0 or not 0 <= ahead <= 1000 or not 0 <= skip <= 10**6
@@ -403,6 +407,7 @@ def decode_settings(data: bytes) -> AgentSettings | None:
             or not isinstance(workers, list) or not all(_worker_entry(w) for w in workers)):
         return None
     return AgentSettings(
-        hard=hard, watch_interval=float(interval), soft=soft, jitter=float(jitter), ahead=ahead,
+        hard=hard, watch_interval=float(interval), soft=soft, jitter=float(jitter),
+        max_share=None if max_share is None else float(max_share), ahead=ahead,
         measure=measure, dry_run=dry_run, min_lifetime=float(min_lifetime), skip_within_tasks=skip,
         workers=tuple((w[0], w[1], w[2], w[3] if len(w) == 4 else "rss") for w in workers))

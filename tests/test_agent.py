@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from celery_memguard import wire
+from celery_memguard import policy, rules, wire
 from celery_memguard.agent import RECYCLE_SIGNAL
+from celery_memguard.config import Config
 from celery_memguard.inbox import Inbox
 from celery_memguard.procs import Procs
 from tests.support import Worker
@@ -179,3 +180,39 @@ def test_a_child_that_left_is_replaced_at_once(tmp_path: Path,
     done = sorted(r.date_done for r in results)
     longest = max((b - a).total_seconds() for a, b in itertools.pairwise(done))
     assert longest < 1.0, f"a replacement waited {longest:.2f} s"
+
+
+@pytest.mark.parametrize("concurrency", [2, 4])
+def test_children_take_the_jitter_only_where_two_may_recycle_at_once(
+        concurrency: int, inbox: Inbox, start_worker: Callable[..., Worker]) -> None:
+    """With the default share (half the pool), a pool of 2 recycles one child at a time: its
+    children keep the soft limit itself. A pool of 4 may recycle two at once: each child is
+    lowered by its own share of the jitter. Either way each child's figure is the one the
+    daemon computes from the worker's hello (policy.soft_threshold)."""
+    config = Config.model_validate({"limits": {"soft": "150MiB", "hard": "1GiB"},
+                                    "recycle": {"jitter": "20%"}})
+    soft = config.limits.soft
+    Path(wire.settings_path(str(inbox.path))).write_bytes(wire.encode_settings(wire.AgentSettings(
+        hard=config.limits.hard, watch_interval=0.01, soft=soft, jitter=config.recycle.jitter,
+        max_share=config.recycle.max_share)))
+    worker = start_worker(socket_path=inbox.path, concurrency=concurrency)
+    messages = collect(inbox, lambda m: any(isinstance(x, wire.WorkerHello) for x in m))
+    hello = next(m for m in messages if isinstance(m, wire.WorkerHello))
+    assert hello.concurrency == concurrency
+
+    results = [worker.send("threshold", 0.4) for _ in range(3 * concurrency)]
+    thresholds = dict(r.get(timeout=30) for r in results)
+    assert len(thresholds) == concurrency  # every child answered
+    procs = Procs()
+    for pid, threshold in thresholds.items():
+        stat = procs.stat(pid)
+        assert stat is not None
+        daemon_side = policy.soft_threshold(config.limits, config.recycle, stat.proc,
+                                            hello.concurrency)
+        assert threshold == daemon_side
+        if concurrency == 2:
+            assert threshold == soft
+        else:
+            assert threshold == rules.soft_threshold(soft, 0.2, pid, stat.proc.start)
+    if concurrency == 4:
+        assert len(set(thresholds.values())) == 4  # spread: no two children in lock-step

@@ -11,7 +11,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from celery_memguard import config, wire
+from celery_memguard import config, rules, wire
 from celery_memguard.actions import Actor
 from celery_memguard.daemon import Daemon
 from celery_memguard.inbox import Datagram
@@ -377,8 +377,9 @@ def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: 
     daemon._publish_settings()
     data = (tmp_path / "a.sock.settings.json").read_bytes()
     assert wire.decode_settings(data) == wire.AgentSettings(
-        hard=200 * MiB, watch_interval=0.02, soft=100 * MiB, jitter=0.0, dry_run=True,
-        min_lifetime=3.0, skip_within_tasks=4, workers=(("big@*", 200 * MiB, 150 * MiB, "uss"),))
+        hard=200 * MiB, watch_interval=0.02, soft=100 * MiB, jitter=0.0, max_share=0.5,
+        dry_run=True, min_lifetime=3.0, skip_within_tasks=4,
+        workers=(("big@*", 200 * MiB, 150 * MiB, "uss"),))
 
 
 def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) -> None:
@@ -792,3 +793,21 @@ def test_a_child_older_than_min_lifetime_when_first_seen_is_not_held(procs: Fake
     daemon.receive(dgram(hello()), 100.0)
     daemon.receive(dgram(task_end(KID0, 150, tasks=7)), 100.1)
     assert procs.signals == [(KID0, 38)]
+
+
+@pytest.mark.parametrize("concurrency", [2, 8])
+def test_the_daemon_jitters_a_child_only_where_its_pool_recycles_two_at_once(
+        procs: FakeProcs, concurrency: int) -> None:
+    """The same child at 1 % under the limit: at concurrency 2 (one child at a time under the
+    default share) it stays, and the over-soft clock does not start; in a pool of 8 its
+    jittered threshold is under that figure (this pid's share is known) and it is asked."""
+    daemon = make(procs, recycle={"jitter": "20%"})
+    start = procs.table[KID0].start
+    threshold = rules.soft_threshold(100 * MiB, 0.2, KID0, start)
+    assert threshold < 99 * MiB  # the fixture's pid and start time draw a share over 5 %
+    daemon.receive(dgram(hello(concurrency=concurrency)), 0.0)
+    daemon.receive(dgram(task_end(KID0, 99)), 0.0)
+    asked = procs.signals == [(KID0, 38)]
+    assert asked is (concurrency == 8)
+    child = next(iter(daemon.state.workers.values())).children[KID0]
+    assert (child.over_soft_since is not None) is (concurrency == 8)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from celery_memguard import policy
 from celery_memguard.model import Hold, ProcId, Reason, Worker
 from tests.builders import MiB, child, limits, recycle, snapshot, worker
@@ -37,11 +39,41 @@ def test_a_busy_child_over_soft_waits_for_its_task_end_report() -> None:
 
 def test_jitter_lowers_each_threshold_stably_and_never_raises_it() -> None:
     procs = [ProcId(pid, 5) for pid in range(1000, 1200)]
-    thresholds = [policy.soft_threshold(limits(), recycle(jitter=0.1), p) for p in procs]
+    thresholds = [policy.soft_threshold(limits(), recycle(jitter=0.1), p, 8) for p in procs]
     assert all(90 * MiB <= t <= 100 * MiB for t in thresholds)
     assert len(set(thresholds)) > 150  # spread, not lock-step
-    again = [policy.soft_threshold(limits(), recycle(jitter=0.1), p) for p in procs]
+    again = [policy.soft_threshold(limits(), recycle(jitter=0.1), p, 8) for p in procs]
     assert again == thresholds
+
+
+@pytest.mark.parametrize(("share", "pool", "jittered"), [
+    (0.5, 2, False), (0.5, 3, False), (0.5, 4, True), (0.5, 16, True),
+    (1.0, 2, True), (1.0, 1, False), (0.25, 7, False), (0.25, 8, True),
+    (0.5, 0, True),  # the pool size is unknown: the full jitter
+])
+def test_jitter_applies_only_where_two_children_may_recycle_at_once(
+        share: float, pool: int, jittered: bool) -> None:
+    """Children of a pool that recycles one child at a time cannot recycle together: the
+    jitter would only lower their thresholds."""
+    procs = [ProcId(pid, 5) for pid in range(1000, 1050)]
+    config = recycle(jitter=0.1, max_share=share)
+    thresholds = {policy.soft_threshold(limits(), config, p, pool) for p in procs}
+    assert (thresholds != {100 * MiB}) is jittered
+    assert all(90 * MiB <= t <= 100 * MiB for t in thresholds)
+
+
+def test_a_pool_that_recycles_one_at_a_time_is_judged_at_the_limit_itself() -> None:
+    """At concurrency 2 and the default share, a child 1 MiB under the limit stays; the same
+    child in a pool of 8 is over its jittered threshold."""
+    config = recycle(jitter=0.1)
+    over = 99 * MiB  # the child below
+    pid = next(p for p in range(1000, 2000)
+               if policy.soft_threshold(limits(), config, ProcId(p, 5), 8) < over)
+    two = snapshot(worker(child(0, 99, proc=ProcId(pid, 5)), concurrency=2))
+    assert policy.decide(two, limits(), config, {}, now=0.0) == []
+    eight = snapshot(worker(child(0, 99, proc=ProcId(pid, 5)), concurrency=8))
+    [decision] = policy.decide(eight, limits(), config, {}, now=0.0)
+    assert decision.acts
 
 
 def test_children_already_asked_leaving_or_noted_are_not_asked_again() -> None:

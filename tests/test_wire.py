@@ -132,7 +132,7 @@ def test_the_batch_encoder_produces_what_json_would(names: list[str], rss: int, 
 
 def test_settings_carry_per_worker_limits_matched_by_nodename() -> None:
     settings = wire.AgentSettings(hard=300, watch_interval=0.01, soft=100, jitter=0.05,
-                                  workers=(("reports@*", 3000, 1000, "uss"),))
+                                  max_share=0.25, workers=(("reports@*", 3000, 1000, "uss"),))
     decoded = wire.decode_settings(wire.encode_settings(settings))
     assert decoded == settings
     assert decoded.for_worker("reports@h1") == wire.WorkerLimits(3000, 1000, "uss")
@@ -146,6 +146,14 @@ def test_settings_from_a_daemon_without_measures_per_worker_read_as_rss() -> Non
     assert decoded is not None
     assert decoded.for_worker("reports@h1") == wire.WorkerLimits(3000, 1000, "rss")
     assert (decoded.dry_run, decoded.min_lifetime, decoded.skip_within_tasks) == (False, 0.0, 0)
+    assert decoded.max_share is None  # unknown: the children keep the full jitter
+
+
+@pytest.mark.parametrize("share", ["0.5", "1.5", "-0.1", "true", "[0.5]"])
+def test_settings_with_a_share_out_of_range_are_refused(share: str) -> None:
+    data = (b'{"v": 1, "hard": 300, "watch_interval": 0.01, "soft": 100, "jitter": 0.05,'
+            b' "max_share": ' + share.encode() + b'}')
+    assert (wire.decode_settings(data) is None) is (share != "0.5")
 
 
 def _batch(**changes: object) -> bytes:

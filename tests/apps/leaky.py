@@ -136,3 +136,16 @@ def nested(self, mib: float = 8, runaway_mib: float = 0) -> int:
 def boom(self) -> int:
     _log_run(self.request.id)
     raise ValueError("boom")
+
+
+@app.task(bind=True)
+def threshold(self, seconds: float = 0.0) -> tuple[int, int]:
+    """This child's pid and the soft threshold its agent computed (0: none yet), after a
+    sleep that lets tasks sent together spread over the pool."""
+    import time  # noqa: PLC0415
+
+    from celery_memguard import agent  # noqa: PLC0415
+
+    time.sleep(seconds)
+    child = agent._child  # what the agent of this very child decided
+    return os.getpid(), child.soft_threshold if child is not None else -1
