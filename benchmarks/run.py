@@ -291,17 +291,25 @@ class Bench:
             start = time.time()
             results = [self.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
                        for kind in kinds]
-            finished, states = [], []
+            finished: list[Any] = []  # one per task, in the order sent: (pid, time), or None
+            states = []
             for result in results:
                 try:
                     finished.append(result.get(timeout=120, propagate=False))
                     states.append(result.state)
                 except Exception:  # noqa: BLE001 - a lost task is what we count here
+                    finished.append(None)
                     run.lost += 1
             cpu_after = cpu_split(proc.pid, daemon)
             run.extra["cpu_us"] = tuple((b - a) / len(kinds) * 1e6
                                         for a, b in zip(cpu_before, cpu_after, strict=True))
             time.sleep(0.3)
+            alive = {child.pid for child in Procs().children(proc.pid)}
+            ran: dict[int, int] = {}  # keep tasks per pid
+            for kind, item in zip(kinds, finished, strict=True):
+                if isinstance(item, list | tuple) and kind == "keep":
+                    ran[item[0]] = ran.get(item[0], 0) + 1
+            run.extra["left_keeps"] = [n for pid, n in ran.items() if pid not in alive]
             times = sorted(t for item in finished if isinstance(item, list | tuple)
                            for t in item[1:2])
             if times:
@@ -372,11 +380,13 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
         peaks = [r.peak_rss / MiB for r in runs_]
         rate = median([r.tasks_per_second for r in runs_])
         recycles = [r.recycles for r in runs_]
+        keeps = [n for r in runs_ for n in r.extra["left_keeps"]]
         rows.append([name, f"{min(peaks):.1f}-{max(peaks):.1f}",
                      f"{median(recycles):.0f} ({min(recycles)}-{max(recycles)})",
                      f"{rate:.0f}", f"{rate / base:.2f}", f"{rate / builtin:.2f}",
                      f"{max(r.longest_gap for r in runs_):.2f}",
-                     str(sum(r.lost for r in runs_)), spread(spans)])
+                     str(sum(r.lost for r in runs_)), spread(spans),
+                     f"{min(keeps)}-{max(keeps)} ({len(keeps)})" if keeps else "-"])
         per_run.append([name, " ".join(f"{r.tasks_per_second:.0f}" for r in runs_),
                         " ".join(str(r.recycles) for r in runs_),
                         " ".join(f"{r.longest_gap:.2f}" for r in runs_)])
@@ -384,7 +394,8 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
              f"60 % no-op), prefork -c 2, prefetch 1, Redis; {runs} interleaved runs")
     table(title, ["guard", "peak child RSS (MiB)", "recycles, median (range)",
                   "tasks/s (median)", f"vs {guards[0][0]}", f"vs {BUILTIN}", "longest gap (s)",
-                  "lost", "soft crossing → exit (s): min / median / max"], rows)
+                  "lost", "soft crossing → exit (s): min / median / max",
+                  "keep tasks a child that left had run (children)"], rows)
     table("Workload W, run by run (in the order they ran)",
           ["guard", "tasks/s", "recycles", "longest gap (s)"], per_run)
 
