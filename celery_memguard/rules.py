@@ -37,10 +37,10 @@ def at_once(max_share: float, pool: int) -> int:
 
 
 def pool_jitter(jitter: float, max_share: float | None, pool: int) -> float:
-    """The jitter a pool's children get. None where only one child of the pool may recycle at
-    a time: its children cannot recycle together there, and lower thresholds would only mean
-    more recycles (workload W in BENCHMARKS.md: 3.3 against 2.7 a run at concurrency 2). The
-    full jitter where the pool size (0) or the share (None) is not known."""
+    """The jitter a pool's children get: 0 where only one child of the pool may recycle at a
+    time, since its children cannot recycle together there and lower thresholds would only
+    mean more recycles (workload W in BENCHMARKS.md: 3.3 against 2.7 a run at concurrency 2).
+    The full jitter where the pool size (0) or the share (None) is not known."""
     if max_share is None or pool <= 0 or at_once(max_share, pool) >= 2:
         return jitter
     return 0.0
