@@ -172,8 +172,9 @@ class ChildAgent:
         self.ahead, self.dry_run = settings.ahead, settings.dry_run
         self.min_lifetime, self.skip_within_tasks = settings.min_lifetime, settings.skip_within_tasks
         self.watch.configure(limits.hard, settings.watch_interval)
-        jitter = rules.pool_jitter(settings.jitter, settings.max_share, self.pool)
-        self.soft_threshold = (rules.soft_threshold(limits.soft, jitter, self.pid, self.start_ticks)
+        self.soft_threshold = (rules.child_threshold(limits.soft, settings.jitter,
+                                                     settings.max_share, self.pool, self.pid,
+                                                     self.start_ticks)
                                if limits.soft and self.start_ticks else 0)
 
     # -- tasks (main thread) ----------------------------------------------------------------

@@ -18,10 +18,10 @@ RATE_WINDOW = 60.0
 
 def soft_threshold(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId, pool: int) -> int:
     """The soft limit lowered by this child's stable share of its pool's jitter (``pool``: the
-    worker's concurrency, 0 when unknown), never raised above it. rules.soft_threshold and
-    rules.pool_jitter: the child's agent computes the same."""
-    jitter = rules.pool_jitter(recycle.jitter, recycle.max_share, pool)
-    return rules.soft_threshold(limits.soft, jitter, proc.pid, proc.start)
+    worker's concurrency, 0 when unknown), never raised above it: rules.child_threshold,
+    which the child's agent computes too."""
+    return rules.child_threshold(limits.soft, recycle.jitter, recycle.max_share, pool,
+                                 proc.pid, proc.start)
 
 
 def measured(child: Child, measure: str) -> int:

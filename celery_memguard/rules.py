@@ -46,6 +46,13 @@ def pool_jitter(jitter: float, max_share: float | None, pool: int) -> float:
     return 0.0
 
 
+def child_threshold(soft: int, jitter: float, max_share: float | None, pool: int, pid: int,
+                    start: int) -> int:
+    """A pool child's own soft threshold: the soft limit lowered by its share of its pool's
+    jitter. The one figure the daemon and the child's agent must agree on."""
+    return soft_threshold(soft, pool_jitter(jitter, max_share, pool), pid, start)
+
+
 def growth_per_task(recent: Sequence[int]) -> float:
     """The median RSS growth of a child's recent tasks; 0 until there are enough of them."""
     return float(statistics.median(recent)) if len(recent) >= GROWTH_SAMPLES else 0.0

@@ -236,8 +236,8 @@ class State:
 
     def _threshold(self, worker: WorkerRec, child: ChildRec) -> int:
         soft = self.limits(worker.name or "")[0]
-        jitter = rules.pool_jitter(self.jitter, self.max_share, worker.concurrency)
-        return rules.soft_threshold(soft, jitter, child.proc.pid, child.proc.start)
+        return rules.child_threshold(soft, self.jitter, self.max_share, worker.concurrency,
+                                     child.proc.pid, child.proc.start)
 
     def _child_died(self, msg: wire.ChildDied) -> WorkerRec | None:
         """The main process reaped a child: a SIGKILL we did not send is counted as an OOM kill."""
