@@ -29,9 +29,9 @@ from celery import Celery
 
 import celery_memguard
 from celery_memguard import config as cfgmod
-from celery_memguard import rules
 from celery_memguard.daemon import Daemon
 from celery_memguard.procs import FoundWorker, Procs
+from celery_memguard.protocol import messages, rules
 from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group, redis_pings
 from tests.support import Daemon as DaemonProc
 
@@ -131,7 +131,6 @@ def bench_sampling(quick: bool) -> None:
 
 def bench_messages(quick: bool) -> None:
     """In-process cost of one agent report in the daemon (decode, credentials, state, decide)."""
-    from celery_memguard import wire  # noqa: PLC0415
     from celery_memguard.inbox import Datagram  # noqa: PLC0415
 
     procs = Procs()
@@ -142,11 +141,11 @@ def bench_messages(quick: bool) -> None:
         assert me is not None
         kids = tuple(s for s in (procs.stat(pid) for pid in pids) if s is not None)
         daemon.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
-        hello = wire.WorkerHello(pid=me.pid, node="bench@host", pool="prefork", concurrency=2,
+        hello = messages.WorkerHello(pid=me.pid, node="bench@host", pool="prefork", concurrency=2,
                                  max_tasks=None, max_memory_kib=None, recycle_signal=38,
                                  kids=((pids[0], 0), (pids[1], 1)), agent="b")
-        daemon.receive(Datagram(wire.encode(hello), me.pid, 0, False), time.monotonic())
-        grams = [Datagram(wire.encode(wire.TaskEnd(
+        daemon.receive(Datagram(messages.encode(hello), me.pid, 0, False), time.monotonic())
+        grams = [Datagram(messages.encode(messages.TaskEnd(
             pid=pids[0], ppid=me.pid, index=0, task="app.task", id=f"{i:032x}", rss_before=1,
             rss=60 * MiB, tasks=i, ok=True)), pids[0], 0, False) for i in range(n)]
         start = time.perf_counter()
@@ -154,7 +153,7 @@ def bench_messages(quick: bool) -> None:
             daemon.receive(gram, 0.0)
         per = (time.perf_counter() - start) / n
         size = 32  # about what a child running 128 tasks a second sends every 0.25 s
-        batches = [Datagram(wire.encode(wire.TaskBatch(
+        batches = [Datagram(messages.encode(messages.TaskBatch(
             pid=pids[1], ppid=me.pid, index=1, first=i * size + 1, names=("app.a", "app.b"),
             ends=tuple((j % 2, 60 * MiB, 60 * MiB + j, 1, 250 - j) for j in range(size)))),
             pids[1], 0, False) for i in range(n // size)]

@@ -33,12 +33,13 @@ from typing import Any
 
 from celery import Celery, signals
 
-from celery_memguard import __version__, wire
+from celery_memguard._version import __version__
 from celery_memguard.channel import Sender
 from celery_memguard.child import ChildAgent
-from celery_memguard.wire import DEFAULT_SOCKET, SOCKET_ENV
+from celery_memguard.protocol import messages
+from celery_memguard.protocol.paths import DEFAULT_SOCKET, SOCKET_ENV
+from celery_memguard.protocol.signals import RECYCLE_SIGNAL
 
-RECYCLE_SIGNAL = wire.RECYCLE_SIGNAL
 HEARTBEAT_SECONDS = 2.0
 # An exited child is looked for again after 2 ms, then twice as long each time up to 20 ms,
 # until it is joined: it can be reaped 1-5 ms after its pipe closes (median 1.7 ms here).
@@ -55,7 +56,7 @@ _restart_worker = False
 _controller: Any = None  # the WorkController, kept at worker_init: its children inherit it
 
 
-def _send(message: wire.Message) -> None:
+def _send(message: messages.Message) -> None:
     """Send a report from the worker's main process (a child sends through its ChildAgent)."""
     global _sender
     try:
@@ -158,7 +159,7 @@ def _join_later(pool: Any, hub: Any, proc: Any, tries: int, delay: float) -> Non
         return
 
 
-def _worker_hello(consumer: Any) -> wire.WorkerHello:
+def _worker_hello(consumer: Any) -> messages.WorkerHello:
     pool = consumer.pool
     controller = getattr(consumer, "controller", None)
     conf = consumer.app.conf
@@ -170,12 +171,12 @@ def _worker_hello(consumer: Any) -> wire.WorkerHello:
         pid, index = getattr(proc, "pid", None), getattr(proc, "index", None)
         if isinstance(pid, int) and isinstance(index, int):
             kids.append((pid, index))
-    return wire.WorkerHello(
-        pid=os.getpid(), node=str(consumer.hostname)[: wire.MAX_NAME],
+    return messages.WorkerHello(
+        pid=os.getpid(), node=str(consumer.hostname)[: messages.MAX_NAME],
         pool=type(pool).__module__.rsplit(".", 1)[-1][:40],
         concurrency=_pool_size(pool) or 1, max_tasks=int(max_tasks) if max_tasks else None,
         max_memory_kib=int(max_mem) if max_mem else None,
-        recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: wire.MAX_KIDS]), agent=_VERSION,
+        recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: messages.MAX_KIDS]), agent=_VERSION,
         restart=_restart_worker,
     )
 
@@ -209,7 +210,7 @@ def _watch_child_exits(pool: Any) -> None:
             with contextlib.suppress(Exception):
                 code, pid, index = proc.exitcode, proc.pid, getattr(proc, "index", None)
                 if isinstance(code, int) and isinstance(pid, int) and isinstance(index, int):
-                    _send(wire.ChildDied(pid=os.getpid(), child=pid, index=index, exitcode=code))
+                    _send(messages.ChildDied(pid=os.getpid(), child=pid, index=index, exitcode=code))
 
     on_process_down._memguard = True  # type: ignore[attr-defined]
     pool.on_process_down = on_process_down
@@ -222,7 +223,7 @@ def _heartbeat(consumer: Any) -> None:
 
 def _on_worker_shutdown(**_: Any) -> None:
     with contextlib.suppress(Exception):
-        _send(wire.WorkerBye(pid=os.getpid()))
+        _send(messages.WorkerBye(pid=os.getpid()))
 
 
 # -- pool child ------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def _describe(job: Any) -> tuple[str, str, CodeType | None]:
         known = (_clean(name), _run_code(_lookup(name)))
         if len(_tasks) < 10000:
             _tasks[name] = known
-    return known[0], str(task_id)[: wire.MAX_NAME], known[1]
+    return known[0], str(task_id)[: messages.MAX_NAME], known[1]
 
 
 def _lookup(name: str) -> Any:
@@ -321,4 +322,4 @@ _tasks: dict[str, tuple[str, CodeType | None]] = {}  # per task name: (clean nam
 
 def _clean(name: str) -> str:
     """The task's name, printable and bounded, as the wire format requires."""
-    return "".join(ch for ch in name if ch.isprintable())[: wire.MAX_NAME] or "unknown"
+    return "".join(ch for ch in name if ch.isprintable())[: messages.MAX_NAME] or "unknown"

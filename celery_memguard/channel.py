@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-from celery_memguard import wire
+from celery_memguard.protocol import messages, paths
 
 SEND_BUFFER = 1 << 20  # bytes a process may have in flight to a busy daemon
 
@@ -50,11 +50,11 @@ class Sender:
         self._sock = sock
         return sock
 
-    def send(self, message: wire.Message) -> None:
+    def send(self, message: messages.Message) -> None:
         """Send without blocking. A connection found broken (a restarted daemon) is replaced
         and the message tried once more on the new one, so the first report after a restart,
         often a child's exit, is not the one lost."""
-        data = wire.encode(message)
+        data = messages.encode(message)
         for _ in range(2):
             sock = self._sock or self._connect()
             if sock is None:
@@ -75,7 +75,7 @@ class Sender:
             if self._bell is None:
                 self._bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                                            | socket.SOCK_NONBLOCK)
-            self._bell.sendto(b"!", wire.bell_path(self.path))
+            self._bell.sendto(b"!", paths.bell_path(self.path))
         except OSError:
             return  # no daemon, or its bell is full: it is awake already
 

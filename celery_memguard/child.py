@@ -29,15 +29,15 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-from celery_memguard import grants, rules, wire
 from celery_memguard.channel import Sender
+from celery_memguard.protocol import grants, messages, paths, rules, settings
+from celery_memguard.protocol.signals import EX_RECYCLE
 from celery_memguard.watch import Watch
 
-EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE, repeated to avoid importing billiard internals here
 CHILD_HELLO_SECONDS = 5.0
 FLUSH_SECONDS = 0.25  # the oldest task end in a batch waits at most this long (and idle)
 FLUSH_ENTRIES = 128
-FLUSH_BYTES = 12_000  # a batch is sent before it nears wire.MAX_DATAGRAM
+FLUSH_BYTES = 12_000  # a batch is sent before it nears messages.MAX_DATAGRAM
 MAX_AGE_MS = 2**31 - 1  # what the wire takes
 ENTRY_BYTES = 60  # an encoded task end at most: five numbers, the largest the wire allows
 ANNOUNCE_AFTER = 0.05  # a task running this long is announced (TaskRunning)
@@ -89,10 +89,10 @@ class _Batch:
     def due(self, now: float) -> bool:
         return bool(self.ends) and (
             now - self.opened >= FLUSH_SECONDS or len(self.ends) >= FLUSH_ENTRIES
-            or self.size >= FLUSH_BYTES or len(self.names) >= wire.MAX_BATCH_NAMES)
+            or self.size >= FLUSH_BYTES or len(self.names) >= messages.MAX_BATCH_NAMES)
 
-    def take(self, pid: int, ppid: int, index: int, now: float) -> wire.TaskBatch:
-        message = wire.TaskBatch(
+    def take(self, pid: int, ppid: int, index: int, now: float) -> messages.TaskBatch:
+        message = messages.TaskBatch(
             pid=pid, ppid=ppid, index=index, first=self.first, names=tuple(self.names),
             ends=tuple((n, before, after, ok, min(int((now - at) * 1000), MAX_AGE_MS))
                        for n, before, after, ok, at in self.ends))
@@ -129,7 +129,7 @@ class ChildAgent:
         self.watch = Watch(self.statm.rss, self.on_hard_limit, self.on_poll, self.on_park)
         self.start_ticks = start_ticks(self.pid)
         self.worker = (self.ppid, start_ticks(self.ppid))  # the identity its grants are for
-        self.grant_path = grants.grant_path(socket_path, self.ppid)
+        self.grant_path = paths.grant_path(socket_path, self.ppid)
         self.growth: deque[int] = deque(maxlen=8)  # RSS each recent task left behind
         self.rang: set[str] = set()  # reasons the daemon was rung for already
         self.retake_at = 0.0
@@ -150,30 +150,30 @@ class ChildAgent:
     def hello(self) -> None:
         self.last_hello = time.monotonic()
         self.load_settings()
-        self._send(wire.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
+        self._send(messages.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
                                    tasks=self.tasks, rss=self.statm.rss()))
 
     def load_settings(self) -> None:
         """Pick up the limits and rules the daemon publishes beside its socket, when changed."""
-        path = wire.settings_path(self.socket_path)
+        path = paths.settings_path(self.socket_path)
         try:
             mtime = os.stat(path).st_mtime
             if mtime == self._settings_mtime:
                 return
             with open(path, "rb") as fh:
-                settings = wire.decode_settings(fh.read(65536))
+                published = settings.decode(fh.read(65536))
         except OSError:
             return
-        if settings is None:
+        if published is None:
             return
         self._settings_mtime = mtime
-        limits = settings.for_worker(self.node)
+        limits = published.for_worker(self.node)
         self.hard, self.measure = limits.hard, limits.measure
-        self.ahead, self.dry_run = settings.ahead, settings.dry_run
-        self.min_lifetime, self.skip_within_tasks = settings.min_lifetime, settings.skip_within_tasks
-        self.watch.configure(limits.hard, settings.watch_interval)
-        self.soft_threshold = (rules.child_threshold(limits.soft, settings.jitter,
-                                                     settings.max_share, self.pool, self.pid,
+        self.ahead, self.dry_run = published.ahead, published.dry_run
+        self.min_lifetime, self.skip_within_tasks = published.min_lifetime, published.skip_within_tasks
+        self.watch.configure(limits.hard, published.watch_interval)
+        self.soft_threshold = (rules.child_threshold(limits.soft, published.jitter,
+                                                     published.max_share, self.pool, self.pid,
                                                      self.start_ticks)
                                if limits.soft and self.start_ticks else 0)
 
@@ -250,7 +250,7 @@ class ChildAgent:
                     return  # it ended meanwhile: its end is in the batch, no announcement
                 self.announced = True
                 self._flush(now)  # what came before it goes first
-                self.sender.send(wire.TaskRunning(
+                self.sender.send(messages.TaskRunning(
                     pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
                     id=self.task_id, rss=self.statm.rss(), tasks=self.tasks))
         elif self._batch.ends and now - self._batch.opened >= FLUSH_SECONDS:
@@ -269,7 +269,7 @@ class ChildAgent:
         self.recycle_requested = True
         if self.exit_reason == "requested":
             self.exit_reason = "hard"
-        self._send(wire.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
+        self._send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
                                         task=self.task_name, id=self.task_id, rss=rss,
                                         limit=limit))
 
@@ -289,7 +289,7 @@ class ChildAgent:
         daemon is rung: one fewer child on its way out may free a unit for the next one."""
         locked = self._lock.acquire(timeout=LEAVE_LOCK_SECONDS)
         try:
-            self.sender.send(wire.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
+            self.sender.send(messages.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
                                             tasks=self.tasks, reason=self.exit_reason))
             self._flush(time.monotonic())
             self.sender.ring()
@@ -353,7 +353,7 @@ class ChildAgent:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def _send(self, message: wire.Message) -> None:
+    def _send(self, message: messages.Message) -> None:
         with self._lock:
             self._flush(time.monotonic())  # in order: the batch holds earlier events
             self.sender.send(message)

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from celery_memguard import __version__
+from celery_memguard._version import __version__
 
 EX_OK = 0
 EX_FAILURE = 1  # a runtime failure: socket or port unusable, daemon unreachable

@@ -23,8 +23,8 @@ from pydantic import (
     field_validator,
 )
 
+from celery_memguard.protocol.paths import DEFAULT_SOCKET, SOCKET_ENV
 from celery_memguard.units import parse_duration, parse_percent, parse_size
-from celery_memguard.wire import DEFAULT_SOCKET, SOCKET_ENV
 
 DEFAULT_LISTEN = "127.0.0.1:9808"
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from celery_memguard.config import Config, WorkerLimits
+from celery_memguard.protocol.paths import SOCKET_ENV
 from celery_memguard.units import format_bytes
-from celery_memguard.wire import SOCKET_ENV
 
 _SIZES = {"soft", "hard", "worker_total"}
 _DURATIONS = {"interval", "scan_interval", "kill_after", "watch_interval"}

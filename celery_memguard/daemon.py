@@ -19,13 +19,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from celery_memguard import grants, growth, policy, wire
+from celery_memguard import growth, policy
 from celery_memguard.actions import Actor
 from celery_memguard.config import Config, ConfigError, LimitsConfig, split_listen
 from celery_memguard.inbox import Datagram, Inbox, raise_fd_limit
 from celery_memguard.metrics import HttpServer, Metrics, View, status_document
 from celery_memguard.model import Decision, Snapshot
 from celery_memguard.procs import Procs
+from celery_memguard.protocol import grants, messages, paths, settings
 from celery_memguard.state import Rejected, State, WorkerRec
 
 DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
@@ -33,9 +34,6 @@ FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
 BATCH_GAP = 0.05  # seconds routine reports wait to be read together; the bell cuts it short
 LEAKING_USS_EVERY = 10.0  # seconds between USS reads of a leaking child far from any limit
-_MESSAGE_NAMES = {"w": "worker_hello", "b": "worker_bye", "c": "child_hello",
-                  "s": "task_start", "e": "task_end", "r": "task_running", "k": "task_batch",
-                  "x": "child_exit", "h": "task_interrupted", "d": "child_died"}
 _EVENT_LEVELS = {"recycle_requested": "info"}  # the state's other events are warnings
 
 
@@ -121,7 +119,7 @@ class Daemon:
             self.procs.close()
             self._remove_grants()  # no daemon, no recycles: children no longer leave on their own
             with contextlib.suppress(OSError):
-                os.unlink(wire.settings_path(str(self.config.agent.socket)))
+                os.unlink(paths.settings_path(str(self.config.agent.socket)))
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.log.info("daemon_stopped")
@@ -259,8 +257,8 @@ class Daemon:
             state.dropped["oversized"] += 1
             return
         try:
-            message = wire.decode(datagram.data)
-        except wire.WireError as exc:
+            message = messages.decode(datagram.data)
+        except messages.MessageError as exc:
             state.dropped[exc.reason] += 1
             return
         if datagram.pid != message.pid:
@@ -271,17 +269,17 @@ class Daemon:
         except Rejected as exc:
             state.dropped[exc.reason] += 1
             return
-        state.messages[_MESSAGE_NAMES[message.t]] += 1
+        state.messages[message.EVENT] += 1
         self._log_events()
-        if isinstance(message, wire.WorkerHello) and worker is not None:
+        if isinstance(message, messages.WorkerHello) and worker is not None:
             self._refresh_children(worker, now)
-        if isinstance(message, wire.WorkerBye):
+        if isinstance(message, messages.WorkerBye):
             grants.remove(self._grant_path(message.pid))
         if worker is None:
             return
-        if isinstance(message, wire.ChildExit):
+        if isinstance(message, messages.ChildExit):
             self._decide(now, worker)  # one fewer in flight: a new grant may be due
-        elif (isinstance(message, wire.TaskBatch | wire.TaskEnd | wire.ChildHello)
+        elif (isinstance(message, messages.TaskBatch | messages.TaskEnd | messages.ChildHello)
                 and self._near_a_limit(worker, message.pid)):
             self._measure_near_limit(worker, now)
             self._decide(now, worker)
@@ -438,7 +436,7 @@ class Daemon:
         return collected
 
     def _grant_path(self, worker_pid: int) -> str:
-        return grants.grant_path(str(self.config.agent.socket), worker_pid)
+        return paths.grant_path(str(self.config.agent.socket), worker_pid)
 
     def _remove_grants(self) -> None:
         socket_path = self.config.agent.socket
@@ -478,9 +476,9 @@ class Daemon:
 
     def _publish_settings(self) -> None:
         """Write the hard limit beside the socket, where every child's agent reads it."""
-        path = wire.settings_path(str(self.config.agent.socket))
+        path = paths.settings_path(str(self.config.agent.socket))
         limits, recycle = self.config.limits, self.config.recycle
-        data = wire.encode_settings(wire.AgentSettings(
+        data = settings.encode(settings.AgentSettings(
             hard=limits.hard, watch_interval=limits.watch_interval, soft=limits.soft,
             jitter=recycle.jitter, max_share=recycle.max_share,
             ahead=recycle.predictive_tasks if recycle.predictive else 0,

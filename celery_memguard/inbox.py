@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from celery_memguard.wire import MAX_DATAGRAM, bell_path
+from celery_memguard.protocol.messages import MAX_DATAGRAM
+from celery_memguard.protocol.paths import bell_path
 
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 SOCKET_MODE = 0o660

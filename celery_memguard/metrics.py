@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from celery_memguard import __version__
+from celery_memguard._version import __version__
 from celery_memguard.growth import Ranked
 from celery_memguard.model import Child, Leak, Snapshot, Worker
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
-from celery_memguard import rules
 from celery_memguard.config import LimitsConfig, RecycleConfig
 from celery_memguard.model import Child, Decision, Hold, ProcId, Reason, Snapshot, Worker
+from celery_memguard.protocol import rules
 
 RATE_WINDOW = 60.0
 

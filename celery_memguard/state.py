@@ -14,10 +14,10 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from celery_memguard import rules, wire
 from celery_memguard.growth import TaskGrowth
 from celery_memguard.model import Child, Leak, ProcId, Snapshot, Worker
 from celery_memguard.procs import FoundWorker, ProcStat
+from celery_memguard.protocol import grants, messages, rules, signals
 from celery_memguard.trend import History, recommend_max_tasks, seconds_to_limit, tasks_to_limit
 
 StatFn = Callable[[int], ProcStat | None]
@@ -112,46 +112,46 @@ class State:
 
     # -- agent messages ----------------------------------------------------------------------
 
-    def apply(self, message: wire.Message, now: float) -> WorkerRec | None:
+    def apply(self, message: messages.Message, now: float) -> WorkerRec | None:
         """Fold one message into the state; return the worker it concerns, if any."""
-        if isinstance(message, wire.WorkerHello):
+        if isinstance(message, messages.WorkerHello):
             return self._worker_hello(message)
-        if isinstance(message, wire.WorkerBye):
+        if isinstance(message, messages.WorkerBye):
             rec = self.workers.pop(message.pid, None)
             return None if rec is None else rec
-        if isinstance(message, wire.ChildDied):
+        if isinstance(message, messages.ChildDied):
             return self._child_died(message)
         worker, child = self._child_of(message, now)
         child.agent = True
         if not worker.agent:  # its children speak, so its app installed the agent; the main
             worker.agent = True  # process's hello (every 2 s) fills in the rest
-            worker.recycle_signal = worker.recycle_signal or wire.RECYCLE_SIGNAL
+            worker.recycle_signal = worker.recycle_signal or signals.RECYCLE_SIGNAL
         self._child_report(worker, child, message, now)
         return worker
 
-    def _child_report(self, worker: WorkerRec, child: ChildRec, message: wire.Message,
+    def _child_report(self, worker: WorkerRec, child: ChildRec, message: messages.Message,
                       now: float) -> None:
-        if isinstance(message, wire.TaskStart):  # every task's start, as earlier agents sent
+        if isinstance(message, messages.TaskStart):  # every task's start, as earlier agents sent
             child.task, child.task_id, child.task_seq = message.task, message.id, child.tasks
             self.observe(worker, child, message.rss, now)
-        elif isinstance(message, wire.TaskBatch):
+        elif isinstance(message, messages.TaskBatch):
             for offset, (slot, before, after, _ok, age) in enumerate(message.ends):
                 self._task_end(child, message.first + offset, message.names[slot], before,
                                after, now - age / 1000)
             self.observe(worker, child, message.ends[-1][2], now, end=True)
-        elif isinstance(message, wire.TaskRunning):
+        elif isinstance(message, messages.TaskRunning):
             if message.tasks >= child.tasks:  # else its end was counted already: stale
                 child.task, child.task_id, child.task_seq = message.task, message.id, message.tasks
             self.observe(worker, child, message.rss, now)
-        elif isinstance(message, wire.TaskEnd):  # one task end, as agents before batching sent
+        elif isinstance(message, messages.TaskEnd):  # one task end, as agents before batching sent
             self._task_end(child, message.tasks, message.task, message.rss_before, message.rss, now)
             self.observe(worker, child, message.rss, now, end=True)
-        elif isinstance(message, wire.ChildHello):
+        elif isinstance(message, messages.ChildHello):
             child.tasks = message.tasks
             self.observe(worker, child, message.rss, now)
             if message.tasks == 0:
                 worker.fresh_rss.append(message.rss)
-        elif isinstance(message, wire.TaskInterrupted):
+        elif isinstance(message, messages.TaskInterrupted):
             self.observe(worker, child, message.rss, now)
             name = self.task_names.label(message.task)
             self.interrupted[(worker.name or "", name, "hard")] += 1
@@ -159,10 +159,10 @@ class State:
                 "worker": worker.name, "index": child.index, "pid": child.proc.pid,
                 "task": message.task, "task_id": message.id, "rss_bytes": message.rss,
                 "limit_bytes": message.limit, "reason": "hard"}))
-        elif isinstance(message, wire.ChildExit):
+        elif isinstance(message, messages.ChildExit):
             self._child_exit(worker, child, message, now)
 
-    def _child_exit(self, worker: WorkerRec, child: ChildRec, message: wire.ChildExit,
+    def _child_exit(self, worker: WorkerRec, child: ChildRec, message: messages.ChildExit,
                     now: float) -> None:
         """A child says it leaves: after the daemon's request, the hard limit, or a grant."""
         child.leaving = True
@@ -171,7 +171,7 @@ class State:
             self.recycles[(worker.name or "", "hard")] += 1
             if child.requested_at is None:  # a unit it took meanwhile is this recycle too
                 child.requested_at = now
-        elif message.reason in wire.SELF_REASONS:
+        elif message.reason in grants.SELF_REASONS:
             self.granted(worker, child, message.reason, now)
 
     def _task_end(self, child: ChildRec, tasks: int, name: str, before: int, after: int,
@@ -239,7 +239,7 @@ class State:
         return rules.child_threshold(soft, self.jitter, self.max_share, worker.concurrency,
                                      child.proc.pid, child.proc.start)
 
-    def _child_died(self, msg: wire.ChildDied) -> WorkerRec | None:
+    def _child_died(self, msg: messages.ChildDied) -> WorkerRec | None:
         """The main process reaped a child: a SIGKILL we did not send is counted as an OOM kill."""
         worker = self.workers.get(msg.pid)
         if worker is None or worker.name is None:
@@ -259,7 +259,7 @@ class State:
             "rss_bytes": child.rss if child else None}))
         return worker
 
-    def _worker_hello(self, msg: wire.WorkerHello) -> WorkerRec:
+    def _worker_hello(self, msg: messages.WorkerHello) -> WorkerRec:
         rec = self.workers.get(msg.pid)
         if rec is None:
             stat = self._stat(msg.pid)
@@ -277,9 +277,7 @@ class State:
                 rec.children[pid].index = index
         return rec
 
-    def _child_of(self, msg: wire.ChildHello | wire.TaskStart | wire.TaskEnd | wire.TaskRunning
-                  | wire.TaskBatch | wire.ChildExit | wire.TaskInterrupted,
-                  now: float) -> tuple[WorkerRec, ChildRec]:
+    def _child_of(self, msg: messages.ChildReport, now: float) -> tuple[WorkerRec, ChildRec]:
         worker = self.workers.get(msg.ppid)
         child = worker.children.get(msg.pid) if worker is not None else None
         if worker is not None and child is not None:

@@ -26,10 +26,8 @@ import time
 from collections.abc import Callable
 from types import CodeType, FrameType
 
-from celery_memguard import MemoryLimitExceeded
-
-INTERRUPT_SIGNAL = signal.SIGRTMIN + 5
-
+from celery_memguard.errors import MemoryLimitExceeded
+from celery_memguard.protocol.signals import INTERRUPT_SIGNAL
 
 IDLE_PARK = 1.0  # seconds without a running task after which the thread parks on an event
 FASTEST_GROWTH = 8 << 30  # bytes a second: several times what a Python child reaches here

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from celery_memguard import policy, rules, wire
+from celery_memguard import policy
 from celery_memguard.agent import RECYCLE_SIGNAL
 from celery_memguard.config import Config
 from celery_memguard.inbox import Inbox
 from celery_memguard.procs import Procs
+from celery_memguard.protocol import messages, paths, rules, settings
 from tests.support import Worker
 
 pytestmark = pytest.mark.slow
@@ -28,24 +29,24 @@ def inbox(tmp_path: Path) -> Iterator[Inbox]:
     box.close()
 
 
-def collect(box: Inbox, until: Callable[[list[wire.Message]], bool], timeout: float = 10.0,
-            seen: list[wire.Message] | None = None) -> list[wire.Message]:
-    messages = seen if seen is not None else []
+def collect(box: Inbox, until: Callable[[list[messages.Message]], bool], timeout: float = 10.0,
+            seen: list[messages.Message] | None = None) -> list[messages.Message]:
+    got = seen if seen is not None else []
     deadline = time.monotonic() + timeout
-    while not until(messages):
-        assert time.monotonic() < deadline, f"timed out; got {messages}"
+    while not until(got):
+        assert time.monotonic() < deadline, f"timed out; got {got}"
         for datagram in box.drain(100):
-            messages.append(wire.decode(datagram.data))
+            got.append(messages.decode(datagram.data))
         time.sleep(0.01)
-    return messages
+    return got
 
 
 def test_agent_reports_worker_children_and_tasks(inbox: Inbox,
                                                  start_worker: Callable[..., Worker]) -> None:
     """Hellos name the pool slots; a task's end is reported with its RSS before and after."""
     worker = start_worker(socket_path=inbox.path, extra_args=("--max-tasks-per-child", "50"))
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.WorkerHello) for x in m))
-    hello = next(m for m in messages if isinstance(m, wire.WorkerHello))
+    got = collect(inbox, lambda m: any(isinstance(x, messages.WorkerHello) for x in m))
+    hello = next(m for m in got if isinstance(m, messages.WorkerHello))
     assert hello.pid == worker.pid
     assert hello.node == worker.name
     assert hello.pool == "prefork"
@@ -56,8 +57,8 @@ def test_agent_reports_worker_children_and_tasks(inbox: Inbox,
 
     result = worker.send("keep", 8)
     child_pid = result.get(timeout=20)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskBatch) for x in m), seen=messages)
-    batch = next(m for m in messages if isinstance(m, wire.TaskBatch))
+    got = collect(inbox, lambda m: any(isinstance(x, messages.TaskBatch) for x in m), seen=got)
+    batch = next(m for m in got if isinstance(m, messages.TaskBatch))
     assert batch.pid == child_pid
     assert batch.first == 1
     assert batch.names == ("tests.apps.leaky.keep",)
@@ -65,7 +66,7 @@ def test_agent_reports_worker_children_and_tasks(inbox: Inbox,
     assert (name, ok) == (0, 1)
     assert after - before >= 8 * 1024 * 1024  # the 8 MiB it kept
     assert 0 <= age <= 1000
-    assert not any(isinstance(m, wire.TaskRunning) for m in messages)  # too short to announce
+    assert not any(isinstance(m, messages.TaskRunning) for m in got)  # too short to announce
 
 
 def test_a_long_task_is_announced_while_it_runs_and_short_ones_are_batched(
@@ -74,19 +75,19 @@ def test_a_long_task_is_announced_while_it_runs_and_short_ones_are_batched(
     worker = start_worker(socket_path=inbox.path, concurrency=1)
     assert all(r.get(timeout=20) for r in [worker.send("noop") for _ in range(30)])
     slow = worker.send("sleep_then_keep", 0.5, 1)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskRunning) for x in m))
-    running = next(m for m in messages if isinstance(m, wire.TaskRunning))
+    got = collect(inbox, lambda m: any(isinstance(x, messages.TaskRunning) for x in m))
+    running = next(m for m in got if isinstance(m, messages.TaskRunning))
     assert (running.task, running.id, running.tasks) == (
         "tests.apps.leaky.sleep_then_keep", slow.id, 30)
     assert slow.get(timeout=20)
-    messages = collect(inbox, lambda m: sum(len(x.ends) for x in m
-                                            if isinstance(x, wire.TaskBatch)) == 31,
-                       seen=messages)
-    batches = [m for m in messages if isinstance(m, wire.TaskBatch)]
+    got = collect(inbox, lambda m: sum(len(x.ends) for x in m
+                                            if isinstance(x, messages.TaskBatch)) == 31,
+                       seen=got)
+    batches = [m for m in got if isinstance(m, messages.TaskBatch)]
     assert [b.first for b in batches] == sorted(b.first for b in batches)
     assert batches[-1].names == ("tests.apps.leaky.sleep_then_keep",)
     assert len(batches) < 30 / 2  # batched, not one message per task
-    kinds = [type(m).__name__ for m in messages if isinstance(m, wire.TaskBatch | wire.TaskRunning)]
+    kinds = [type(m).__name__ for m in got if isinstance(m, messages.TaskBatch | messages.TaskRunning)]
     assert kinds[-2:] == ["TaskRunning", "TaskBatch"]  # the announcement came before its end
 
 
@@ -100,37 +101,37 @@ def test_one_job_is_one_task_whatever_it_runs_inside_and_failures_are_marked(
     failed = worker.send("boom")
     with pytest.raises(ValueError, match="boom"):
         failed.get(timeout=20)
-    messages = collect(inbox, lambda m: sum(len(x.ends) for x in m
-                                            if isinstance(x, wire.TaskBatch)) >= 2)
+    got = collect(inbox, lambda m: sum(len(x.ends) for x in m
+                                            if isinstance(x, messages.TaskBatch)) >= 2)
     ends = [(batch.names[slot], before, after, ok)
-            for batch in messages if isinstance(batch, wire.TaskBatch)
+            for batch in got if isinstance(batch, messages.TaskBatch)
             for slot, before, after, ok, _age in batch.ends]
     assert [(name, ok) for name, *_, ok in ends] == [
         ("tests.apps.leaky.nested", 1), ("tests.apps.leaky.boom", 0)]
     _, before, after, _ = ends[0]
     assert after - before >= 8 * 1024 * 1024
     time.sleep(0.5)  # nothing more comes: no second end for the task run inside
-    assert sum(len(m.ends) for m in [wire.decode(d.data) for d in inbox.drain(100)]
-               if isinstance(m, wire.TaskBatch)) == 0
+    assert sum(len(m.ends) for m in [messages.decode(d.data) for d in inbox.drain(100)]
+               if isinstance(m, messages.TaskBatch)) == 0
 
 
 def test_an_idle_child_asked_to_recycle_leaves_at_once_and_its_slot_is_refilled(
         inbox: Inbox, start_worker: Callable[..., Worker]) -> None:
     """Celery's children block reading the next job; the handler leaves from there, losing nothing."""
     worker = start_worker(socket_path=inbox.path)
-    messages = collect(inbox, lambda m: sum(isinstance(x, wire.ChildHello) for x in m) >= 2)
-    first = next(m for m in messages if isinstance(m, wire.ChildHello))
+    got = collect(inbox, lambda m: sum(isinstance(x, messages.ChildHello) for x in m) >= 2)
+    first = next(m for m in got if isinstance(m, messages.ChildHello))
     asked = time.monotonic()
     os.kill(first.pid, RECYCLE_SIGNAL)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildExit) for x in m), seen=messages)
+    got = collect(inbox, lambda m: any(isinstance(x, messages.ChildExit) for x in m), seen=got)
     left_after = time.monotonic() - asked
     assert left_after < 1.0
-    exit_message = next(m for m in messages if isinstance(m, wire.ChildExit))
+    exit_message = next(m for m in got if isinstance(m, messages.ChildExit))
     assert (exit_message.pid, exit_message.index, exit_message.reason) == (
         first.pid, first.index, "requested")
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.ChildHello) and x.pid != first.pid
+    got = collect(inbox, lambda m: any(isinstance(x, messages.ChildHello) and x.pid != first.pid
                                             and x.index == first.index for x in m),
-                       seen=messages)
+                       seen=got)
     deadline = time.monotonic() + 10
     while Procs().stat(first.pid) is not None:
         assert time.monotonic() < deadline, "the recycled child never exited"
@@ -145,14 +146,14 @@ def test_a_busy_child_finishes_its_task_before_leaving(inbox: Inbox,
     """The request arrives mid-task; the task still succeeds, then the child leaves."""
     worker = start_worker(socket_path=inbox.path, concurrency=1)
     result = worker.send("sleep_then_keep", 1.0, 1)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskRunning) for x in m))
-    busy = next(m for m in messages if isinstance(m, wire.TaskRunning)).pid
+    got = collect(inbox, lambda m: any(isinstance(x, messages.TaskRunning) for x in m))
+    busy = next(m for m in got if isinstance(m, messages.TaskRunning)).pid
     os.kill(busy, RECYCLE_SIGNAL)
     assert result.get(timeout=20) == busy
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.TaskBatch) and x.pid == busy
-                                            for x in m), seen=messages)
-    [exit_message] = [m for m in messages if isinstance(m, wire.ChildExit)]
-    [batch] = [m for m in messages if isinstance(m, wire.TaskBatch) and m.pid == busy]
+    got = collect(inbox, lambda m: any(isinstance(x, messages.TaskBatch) and x.pid == busy
+                                            for x in m), seen=got)
+    [exit_message] = [m for m in got if isinstance(m, messages.ChildExit)]
+    [batch] = [m for m in got if isinstance(m, messages.TaskBatch) and m.pid == busy]
     assert (exit_message.pid, exit_message.tasks, exit_message.reason) == (busy, 1, "requested")
     assert (batch.first, len(batch.ends)) == (1, 1)  # the task it finished before leaving
     assert worker.send("noop").get(timeout=20) != busy
@@ -192,12 +193,12 @@ def test_children_take_the_jitter_only_where_two_may_recycle_at_once(
     config = Config.model_validate({"limits": {"soft": "150MiB", "hard": "1GiB"},
                                     "recycle": {"jitter": "20%"}})
     soft = config.limits.soft
-    Path(wire.settings_path(str(inbox.path))).write_bytes(wire.encode_settings(wire.AgentSettings(
+    Path(paths.settings_path(str(inbox.path))).write_bytes(settings.encode(settings.AgentSettings(
         hard=config.limits.hard, watch_interval=0.01, soft=soft, jitter=config.recycle.jitter,
         max_share=config.recycle.max_share)))
     worker = start_worker(socket_path=inbox.path, concurrency=concurrency)
-    messages = collect(inbox, lambda m: any(isinstance(x, wire.WorkerHello) for x in m))
-    hello = next(m for m in messages if isinstance(m, wire.WorkerHello))
+    got = collect(inbox, lambda m: any(isinstance(x, messages.WorkerHello) for x in m))
+    hello = next(m for m in got if isinstance(m, messages.WorkerHello))
     assert hello.concurrency == concurrency
 
     results = [worker.send("threshold", 0.4) for _ in range(3 * concurrency)]
@@ -213,6 +214,6 @@ def test_children_take_the_jitter_only_where_two_may_recycle_at_once(
         if concurrency == 2:
             assert threshold == soft
         else:
-            assert threshold == rules.soft_threshold(soft, 0.2, pid, stat.proc.start)
+            assert threshold == rules.jittered(soft, 0.2, pid, stat.proc.start)
     if concurrency == 4:
         assert len(set(thresholds.values())) == 4  # spread: no two children in lock-step

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from celery_memguard import grants
 from celery_memguard.child import RETAKE_SECONDS, ChildAgent
+from celery_memguard.protocol import grants
 
 MiB = 1024 * 1024
 

@@ -11,31 +11,32 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from celery_memguard import config, rules, wire
+from celery_memguard import config
 from celery_memguard.actions import Actor
 from celery_memguard.daemon import Daemon
 from celery_memguard.inbox import Datagram
 from celery_memguard.model import Decision, ProcId, Reason
+from celery_memguard.protocol import grants, messages, rules, settings
 from tests.fakes import Clock, FakeProcs, MiB
 
 MAIN, KID0, KID1 = 10, 11, 12
 
 
-def dgram(message: wire.Message, sender: int | None = None) -> Datagram:
-    return Datagram(data=wire.encode(message), pid=message.pid if sender is None else sender,
+def dgram(message: messages.Message, sender: int | None = None) -> Datagram:
+    return Datagram(data=messages.encode(message), pid=message.pid if sender is None else sender,
                     uid=0, truncated=False)
 
 
-def hello(kids: tuple[tuple[int, int], ...] = ((KID0, 0), (KID1, 1)), **kw: Any) -> wire.WorkerHello:
+def hello(kids: tuple[tuple[int, int], ...] = ((KID0, 0), (KID1, 1)), **kw: Any) -> messages.WorkerHello:
     values: dict[str, Any] = {"pid": MAIN, "node": "w@h", "pool": "prefork", "concurrency": 2,
                                   "max_tasks": None, "max_memory_kib": None, "recycle_signal": 38,
                                   "kids": kids, "agent": "t"}
     values.update(kw)
-    return wire.WorkerHello(**values)
+    return messages.WorkerHello(**values)
 
 
-def task_end(pid: int, rss_mib: float, tasks: int = 1, index: int | None = None) -> wire.TaskEnd:
-    return wire.TaskEnd(pid=pid, ppid=MAIN, index=index if index is not None else pid - KID0,
+def task_end(pid: int, rss_mib: float, tasks: int = 1, index: int | None = None) -> messages.TaskEnd:
+    return messages.TaskEnd(pid=pid, ppid=MAIN, index=index if index is not None else pid - KID0,
                         task="app.leak", id=f"id-{pid}-{tasks}", rss_before=0,
                         rss=int(rss_mib * MiB), tasks=tasks, ok=True)
 
@@ -120,7 +121,7 @@ def test_a_message_from_a_process_that_is_not_the_named_child_is_dropped(procs: 
     procs.add(99, 1)  # an unrelated process, not a child of MAIN
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.TaskEnd(pid=99, ppid=MAIN, index=5, task="t", id="i", rss_before=0,
+    daemon.receive(dgram(messages.TaskEnd(pid=99, ppid=MAIN, index=5, task="t", id="i", rss_before=0,
                                       rss=500 * MiB, tasks=1, ok=True)), 0.0)
     daemon.tick(0.5)
     assert procs.signals == []
@@ -150,7 +151,7 @@ def test_a_truncated_datagram_is_counted_as_oversized(procs: FakeProcs) -> None:
 def test_the_tick_samples_rss_and_recycles_idle_children(procs: FakeProcs) -> None:
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=3, rss=50 * MiB)), 0.0)
+    daemon.receive(dgram(messages.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=3, rss=50 * MiB)), 0.0)
     procs.table[KID1].rss = 130 * MiB
     daemon.tick(1.0)
     assert procs.signals == []  # seen over on the tick: recycle.grace (2 s) must pass first
@@ -179,7 +180,7 @@ def test_a_replacement_child_takes_the_slot_index_not_the_pid(procs: FakeProcs) 
     daemon.receive(dgram(hello()), 0.0)
     del procs.table[KID1]
     procs.add(13, MAIN)
-    daemon.receive(dgram(wire.ChildHello(pid=13, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.5)
+    daemon.receive(dgram(messages.ChildHello(pid=13, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.5)
     daemon.tick(1.0)
     text = daemon.metrics.render().decode()
     assert 'celery_memguard_child_tasks{index="1",worker="w@h"} 0.0' in text
@@ -231,7 +232,7 @@ def test_a_worker_that_is_gone_is_dropped_with_its_children(procs: FakeProcs) ->
 def test_worker_bye_forgets_the_worker(procs: FakeProcs) -> None:
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.WorkerBye(pid=MAIN)), 0.1)
+    daemon.receive(dgram(messages.WorkerBye(pid=MAIN)), 0.1)
     assert daemon.state.workers == {}
 
 
@@ -316,9 +317,9 @@ def test_an_interrupted_task_is_counted_by_name_and_logged_with_its_id(
         procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task="app.big",
+    daemon.receive(dgram(messages.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task="app.big",
                                               id="t-1", rss=210 * MiB, limit=200 * MiB)), 0.0)
-    daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=1, reason="hard")), 0.1)
+    daemon.receive(dgram(messages.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=1, reason="hard")), 0.1)
     daemon.tick(0.2)
     text = daemon.metrics.render().decode()
     assert 'celery_memguard_interrupted_tasks_total{reason="hard",task="app.big",worker="w@h"} 1.0' in text
@@ -331,7 +332,7 @@ def test_task_names_beyond_the_bound_are_counted_as_other(procs: FakeProcs) -> N
     daemon = make(procs, metrics={"max_task_names": 2})
     daemon.receive(dgram(hello()), 0.0)
     for n in range(4):
-        daemon.receive(dgram(wire.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task=f"app.t{n}",
+        daemon.receive(dgram(messages.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task=f"app.t{n}",
                                                   id=str(n), rss=1, limit=1)), 0.0)
     assert {task for _, task, _ in daemon.state.interrupted} == {"app.t0", "app.t1", "other"}
 
@@ -339,13 +340,13 @@ def test_task_names_beyond_the_bound_are_counted_as_other(procs: FakeProcs) -> N
 def test_a_sigkill_we_did_not_send_is_an_oom_kill(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.TaskStart(pid=KID0, ppid=MAIN, index=0, task="app.huge", id="x-9",
+    daemon.receive(dgram(messages.TaskStart(pid=KID0, ppid=MAIN, index=0, task="app.huge", id="x-9",
                                         rss=900 * MiB)), 0.0)
     assert daemon.state.interrupted == {}
     del procs.table[KID0]
     daemon.tick(1.0)  # the child is gone from /proc before its parent reports the exit code
-    daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), 1.1)
-    daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=155)), 1.2)
+    daemon.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), 1.1)
+    daemon.receive(dgram(messages.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=155)), 1.2)
     assert daemon.state.oom_kills == {"w@h": 1}
     assert daemon.state.interrupted == {("w@h", "app.huge", "oom"): 1}
     [event] = [e for e in logs if e["event"] == "child_oom_killed"]
@@ -356,14 +357,14 @@ def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None
     clock = Clock(0.0)
     daemon = make(procs, clock=clock, limits={"kill_after": "1s"}, sampling={"interval": "1s"})
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=0, rss=50 * MiB)), 0.0)
+    daemon.receive(dgram(messages.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=0, rss=50 * MiB)), 0.0)
     procs.table[KID0].rss = 250 * MiB
     for _ in range(4):
         daemon.tick(clock())
         clock.advance(1.0)
     assert [sig for pid, sig in procs.signals if pid == KID0] == [15, 9]  # TERM, KILL, no grace
     assert daemon.state.recycles[("w@h", "kill")] == 1
-    daemon.receive(dgram(wire.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), clock())
+    daemon.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), clock())
     assert daemon.state.oom_kills == {}
 
 
@@ -376,7 +377,7 @@ def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: 
                   workers=[{"match": "big@*", "limits": {"soft": "150MiB", "measure": "uss"}}])
     daemon._publish_settings()
     data = (tmp_path / "a.sock.settings.json").read_bytes()
-    assert wire.decode_settings(data) == wire.AgentSettings(
+    assert settings.decode(data) == settings.AgentSettings(
         hard=200 * MiB, watch_interval=0.02, soft=100 * MiB, jitter=0.0, max_share=0.5,
         dry_run=True, min_lifetime=3.0, skip_within_tasks=4,
         workers=(("big@*", 200 * MiB, 150 * MiB, "uss"),))
@@ -388,7 +389,7 @@ def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) 
     daemon = make(procs, limits={"worker_total": "170MiB"})
     daemon.receive(dgram(hello()), 0.0)
     for pid, index in ((KID0, 0), (KID1, 1)):
-        daemon.receive(dgram(wire.ChildHello(pid=pid, ppid=MAIN, index=index, tasks=3,
+        daemon.receive(dgram(messages.ChildHello(pid=pid, ppid=MAIN, index=index, tasks=3,
                                              rss=80 * MiB)), 0.0)
     daemon.tick(0.0)
     assert [c.uss for c in daemon.view.snapshot.workers[0].children] == [None, None]  # 160 MiB RSS
@@ -415,10 +416,10 @@ def test_task_growth_is_a_histogram_by_task_name_and_ranked_in_status(procs: Fak
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
     for n in range(10):
-        daemon.receive(dgram(wire.TaskEnd(pid=KID0, ppid=MAIN, index=0, task="app.leak", id=str(n),
+        daemon.receive(dgram(messages.TaskEnd(pid=KID0, ppid=MAIN, index=0, task="app.leak", id=str(n),
                                           rss_before=50 * MiB + n * 2 * MiB,
                                           rss=52 * MiB + n * 2 * MiB, tasks=n + 1, ok=True)), 0.0)
-        daemon.receive(dgram(wire.TaskEnd(pid=KID1, ppid=MAIN, index=1, task="app.noop", id=f"x{n}",
+        daemon.receive(dgram(messages.TaskEnd(pid=KID1, ppid=MAIN, index=1, task="app.noop", id=f"x{n}",
                                           rss_before=50 * MiB, rss=50 * MiB, tasks=n + 1, ok=True)),
                        0.0)
     daemon.tick(1.0)
@@ -437,7 +438,7 @@ def _leak_reports(daemon: Daemon, pid: int, index: int, n: int, step: int, start
                   every: float = 0.1) -> None:
     for i in range(n):
         rss = start + (i + 1) * step
-        daemon.receive(dgram(wire.TaskEnd(pid=pid, ppid=MAIN, index=index, task="app.leak",
+        daemon.receive(dgram(messages.TaskEnd(pid=pid, ppid=MAIN, index=index, task="app.leak",
                                           id=f"{pid}-{i}", rss_before=rss - step, rss=rss,
                                           tasks=i + 1, ok=True)), i * every)
 
@@ -445,7 +446,7 @@ def _leak_reports(daemon: Daemon, pid: int, index: int, n: int, step: int, start
 def test_a_steady_leak_is_exported_with_its_rate_time_to_limit_and_advice(procs: FakeProcs) -> None:
     daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    daemon.receive(dgram(messages.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
     _leak_reports(daemon, KID0, 0, 60, 1 * MiB)  # 1 MiB a task, 10 tasks a second
     procs.table[KID0].rss = 110 * MiB  # what the tick reads: where the reports left it
     daemon.tick(6.0)
@@ -497,7 +498,7 @@ def test_a_child_that_stopped_growing_is_not_leaking_and_has_no_time_to_limit(pr
     daemon.receive(dgram(hello()), 0.0)
     _leak_reports(daemon, KID0, 0, 15, 2 * MiB)  # warm-up: 30 MiB over 15 tasks
     for i in range(15, 60):
-        daemon.receive(dgram(wire.TaskEnd(pid=KID0, ppid=MAIN, index=0, task="app.cache", id=str(i),
+        daemon.receive(dgram(messages.TaskEnd(pid=KID0, ppid=MAIN, index=0, task="app.cache", id=str(i),
                                           rss_before=80 * MiB, rss=80 * MiB, tasks=i + 1, ok=True)),
                        i * 0.1)
     daemon.tick(6.0)
@@ -515,7 +516,7 @@ def test_the_report_names_the_leaking_task_and_the_advice(procs: FakeProcs) -> N
 
     daemon = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
     daemon.receive(dgram(hello()), 0.0)
-    daemon.receive(dgram(wire.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    daemon.receive(dgram(messages.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
     _leak_reports(daemon, KID0, 0, 60, 1 * MiB)
     daemon.tick(6.0)
     console = Console(width=200, record=True)
@@ -556,17 +557,17 @@ def test_a_storm_is_not_warned_again_when_the_pool_is_empty_between_recycles(
         del procs.table[pid]
     daemon.tick(1.0)
     procs.add(13, MAIN, rss=150 * MiB)
-    daemon.receive(dgram(wire.ChildHello(pid=13, ppid=MAIN, index=0, tasks=1, rss=150 * MiB)), 1.5)
+    daemon.receive(dgram(messages.ChildHello(pid=13, ppid=MAIN, index=0, tasks=1, rss=150 * MiB)), 1.5)
     daemon.tick(2.0)
     assert [c.pid for w in daemon.view.snapshot.workers for c in w.children] == [13]
     assert len([e for e in logs if e["event"] == "recycle_storm"]) == 1
 
 
 def batch(pid: int, first: int, *ends: tuple[str, float, float, int], index: int | None = None,
-          ) -> wire.TaskBatch:
+          ) -> messages.TaskBatch:
     """A child's batch of task ends: (task name, RSS before and after in MiB, age in ms)."""
     names = tuple(dict.fromkeys(name for name, *_ in ends))
-    return wire.TaskBatch(
+    return messages.TaskBatch(
         pid=pid, ppid=MAIN, index=index if index is not None else pid - KID0, first=first,
         names=names, ends=tuple((names.index(name), int(before * MiB), int(after * MiB), 1, age)
                                 for name, before, after, age in ends))
@@ -603,7 +604,7 @@ def test_a_running_task_is_shown_until_a_batch_ends_it_and_a_late_announcement_i
         procs: FakeProcs) -> None:
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
-    running = wire.TaskRunning(pid=KID0, ppid=MAIN, index=0, task="app.slow", id="t6",
+    running = messages.TaskRunning(pid=KID0, ppid=MAIN, index=0, task="app.slow", id="t6",
                                rss=60 * MiB, tasks=5)
     daemon.receive(dgram(running), 1.0)
     assert daemon.state.workers[MAIN].children[KID0].task == "app.slow"
@@ -653,7 +654,6 @@ def test_an_agentless_worker_gets_no_grant_file(socket_dir: Path) -> None:
 def test_a_unit_a_child_took_counts_as_one_recycle_by_the_agent(
         procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
     """Collected from the grant file on the tick, then announced by the child's exit: once."""
-    from celery_memguard import grants  # noqa: PLC0415
 
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
@@ -665,7 +665,7 @@ def test_a_unit_a_child_took_counts_as_one_recycle_by_the_agent(
     assert daemon.state.recycles[("w@h", "soft")] == 1
     assert daemon.state.workers[MAIN].children[KID0].requested_at == 1.0
     assert _grant_file(daemon)["grant"] == 0  # KID0 is still on its way out
-    daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 1.2)
+    daemon.receive(dgram(messages.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 1.2)
     assert daemon.state.recycles[("w@h", "soft")] == 1
     assert _grant_file(daemon)["grant"] == 1  # it left: the next unit is out at once
     assert procs.signals == []
@@ -675,14 +675,13 @@ def test_a_unit_a_child_took_counts_as_one_recycle_by_the_agent(
 
 def test_an_exit_under_a_grant_seen_first_is_counted_and_the_file_later_is_not(
         procs: FakeProcs) -> None:
-    from celery_memguard import grants  # noqa: PLC0415
 
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
     daemon.tick(0.0)
     path = f"{daemon.config.agent.socket}.grant.{MAIN}"
     assert grants.take(path, KID1, (MAIN, MAIN * 10), "predicted")
-    daemon.receive(dgram(wire.ChildExit(pid=KID1, ppid=MAIN, index=1, tasks=9,
+    daemon.receive(dgram(messages.ChildExit(pid=KID1, ppid=MAIN, index=1, tasks=9,
                                         reason="predicted")), 0.5)
     daemon.tick(1.0)
     assert daemon.state.recycles == {("w@h", "predicted"): 1}
@@ -716,12 +715,11 @@ def test_a_recycle_a_child_did_on_its_own_is_exported_at_once(procs: FakeProcs) 
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
     daemon.tick(0.0)
-    daemon.receive(dgram(wire.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 0.5)
+    daemon.receive(dgram(messages.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=9, reason="soft")), 0.5)
     assert b'celery_memguard_recycles_total{reason="soft",worker="w@h"} 1.0' in daemon.metrics.render()
 
 
 def _take(daemon: Daemon, pid: int, reason: str = "soft") -> None:
-    from celery_memguard import grants  # noqa: PLC0415
 
     path = f"{daemon.config.agent.socket}.grant.{MAIN}"
     assert grants.take(path, pid, (MAIN, MAIN * 10), reason)
@@ -744,7 +742,7 @@ def test_the_daemon_does_not_signal_a_child_that_took_a_unit_meanwhile(
     daemon = make(procs)
     daemon.receive(dgram(hello()), 0.0)
     procs.table[KID0].rss = 150 * MiB
-    daemon.receive(dgram(wire.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=3, rss=150 * MiB)), 0.0)
+    daemon.receive(dgram(messages.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=3, rss=150 * MiB)), 0.0)
     daemon.tick(0.0)
     daemon.tick(1.0)
     _take(daemon, KID0)
@@ -759,7 +757,7 @@ def test_a_hard_exit_and_a_unit_taken_for_the_same_child_count_one_recycle(procs
     daemon.receive(dgram(hello()), 0.0)
     daemon.tick(0.0)
     _take(daemon, KID1)
-    daemon.receive(dgram(wire.ChildExit(pid=KID1, ppid=MAIN, index=1, tasks=4, reason="hard")), 0.5)
+    daemon.receive(dgram(messages.ChildExit(pid=KID1, ppid=MAIN, index=1, tasks=4, reason="hard")), 0.5)
     daemon.tick(1.0)
     assert daemon.state.recycles == {("w@h", "hard"): 1}
 
@@ -770,7 +768,7 @@ def test_a_worker_saying_goodbye_takes_its_grant_file_with_it(procs: FakeProcs,
     daemon.receive(dgram(hello()), 0.0)
     daemon.tick(0.0)
     assert list(socket_dir.glob("*.grant.*"))
-    daemon.receive(dgram(wire.WorkerBye(pid=MAIN)), 0.5)
+    daemon.receive(dgram(messages.WorkerBye(pid=MAIN)), 0.5)
     assert list(socket_dir.glob("*.grant.*")) == []
 
 
@@ -803,7 +801,7 @@ def test_the_daemon_jitters_a_child_only_where_its_pool_recycles_two_at_once(
     jittered threshold is under that figure (this pid's share is known) and it is asked."""
     daemon = make(procs, recycle={"jitter": "20%"})
     start = procs.table[KID0].start
-    threshold = rules.soft_threshold(100 * MiB, 0.2, KID0, start)
+    threshold = rules.jittered(100 * MiB, 0.2, KID0, start)
     assert threshold < 99 * MiB  # the fixture's pid and start time draw a share over 5 %
     daemon.receive(dgram(hello(concurrency=concurrency)), 0.0)
     daemon.receive(dgram(task_end(KID0, 99)), 0.0)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from celery_memguard import wire
 from celery_memguard.procs import Procs
+from celery_memguard.protocol import messages
 from tests.support import Daemon, MiB, PrivateRedis, RssSampler, Worker, answers, wait_for
 
 pytestmark = pytest.mark.slow
@@ -166,15 +166,15 @@ def test_a_forged_message_from_another_local_process_causes_nothing(
     daemon = start_daemon(limits={"soft": "100MiB", "hard": "1GiB"}, sampling={"interval": "250ms"})
     worker = start_worker(socket_path=daemon.socket_path)
     kids = Procs().children(worker.pid)
-    forged = [wire.TaskEnd(pid=kid.pid, ppid=worker.pid, index=i, task="x", id="forged",
+    forged = [messages.TaskEnd(pid=kid.pid, ppid=worker.pid, index=i, task="x", id="forged",
                            rss_before=0, rss=900 * MiB, tasks=99, ok=True)
               for i, kid in enumerate(kids)]
-    as_itself = wire.TaskEnd(pid=os.getpid(), ppid=worker.pid, index=0, task="x", id="mine",
+    as_itself = messages.TaskEnd(pid=os.getpid(), ppid=worker.pid, index=0, task="x", id="mine",
                              rss_before=0, rss=900 * MiB, tasks=99, ok=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.connect(str(daemon.socket_path))
         for message in [*forged, as_itself] * 20:
-            sock.send(wire.encode(message))
+            sock.send(messages.encode(message))
     time.sleep(1.0)
     assert {c.pid for c in Procs().children(worker.pid)} == {k.pid for k in kids}
     assert daemon.metric("celery_memguard_messages_dropped_total", reason="forged_sender") == 40

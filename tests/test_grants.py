@@ -8,7 +8,7 @@ import stat
 import time
 from pathlib import Path
 
-from celery_memguard import grants
+from celery_memguard.protocol import grants
 
 WORKER = (4242, 777)
 

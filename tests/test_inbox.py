@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from celery_memguard.inbox import Datagram, Inbox, SocketError
-from celery_memguard.wire import MAX_DATAGRAM
+from celery_memguard.protocol.messages import MAX_DATAGRAM
 
 
 def drain_all(inbox: Inbox, want: int = 1, timeout: float = 5.0) -> list[Datagram]:

@@ -34,7 +34,7 @@ time.sleep(300)
 
 SENDER = """
 import os, socket, sys, time
-from celery_memguard import wire
+from celery_memguard.protocol import messages
 path, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # as the agent sets it
@@ -47,7 +47,7 @@ while sent + refused < total:
     due = min(total, int((time.monotonic() - start) * rate) + 1)
     while sent + refused < due:
         n = sent + refused
-        data = wire.encode(wire.TaskEnd(pid=pid, ppid=ppid, index=0, task="load.task", id=str(n),
+        data = messages.encode(messages.TaskEnd(pid=pid, ppid=ppid, index=0, task="load.task", id=str(n),
                                         rss_before=50 << 20, rss=50 << 20, tasks=n + 1, ok=True))
         try:
             sock.send(data)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from celery_memguard import config, wire
+from celery_memguard import config
 from celery_memguard.daemon import Daemon
+from celery_memguard.protocol import messages, paths
 from tests.fakes import FakeProcs
 from tests.support import free_port, wait_for
 
@@ -22,7 +23,7 @@ GAP = 5.0  # long enough that a report read before it ends was read because of t
 
 
 def _hello(node: str) -> bytes:
-    return wire.encode(wire.WorkerHello(
+    return messages.encode(messages.WorkerHello(
         pid=os.getpid(), node=node, pool="prefork", concurrency=1, max_tasks=None,
         max_memory_kib=None, recycle_signal=38, kids=(), agent="t"))
 
@@ -62,7 +63,7 @@ def test_routine_reports_wait_for_the_batch_and_the_bell_reads_them_at_once(
         time.sleep(0.5)
         assert _hellos(daemon) == 1, "a routine report was read before the batch gap ended"
         rang = time.monotonic()
-        bell.sendto(b"!", wire.bell_path(path))
+        bell.sendto(b"!", paths.bell_path(path))
         wait_for(lambda: _hellos(daemon) == 2, GAP / 2, "the bell did not have the report read")
         assert time.monotonic() - rang < GAP / 2
     assert daemon.state.workers[os.getpid()].name == "b@h"

@@ -19,10 +19,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from celery_memguard import wire
 from celery_memguard.actions import Actor
 from celery_memguard.model import Decision, Reason
 from celery_memguard.procs import Procs
+from celery_memguard.protocol import signals
 from celery_memguard.state import State
 from tests.support import ROOT, MiB
 
@@ -104,7 +104,7 @@ def act_on_a_reused_pid(workdir: Path, started: list[subprocess.Popen[Any]]) -> 
         assert now_there is not None
         decision = Decision(worker="reuse@test", worker_pid=os.getpid(), index=0,
                             proc=sampled.proc, ppid=sampled.ppid, measured=200 * MiB,
-                            threshold=100 * MiB, reason=Reason.SOFT, signal=wire.RECYCLE_SIGNAL)
+                            threshold=100 * MiB, reason=Reason.SOFT, signal=signals.RECYCLE_SIGNAL)
         state = State(procs.stat)
         with capture_logs() as events:
             Actor(procs, state, structlog.get_logger(), dry_run=False).carry_out(
@@ -112,7 +112,7 @@ def act_on_a_reused_pid(workdir: Path, started: list[subprocess.Popen[Any]]) -> 
         time.sleep(0.3)  # a signal sent would have been handled by now
         received, alive = _signals(record), new.poll() is None
         # The recorder does record a signal sent to it, so none recorded means none sent.
-        procs.send_signal(new.pid, wire.RECYCLE_SIGNAL)
+        procs.send_signal(new.pid, signals.RECYCLE_SIGNAL)
         deadline = time.monotonic() + 10
         while not _signals(record) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -191,4 +191,4 @@ def test_a_recycle_aimed_at_a_pid_another_process_now_holds_is_dropped(
     assert seen["events"] == [{"event": "recycle_dropped", "why": "not_a_verified_pool_child",
                                "pid": old_pid}]
     assert seen["recycles"] == []
-    assert seen["control"] == [wire.RECYCLE_SIGNAL]
+    assert seen["control"] == [signals.RECYCLE_SIGNAL]

@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_memguard import config, wire
+from celery_memguard import config
 from celery_memguard.daemon import Daemon
 from celery_memguard.procs import FoundWorker, Procs
+from celery_memguard.protocol import messages, signals
 from tests.support import MiB, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,19 +33,19 @@ pytestmark = pytest.mark.slow
 ME, PARENT = os.getpid(), os.getppid()
 # Valid messages in this process's own name (the sender pid the kernel attaches), so one the
 # decoder let through would be accepted and could act: the task end is over the soft limit.
-VALID: list[wire.Message] = [
-    wire.WorkerHello(pid=ME, node="fuzz@test", pool="prefork", concurrency=2, max_tasks=100,
-                     max_memory_kib=None, recycle_signal=wire.RECYCLE_SIGNAL, kids=((ME, 0),),
+VALID: list[messages.Message] = [
+    messages.WorkerHello(pid=ME, node="fuzz@test", pool="prefork", concurrency=2, max_tasks=100,
+                     max_memory_kib=None, recycle_signal=signals.RECYCLE_SIGNAL, kids=((ME, 0),),
                      agent="0.1.0"),
-    wire.WorkerBye(pid=ME),
-    wire.ChildHello(pid=ME, ppid=PARENT, index=0, tasks=0, rss=50 * MiB),
-    wire.TaskStart(pid=ME, ppid=PARENT, index=0, task="app.leak", id="t-1", rss=50 * MiB),
-    wire.TaskEnd(pid=ME, ppid=PARENT, index=0, task="app.leak", id="t-1", rss_before=50 * MiB,
+    messages.WorkerBye(pid=ME),
+    messages.ChildHello(pid=ME, ppid=PARENT, index=0, tasks=0, rss=50 * MiB),
+    messages.TaskStart(pid=ME, ppid=PARENT, index=0, task="app.leak", id="t-1", rss=50 * MiB),
+    messages.TaskEnd(pid=ME, ppid=PARENT, index=0, task="app.leak", id="t-1", rss_before=50 * MiB,
                  rss=900 * MiB, tasks=7, ok=True),
-    wire.ChildExit(pid=ME, ppid=PARENT, index=0, tasks=7, reason="requested"),
-    wire.TaskInterrupted(pid=ME, ppid=PARENT, index=0, task="app.big", id="t-2", rss=900 * MiB,
+    messages.ChildExit(pid=ME, ppid=PARENT, index=0, tasks=7, reason="requested"),
+    messages.TaskInterrupted(pid=ME, ppid=PARENT, index=0, task="app.big", id="t-2", rss=900 * MiB,
                          limit=800 * MiB),
-    wire.ChildDied(pid=ME, child=PARENT, index=0, exitcode=-9),
+    messages.ChildDied(pid=ME, child=PARENT, index=0, exitcode=-9),
 ]
 TYPES = {"w", "b", "c", "s", "e", "r", "k", "x", "h", "d"}
 # The wire format, stated here independently of the decoder: each field's kind.
@@ -136,7 +137,7 @@ def _truncated(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
 
 def _oversized(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
     """Valid JSON, padded past the 4096-byte packet limit."""
-    padding = draw(st.integers(wire.MAX_DATAGRAM + 1 - len(data), 3 * wire.MAX_DATAGRAM))
+    padding = draw(st.integers(messages.MAX_DATAGRAM + 1 - len(data), 3 * messages.MAX_DATAGRAM))
     return data + b" " * padding, "oversized"
 
 
@@ -152,7 +153,7 @@ MUTATIONS: list[Mutation] = [_wrong_type, _out_of_range, _missing, _extra, _vers
 @st.composite
 def near_valid(draw: st.DrawFn) -> Sample:
     """A valid message with one thing wrong, and the reason the daemon must give."""
-    data = wire.encode(draw(st.sampled_from(VALID)))
+    data = messages.encode(draw(st.sampled_from(VALID)))
     mutate: Mutation = draw(st.sampled_from(MUTATIONS))
     return mutate(draw, json.loads(data), data)
 
@@ -234,7 +235,7 @@ def test_generated_malformed_messages_are_each_dropped_and_counted_and_never_act
         sock.connect(running.socket_path)
         for data, _reason in sent:
             sock.send(data)
-        sock.send(wire.encode(wire.WorkerBye(pid=ME)))  # then a valid one: the daemon serves on
+        sock.send(messages.encode(messages.WorkerBye(pid=ME)))  # then a valid one: the daemon serves on
     counts: list[tuple[Counter[str], Counter[str]]] = []
 
     def answered() -> bool:

@@ -9,43 +9,43 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_memguard import wire
 from celery_memguard.child import _Batch
+from celery_memguard.protocol import messages, settings
 
-MESSAGES: list[wire.Message] = [
-    wire.WorkerHello(pid=10, node="celery@host", pool="prefork", concurrency=4, max_tasks=100,
+MESSAGES: list[messages.Message] = [
+    messages.WorkerHello(pid=10, node="celery@host", pool="prefork", concurrency=4, max_tasks=100,
                      max_memory_kib=None, recycle_signal=38, kids=((11, 0), (12, 1)), agent="0.1.0"),
-    wire.WorkerBye(pid=10),
-    wire.ChildHello(pid=11, ppid=10, index=0, tasks=0, rss=50_000_000),
-    wire.TaskStart(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1),
-    wire.TaskEnd(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123",
+    messages.WorkerBye(pid=10),
+    messages.ChildHello(pid=11, ppid=10, index=0, tasks=0, rss=50_000_000),
+    messages.TaskStart(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1),
+    messages.TaskEnd(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123",
                  rss_before=1, rss=3, tasks=7, ok=True),
-    wire.TaskRunning(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1,
+    messages.TaskRunning(pid=11, ppid=10, index=0, task="app.tasks.report", id="abc-123", rss=1,
                      tasks=6),
-    wire.TaskBatch(pid=11, ppid=10, index=0, first=5, names=("app.a", "app.b"),
+    messages.TaskBatch(pid=11, ppid=10, index=0, first=5, names=("app.a", "app.b"),
                    ends=((0, 1, 3, 1, 250), (1, 3, 3, 0, 12), (0, 3, 5, 1, 0))),
-    wire.ChildExit(pid=11, ppid=10, index=0, tasks=7, reason="requested"),
-    wire.TaskInterrupted(pid=11, ppid=10, index=0, task="app.big", id="x", rss=5, limit=4),
-    wire.ChildDied(pid=10, child=11, index=0, exitcode=-9),
+    messages.ChildExit(pid=11, ppid=10, index=0, tasks=7, reason="requested"),
+    messages.TaskInterrupted(pid=11, ppid=10, index=0, task="app.big", id="x", rss=5, limit=4),
+    messages.ChildDied(pid=10, child=11, index=0, exitcode=-9),
 ]
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
-def test_round_trip(message: wire.Message) -> None:
-    data = wire.encode(message)
+def test_round_trip(message: messages.Message) -> None:
+    data = messages.encode(message)
     assert len(data) < 300
-    assert wire.decode(data) == message
+    assert messages.decode(data) == message
 
 
 def _body(**changes: object) -> bytes:
-    body = json.loads(wire.encode(MESSAGES[4]))  # a TaskEnd
+    body = json.loads(messages.encode(MESSAGES[4]))  # a TaskEnd
     body.update(changes)
     return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
 
 @pytest.mark.parametrize(("data", "reason"), [
     (b"", "empty"),
-    (b"x" * (wire.MAX_DATAGRAM + 1), "oversized"),
+    (b"x" * (messages.MAX_DATAGRAM + 1), "oversized"),
     (b"\xff\xfe", "not_json"),
     (b'{"v":1,"t":"e"', "not_json"),
     (b"[1,2]", "not_object"),
@@ -65,23 +65,23 @@ def _body(**changes: object) -> bytes:
     (_body(tasks=2**70), "bad_field"),
 ])
 def test_malformed_datagrams_are_refused_with_a_reason(data: bytes, reason: str) -> None:
-    with pytest.raises(wire.WireError) as info:
-        wire.decode(data)
+    with pytest.raises(messages.MessageError) as info:
+        messages.decode(data)
     assert info.value.reason == reason
 
 
 @pytest.mark.parametrize("kids", [[[0, 1]], [[1]], "x", [[1, -1]], [[1, 2, 3]], [[True, 1]]])
 def test_bad_kid_lists_are_refused(kids: object) -> None:
-    body = json.loads(wire.encode(MESSAGES[0]))
+    body = json.loads(messages.encode(MESSAGES[0]))
     body["kids"] = kids
-    with pytest.raises(wire.WireError, match="bad_field"):
-        wire.decode(json.dumps(body).encode())
+    with pytest.raises(messages.MessageError, match="bad_field"):
+        messages.decode(json.dumps(body).encode())
 
 
 @given(st.binary(max_size=600))
 def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
-    with contextlib.suppress(wire.WireError):
-        wire.decode(data)
+    with contextlib.suppress(messages.MessageError):
+        messages.decode(data)
 
 
 json_values = st.recursive(
@@ -93,13 +93,13 @@ json_values = st.recursive(
 @given(st.sampled_from(MESSAGES), st.sampled_from(["pid", "ppid", "rss", "task", "kids", "ok", "t"]),
        json_values)
 def test_any_field_replaced_by_any_json_decodes_or_is_refused(
-        message: wire.Message, field: str, value: object) -> None:
+        message: messages.Message, field: str, value: object) -> None:
     """Wrong types in any field are refused, never crash the decoder or pass unchecked."""
-    body = json.loads(wire.encode(message))
+    body = json.loads(messages.encode(message))
     body[field] = value
     try:
-        decoded = wire.decode(json.dumps(body).encode())
-    except wire.WireError:
+        decoded = messages.decode(json.dumps(body).encode())
+    except messages.MessageError:
         return
     for name in ("pid", "ppid", "rss"):
         if hasattr(decoded, name):
@@ -107,44 +107,44 @@ def test_any_field_replaced_by_any_json_decodes_or_is_refused(
 
 
 def test_settings_round_trip_and_bad_settings_are_ignored() -> None:
-    settings = wire.AgentSettings(hard=300 * 1024 * 1024, watch_interval=0.01, ahead=2)
-    assert wire.decode_settings(wire.encode_settings(settings)) == settings
+    published = settings.AgentSettings(hard=300 * 1024 * 1024, watch_interval=0.01, ahead=2)
+    assert settings.decode(settings.encode(published)) == published
     for bad in (b"", b"{", b"[]", b'{"v":1,"hard":-1,"watch_interval":0.01}',
                 b'{"v":1,"hard":1,"watch_interval":0.01,"ahead":-1}',
                 b'{"v":1,"hard":1,"watch_interval":0.01,"ahead":true}',
                 b'{"v":1,"hard":1,"watch_interval":60}', b'{"v":1,"hard":1,"watch_interval":true}',
                 b'{"v":2,"hard":1,"watch_interval":0.01}', b'{"v":1,"hard":"1","watch_interval":0.01}'):
-        assert wire.decode_settings(bad) is None
+        assert settings.decode(bad) is None
 
 
 @given(st.lists(st.text(max_size=60), min_size=1, max_size=4), st.integers(0, 2**40),
        st.booleans())
 def test_the_batch_encoder_produces_what_json_would(names: list[str], rss: int, ok: bool) -> None:
     """Names with quotes, backslashes or any unicode survive the hand-formatted encoder."""
-    batch = wire.TaskBatch(pid=5, ppid=4, index=1, first=3, names=tuple(names),
+    batch = messages.TaskBatch(pid=5, ppid=4, index=1, first=3, names=tuple(names),
                            ends=tuple((i, rss, rss + i, int(ok), i) for i in range(len(names))))
-    body = json.loads(wire.encode(batch))
+    body = json.loads(messages.encode(batch))
     assert body == {"pid": 5, "ppid": 4, "index": 1, "first": 3, "names": names,
                     "ends": [list(end) for end in batch.ends], "t": "k", "v": 1}
     if all(name.isprintable() for name in names):
-        assert wire.decode(wire.encode(batch)) == batch
+        assert messages.decode(messages.encode(batch)) == batch
 
 
 def test_settings_carry_per_worker_limits_matched_by_nodename() -> None:
-    settings = wire.AgentSettings(hard=300, watch_interval=0.01, soft=100, jitter=0.05,
+    published = settings.AgentSettings(hard=300, watch_interval=0.01, soft=100, jitter=0.05,
                                   max_share=0.25, workers=(("reports@*", 3000, 1000, "uss"),))
-    decoded = wire.decode_settings(wire.encode_settings(settings))
-    assert decoded == settings
-    assert decoded.for_worker("reports@h1") == wire.WorkerLimits(3000, 1000, "uss")
-    assert decoded.for_worker("default@h1") == wire.WorkerLimits(300, 100, "rss")
+    decoded = settings.decode(settings.encode(published))
+    assert decoded == published
+    assert decoded.for_worker("reports@h1") == settings.ChildLimits(3000, 1000, "uss")
+    assert decoded.for_worker("default@h1") == settings.ChildLimits(300, 100, "rss")
 
 
 def test_settings_from_a_daemon_without_measures_per_worker_read_as_rss() -> None:
     data = (b'{"v": 1, "hard": 300, "watch_interval": 0.01, "soft": 100, "jitter": 0.05,'
             b' "workers": [["reports@*", 3000, 1000]]}')
-    decoded = wire.decode_settings(data)
+    decoded = settings.decode(data)
     assert decoded is not None
-    assert decoded.for_worker("reports@h1") == wire.WorkerLimits(3000, 1000, "rss")
+    assert decoded.for_worker("reports@h1") == settings.ChildLimits(3000, 1000, "rss")
     assert (decoded.dry_run, decoded.min_lifetime, decoded.skip_within_tasks) == (False, 0.0, 0)
     assert decoded.max_share is None  # unknown: the children keep the full jitter
 
@@ -153,11 +153,11 @@ def test_settings_from_a_daemon_without_measures_per_worker_read_as_rss() -> Non
 def test_settings_with_a_share_out_of_range_are_refused(share: str) -> None:
     data = (b'{"v": 1, "hard": 300, "watch_interval": 0.01, "soft": 100, "jitter": 0.05,'
             b' "max_share": ' + share.encode() + b'}')
-    assert (wire.decode_settings(data) is None) is (share != "0.5")
+    assert (settings.decode(data) is None) is (share != "0.5")
 
 
 def _batch(**changes: object) -> bytes:
-    body = json.loads(wire.encode(MESSAGES[6]))  # a TaskBatch
+    body = json.loads(messages.encode(MESSAGES[6]))  # a TaskBatch
     body.update(changes)
     return json.dumps(body).encode()
 
@@ -165,7 +165,7 @@ def _batch(**changes: object) -> bytes:
 @pytest.mark.parametrize(("changes", "why"), [
     ({"names": []}, "no names"),
     ({"names": ["ok", "bad\n"]}, "an unprintable name"),
-    ({"names": [f"n{i}" for i in range(wire.MAX_BATCH_NAMES + 1)]}, "too many names"),
+    ({"names": [f"n{i}" for i in range(messages.MAX_BATCH_NAMES + 1)]}, "too many names"),
     ({"ends": []}, "no task ends"),
     ({"ends": [[2, 1, 3, 1, 0]]}, "a name index past the table"),
     ({"ends": [[-1, 1, 3, 1, 0]]}, "a negative name index"),
@@ -174,12 +174,12 @@ def _batch(**changes: object) -> bytes:
     ({"ends": [[0, 1, 3, 1]]}, "an entry too short"),
     ({"ends": [[0, 1.5, 3, 1, 0]]}, "a float"),
     ({"ends": [[0, True, 3, 1, 0]]}, "a boolean for a size"),
-    ({"ends": [[0, 1, 3, 1, 0]] * (wire.MAX_BATCH + 1)}, "too many entries"),
+    ({"ends": [[0, 1, 3, 1, 0]] * (messages.MAX_BATCH + 1)}, "too many entries"),
     ({"first": -1}, "a negative task number"),
 ])
 def test_malformed_batches_are_refused(changes: dict[str, object], why: str) -> None:
-    with pytest.raises(wire.WireError) as error:
-        wire.decode(_batch(**changes))
+    with pytest.raises(messages.MessageError) as error:
+        messages.decode(_batch(**changes))
     assert error.value.reason == "bad_field", why
 
 
@@ -190,16 +190,16 @@ def test_the_fullest_batch_an_agent_sends_fits_one_message(char: str) -> None:
     batch = _Batch()
     n = 0
     while not batch.due(0.0):
-        name = char * (wire.MAX_NAME - 4) + f"{n % 97:03d}"
+        name = char * (messages.MAX_NAME - 4) + f"{n % 97:03d}"
         batch.add(n + 1, name, 2**62 - 1, 2**62 - 1, True, 0.0)
         n += 1
     message = batch.take(2**31, 2**31, 1023, 2**31 / 1000 - 1)
-    assert wire.decode(wire.encode(message)) == message
+    assert messages.decode(messages.encode(message)) == message
 
 
 def test_json_nested_too_deep_is_refused_not_raised() -> None:
     """One packet of brackets must not take the daemon down with a RecursionError."""
-    with pytest.raises(wire.WireError) as error:
-        wire.decode(b"[" * 10000)
+    with pytest.raises(messages.MessageError) as error:
+        messages.decode(b"[" * 10000)
     assert error.value.reason == "not_json"
-    assert wire.decode_settings(b"[" * 10000) is None
+    assert settings.decode(b"[" * 10000) is None

@@ -2,7 +2,7 @@
 the holds a single child is subject to.
 
 The daemon's policy and a child's agent must reach the same verdict on the same figures: the
-agent recycles its own child under a grant the daemon published in advance (grants.py), and the
+agent recycles its own child under a grant the daemon published in advance (protocol.grants), and the
 daemon decides for the children that could not. Pure and dependency-free, so the agent can
 import it without pydantic or psutil.
 """
@@ -24,7 +24,7 @@ def jitter_fraction(pid: int, start: int) -> float:
 
 
 @functools.lru_cache(maxsize=8192)
-def soft_threshold(soft: int, jitter: float, pid: int, start: int) -> int:
+def jittered(soft: int, jitter: float, pid: int, start: int) -> int:
     """The soft limit lowered by this process's share of the jitter, never raised above it.
     Cached: a tick asks it several times for every child."""
     return int(soft * (1.0 - jitter * jitter_fraction(pid, start)))
@@ -50,7 +50,7 @@ def child_threshold(soft: int, jitter: float, max_share: float | None, pool: int
                     start: int) -> int:
     """A pool child's own soft threshold: the soft limit lowered by its share of its pool's
     jitter. The one figure the daemon and the child's agent must agree on."""
-    return soft_threshold(soft, pool_jitter(jitter, max_share, pool), pid, start)
+    return jittered(soft, pool_jitter(jitter, max_share, pool), pid, start)
 
 
 def growth_per_task(recent: Sequence[int]) -> float:

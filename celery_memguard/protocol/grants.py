@@ -4,14 +4,15 @@ looks again.
 A child whose task leaves it past its soft threshold should leave right after that task. When
 the daemon has to be told first and answer with a signal, the answer comes tens to hundreds
 of milliseconds later on a busy host, and a fast leaker runs several more tasks meanwhile.
-So the daemon publishes in advance, per worker, what its rate limit, share cap and floor allow
-(``policy.grants``), in a small file beside its socket; a child past its threshold takes one
-unit under the file's lock and leaves after its task, and the daemon collects the units taken
-when it next publishes. A child that finds none left rings the daemon, which decides.
+So the daemon publishes in advance, per worker, what its rate limit, share cap and floor
+allow (the daemon's ``policy.grant_sizes``), in a small file beside its socket
+(``paths.grant_path``); a child past its threshold takes one unit under the file's lock and
+leaves after its task, and the daemon collects the units taken when it next publishes. A child
+that finds none left rings the daemon, which decides.
 
 Both sides try the lock for a millisecond at most: neither a stopped daemon nor a stopped
-child can hold the other up. The file names the worker by pid and start time, so a reused pid never inherits a
-grant. No dependencies beyond the standard library: the agent imports it.
+child can hold the other up. The file names the worker by pid and start time, so a reused pid
+never inherits a grant.
 """
 
 from __future__ import annotations
@@ -24,18 +25,12 @@ import os
 import stat
 import time
 
-from celery_memguard import wire
-
 VERSION = 1
 LOCK_TRIES = 20  # attempts 50 µs apart: the other side holds the lock for microseconds
 FILE_MODE = 0o660
 
 
-def grant_path(socket_path: str, worker_pid: int) -> str:
-    return f"{socket_path}.grant.{worker_pid}"
-
-
-REASONS = wire.SELF_REASONS
+SELF_REASONS = ("soft", "predicted")  # why a child leaves on its own, under a grant
 
 
 def exchange(path: str, worker: tuple[int, int], grant: int) -> list[tuple[int, str]] | None:
@@ -124,7 +119,7 @@ def _read(fd: int, worker: tuple[int, int]) -> tuple[int, list[tuple[int, str]]]
     grant, taken = body.get("grant"), body.get("taken")
     if (type(grant) is not int or grant < 0 or not isinstance(taken, list) or len(taken) > 4096
             or not all(isinstance(t, list) and len(t) == 2 and type(t[0]) is int and t[0] > 0
-                       and t[1] in REASONS for t in taken)):
+                       and t[1] in SELF_REASONS for t in taken)):
         return None
     return grant, [(t[0], t[1]) for t in taken]
 

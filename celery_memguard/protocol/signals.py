@@ -1,0 +1,14 @@
+"""The signal numbers and the exit code both sides rely on.
+
+Real-time signals that neither Celery nor billiard uses: billiard's soft time limit is SIGUSR1,
+and it resets the common signals in a child after the initializer (billiard/common.py
+``reset_signals``).
+"""
+
+from __future__ import annotations
+
+import signal
+
+RECYCLE_SIGNAL = int(signal.SIGRTMIN) + 4  # the daemon asks a child to leave after its task
+INTERRUPT_SIGNAL = int(signal.SIGRTMIN) + 5  # a child's watch thread interrupts its main thread
+EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE: the exit --max-tasks-per-child takes
