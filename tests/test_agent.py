@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from celery_memguard import policy
-from celery_memguard.agent import RECYCLE_SIGNAL
 from celery_memguard.config import Config
 from celery_memguard.inbox import Inbox
 from celery_memguard.procs import Procs
 from celery_memguard.protocol import messages, paths, rules, settings
+from celery_memguard.protocol.signals import RECYCLE_SIGNAL
 from tests.support import Worker
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_memguard.child import RETAKE_SECONDS, ChildAgent
+from celery_memguard.agent.child_agent import RETAKE_SECONDS, ChildAgent
 from celery_memguard.protocol import grants
 
 MiB = 1024 * 1024
@@ -218,7 +218,8 @@ def test_a_celery_job_is_named_from_its_trace_arguments() -> None:
     and id there, and the task body's code from the installed app's registry."""
     from celery import Celery  # noqa: PLC0415
 
-    from celery_memguard import agent, install  # noqa: PLC0415
+    from celery_memguard import install  # noqa: PLC0415
+    from celery_memguard.agent import pool_child  # noqa: PLC0415
 
     app = Celery("naming", broker="memory://")
 
@@ -227,18 +228,18 @@ def test_a_celery_job_is_named_from_its_trace_arguments() -> None:
         return None
 
     install(app, socket=str(Path("/nonexistent/agent.sock")))
-    assert agent._describe(_job("app.job\x00name", "id-1")) == (
+    assert pool_child.describe(_job("app.job\x00name", "id-1")) == (
         "app.jobname", "id-1", job.run.__code__)
-    assert agent._describe(_job("app.unknown", "id-2")) == ("app.unknown", "id-2", None)
-    assert agent._describe((2, (7, 0, print, (), {}))) == ("unknown", "", None)
-    assert agent._describe(_job(42)) == ("unknown", "", None)
+    assert pool_child.describe(_job("app.unknown", "id-2")) == ("app.unknown", "id-2", None)
+    assert pool_child.describe((2, (7, 0, print, (), {}))) == ("unknown", "", None)
+    assert pool_child.describe(_job(42)) == ("unknown", "", None)
 
 
 def test_a_task_of_the_workers_current_app_is_named_even_if_another_was_installed() -> None:
     from celery import Celery  # noqa: PLC0415
     from celery._state import get_current_app  # noqa: PLC0415
 
-    from celery_memguard import agent  # noqa: PLC0415
+    from celery_memguard.agent import pool_child  # noqa: PLC0415
 
     previous = get_current_app()
     current = Celery("current", broker="memory://")
@@ -249,7 +250,7 @@ def test_a_task_of_the_workers_current_app_is_named_even_if_another_was_installe
 
     current.set_current()
     try:
-        assert agent._describe(_job("app.only_in_the_current_app", "id-3")) == (
+        assert pool_child.describe(_job("app.only_in_the_current_app", "id-3")) == (
             "app.only_in_the_current_app", "id-3", elsewhere.run.__code__)
     finally:
         previous.set_current()

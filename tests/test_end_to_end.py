@@ -138,8 +138,10 @@ def test_a_storm_of_children_over_the_limit_recycles_at_the_rate_limit_only(
     results = [worker.send("noop") for _ in range(80)]
     pids = {r.get(timeout=60) for r in results}
     time.sleep(1.0)  # a few ticks: nothing more may leave
-    assert daemon.metric("celery_memguard_recycles_total") == 3, daemon.output()
+    assert daemon.metric("celery_memguard_recycles_total", worker=worker.name) == 3, daemon.output()
     assert len(pids) <= worker.concurrency + 3
     assert sorted(Counter(worker.runs()).values()) == [1] * 80
-    storms = [e for e in daemon.events() if e.get("event") == "recycle_storm"]
+    # The scan also finds other workers on this host (observe-only): only ours is judged here.
+    storms = [e for e in daemon.events()
+              if e.get("event") == "recycle_storm" and e.get("worker") == worker.name]
     assert len(storms) == 1, storms

@@ -1,4 +1,4 @@
-"""How the agent looks again for a pool child that exited but was not yet joined (agent.py).
+"""How the agent looks again for a pool child that exited but was not yet joined (agent/prompt_join.py).
 
 The schedule alone, with stand-ins for Celery's hub and pool; the real worker's prompt
 replacement is tested in test_agent.py."""
@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from celery_memguard import agent
+from celery_memguard.agent import prompt_join
 
 
 class Hub:
@@ -40,7 +40,8 @@ class Pool:
 
 
 def start(pool: Pool, hub: Hub) -> None:
-    agent._join_later(pool, hub, pool.proc, agent.JOIN_RETRIES, agent.JOIN_FIRST_RETRY_SECONDS)
+    prompt_join._join_later(pool, hub, pool.proc, prompt_join.JOIN_RETRIES,
+                            prompt_join.JOIN_FIRST_RETRY_SECONDS)
 
 
 @pytest.mark.parametrize("joinable_at", [1, 3, 6])
@@ -61,8 +62,8 @@ def test_a_child_never_joined_is_looked_for_about_a_second_then_left_to_celery()
     pool, hub = Pool(proc, None), Hub()
     start(pool, hub)
     hub.run()
-    assert pool.calls == agent.JOIN_RETRIES
-    assert max(hub.delays) == agent.JOIN_RETRY_SECONDS
+    assert pool.calls == prompt_join.JOIN_RETRIES
+    assert max(hub.delays) == prompt_join.JOIN_RETRY_SECONDS
     assert 0.9 <= sum(hub.delays) <= 1.1
 
 

@@ -9,7 +9,7 @@ from types import FrameType
 import pytest
 
 from celery_memguard import MemoryLimitExceeded
-from celery_memguard.watch import Watch
+from celery_memguard.agent.watch import Watch
 
 
 def task_body(watch: Watch) -> FrameType:
@@ -40,7 +40,7 @@ def test_the_thread_fires_once_past_the_limit_and_not_when_idle() -> None:
     interrupts: list[int] = []
     import signal  # noqa: PLC0415
 
-    from celery_memguard.watch import INTERRUPT_SIGNAL  # noqa: PLC0415
+    from celery_memguard.protocol.signals import INTERRUPT_SIGNAL  # noqa: PLC0415
 
     previous = signal.signal(INTERRUPT_SIGNAL, lambda s, f: interrupts.append(s))
     try:
@@ -101,7 +101,7 @@ def test_the_watch_hands_over_what_waits_before_it_parks() -> None:
 def test_the_watch_reads_often_only_where_a_fast_task_could_reach_the_hard_limit() -> None:
     """A child growing FASTEST_GROWTH is read before it can cross: every interval close to the
     limit, at most MAX_DELAY apart far from it, and never faster than the interval asked for."""
-    from celery_memguard.watch import FASTEST_GROWTH, MAX_DELAY, next_delay  # noqa: PLC0415
+    from celery_memguard.agent.watch import FASTEST_GROWTH, MAX_DELAY, next_delay  # noqa: PLC0415
 
     mib = 1024 * 1024
     hard = 1024 * mib

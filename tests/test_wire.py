@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_memguard.child import _Batch
+from celery_memguard.agent.batch import Batch
 from celery_memguard.protocol import messages, settings
 
 MESSAGES: list[messages.Message] = [
@@ -187,7 +187,7 @@ def test_malformed_batches_are_refused(changes: dict[str, object], why: str) -> 
 def test_the_fullest_batch_an_agent_sends_fits_one_message(char: str) -> None:
     """Long names (escaped six or twelve bytes a character) and the largest numbers: the
     agent sends its batch before it passes the size the daemon reads."""
-    batch = _Batch()
+    batch = Batch()
     n = 0
     while not batch.due(0.0):
         name = char * (messages.MAX_NAME - 4) + f"{n % 97:03d}"

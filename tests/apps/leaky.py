@@ -144,8 +144,8 @@ def threshold(self, seconds: float = 0.0) -> tuple[int, int]:
     sleep that lets tasks sent together spread over the pool."""
     import time  # noqa: PLC0415
 
-    from celery_memguard import agent  # noqa: PLC0415
+    from celery_memguard.agent import pool_child  # noqa: PLC0415
 
     time.sleep(seconds)
-    child = agent._child  # what the agent of this very child decided
+    child = pool_child.current()  # what the agent of this very child decided
     return os.getpid(), child.soft_threshold if child is not None else -1

@@ -1,6 +1,6 @@
 """A pool child's side of the agent: task bookkeeping, batched reports, and leaving safely.
 
-No Celery import: agent.py creates one ChildAgent per pool child and wires it into billiard's
+No Celery import: pool_child.py creates one ChildAgent per pool child and wires it into billiard's
 own loop, ``wait_for_job`` (a job begins) and ``prepare_result`` (it ended). One job is one
 task: unlike Celery's task_prerun/task_postrun, a task that runs another in-process with
 ``apply()`` is not counted twice, and its watch is not disarmed by the inner task's end.
@@ -13,13 +13,12 @@ no-op tasks they described.
 
 A task that leaves the child past its own soft threshold (the daemon's exact figure: the same
 limit and jitter, from the published settings) is sent at once. Where the daemon has granted it
-in advance (grants.py), the child leaves right after that task on its own; otherwise it rings
+in advance (protocol.grants), the child leaves right after that task on its own; otherwise it rings
 the daemon, which decides and signals.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -29,75 +28,17 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-from celery_memguard.channel import Sender
+from celery_memguard.agent.batch import FLUSH_SECONDS, Batch
+from celery_memguard.agent.procfs import StatmReader, start_ticks
+from celery_memguard.agent.sender import Sender
+from celery_memguard.agent.watch import Watch
 from celery_memguard.protocol import grants, messages, paths, rules, settings
 from celery_memguard.protocol.signals import EX_RECYCLE
-from celery_memguard.watch import Watch
 
 CHILD_HELLO_SECONDS = 5.0
-FLUSH_SECONDS = 0.25  # the oldest task end in a batch waits at most this long (and idle)
-FLUSH_ENTRIES = 128
-FLUSH_BYTES = 12_000  # a batch is sent before it nears messages.MAX_DATAGRAM
-MAX_AGE_MS = 2**31 - 1  # what the wire takes
-ENTRY_BYTES = 60  # an encoded task end at most: five numbers, the largest the wire allows
 ANNOUNCE_AFTER = 0.05  # a task running this long is announced (TaskRunning)
 RETAKE_SECONDS = 0.1  # a child over its threshold but held tries its grant at most this often
 LEAVE_LOCK_SECONDS = 0.5  # leaving never waits longer than this for the report lock
-
-
-class StatmReader:
-    """Reads this process's RSS through one open descriptor (pread regenerates the file)."""
-
-    def __init__(self) -> None:
-        self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        try:
-            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
-        except (OSError, ValueError, IndexError):
-            return 0
-
-
-class _Batch:
-    """Task ends waiting to be sent, with the table of the names they use."""
-
-    __slots__ = ("ends", "first", "names", "opened", "size", "table")
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.names: list[str] = []
-        self.table: dict[str, int] = {}
-        self.ends: list[tuple[int, int, int, int, float]] = []  # (name, before, after, ok, at)
-        self.first = 0
-        self.opened = 0.0
-        self.size = 0
-
-    def add(self, tasks: int, name: str, before: int, after: int, ok: bool, at: float) -> None:
-        if not self.ends:
-            self.first, self.opened = tasks, at
-        slot = self.table.get(name)
-        if slot is None:
-            slot = self.table[name] = len(self.names)
-            self.names.append(name)
-            self.size += len(json.dumps(name)) + 1
-        self.ends.append((slot, before, after, 1 if ok else 0, at))
-        self.size += ENTRY_BYTES
-
-    def due(self, now: float) -> bool:
-        return bool(self.ends) and (
-            now - self.opened >= FLUSH_SECONDS or len(self.ends) >= FLUSH_ENTRIES
-            or self.size >= FLUSH_BYTES or len(self.names) >= messages.MAX_BATCH_NAMES)
-
-    def take(self, pid: int, ppid: int, index: int, now: float) -> messages.TaskBatch:
-        message = messages.TaskBatch(
-            pid=pid, ppid=ppid, index=index, first=self.first, names=tuple(self.names),
-            ends=tuple((n, before, after, ok, min(int((now - at) * 1000), MAX_AGE_MS))
-                       for n, before, after, ok, at in self.ends))
-        self.clear()
-        return message
 
 
 class ChildAgent:
@@ -134,7 +75,7 @@ class ChildAgent:
         self.rang: set[str] = set()  # reasons the daemon was rung for already
         self.retake_at = 0.0
         self._settings_mtime = 0.0
-        self._batch = _Batch()
+        self._batch = Batch()
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
         # from the published settings
         self.soft_threshold = 0  # this process's own: the soft limit lowered by its jitter
@@ -362,14 +303,3 @@ class ChildAgent:
         """Send the batch; the caller holds the lock."""
         if self._batch.ends:
             self.sender.send(self._batch.take(self.pid, self.ppid, self.index, now))
-
-
-def start_ticks(pid: int) -> int:
-    """A process's start time in clock ticks (/proc/PID/stat field 22): with the pid, the
-    identity the daemon's jitter and grants are computed from. 0 when unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-        return int(data[data.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0

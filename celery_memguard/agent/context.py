@@ -1,0 +1,35 @@
+"""What the agent of one process knows: its settings from ``install`` and its worker.
+
+One instance per process, set by ``install`` in the main process and inherited by the pool
+children across fork (a fork copies it, so the children see what the parent had at fork time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_memguard.protocol.paths import DEFAULT_SOCKET
+
+
+@dataclass
+class AgentContext:
+    socket: str = DEFAULT_SOCKET
+    restart_worker: bool = False  # opted in to whole-worker restarts (pools without children)
+    apps: list[Any] = field(default_factory=list)  # the Celery apps installed into
+    controller: Any = None  # the WorkController, kept at worker_init: its children inherit it
+
+
+CONTEXT = AgentContext()
+
+
+def pool_size(pool: Any) -> int:
+    """The size of a worker's pool as its hello reports it, and as its children take it for
+    the jitter: the same expression on both sides, so they compute the same thresholds. 0
+    when unknown."""
+    try:
+        size = getattr(pool, "num_processes", None)
+    except Exception:  # noqa: BLE001 - TaskPool.num_processes before billiard's pool exists
+        size = None
+    size = size or getattr(pool, "limit", None)
+    return size if isinstance(size, int) and size > 0 else 0

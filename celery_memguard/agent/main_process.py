@@ -1,0 +1,117 @@
+"""The agent in a worker's main process: announce the worker, report its reaped children.
+
+The hello (at worker_ready, then every ``HEARTBEAT_SECONDS``) tells the daemon the worker's
+nodename, pool, size, --max-tasks-per-child and --max-memory-per-child, and which pid holds
+which pool slot; a child billiard reaps is reported with its exit code, so that a SIGKILL the
+daemon did not send is recognised as an OOM kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from celery_memguard._version import __version__
+from celery_memguard.agent import prompt_join
+from celery_memguard.agent.context import CONTEXT, pool_size
+from celery_memguard.agent.sender import Sender
+from celery_memguard.protocol import messages
+from celery_memguard.protocol.signals import RECYCLE_SIGNAL
+
+HEARTBEAT_SECONDS = 2.0
+
+_sender: Sender | None = None  # this process's connection
+
+
+def send(message: messages.Message) -> None:
+    """Send a report from the worker's main process (a child sends through its ChildAgent)."""
+    global _sender
+    try:
+        if _sender is None or _sender.pid != os.getpid():
+            forget_sender()  # a parent's connection, inherited across fork: ours to close
+            _sender = Sender(CONTEXT.socket)
+        _sender.send(message)
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def forget_sender() -> None:
+    """Close the main process's connection (in a child that inherited it across fork)."""
+    global _sender
+    if _sender is not None:
+        _sender.close()
+        _sender = None
+
+
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    CONTEXT.controller = sender
+    with contextlib.suppress(Exception):
+        prompt_join.install()
+
+
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    consumer = sender
+    try:
+        _watch_child_exits(getattr(consumer.pool, "_pool", None))
+        send(worker_hello(consumer))
+        timer = getattr(consumer, "timer", None)
+        if timer is not None:
+            timer.call_repeatedly(HEARTBEAT_SECONDS, _heartbeat, (consumer,))
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    with contextlib.suppress(Exception):
+        send(messages.WorkerBye(pid=os.getpid()))
+
+
+def worker_hello(consumer: Any) -> messages.WorkerHello:
+    pool = consumer.pool
+    controller = getattr(consumer, "controller", None)
+    conf = consumer.app.conf
+    max_tasks = getattr(controller, "max_tasks_per_child", None) or conf.worker_max_tasks_per_child
+    max_mem = getattr(controller, "max_memory_per_child", None) or conf.worker_max_memory_per_child
+    kids: list[tuple[int, int]] = []
+    inner = getattr(pool, "_pool", None)
+    for proc in list(getattr(inner, "_pool", None) or ()):
+        pid, index = getattr(proc, "pid", None), getattr(proc, "index", None)
+        if isinstance(pid, int) and isinstance(index, int):
+            kids.append((pid, index))
+    return messages.WorkerHello(
+        pid=os.getpid(), node=str(consumer.hostname)[: messages.MAX_NAME],
+        pool=type(pool).__module__.rsplit(".", 1)[-1][:40],
+        concurrency=pool_size(pool) or 1, max_tasks=int(max_tasks) if max_tasks else None,
+        max_memory_kib=int(max_mem) if max_mem else None,
+        recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: messages.MAX_KIDS]),
+        agent=__version__, restart=CONTEXT.restart_worker,
+    )
+
+
+def _heartbeat(consumer: Any) -> None:
+    with contextlib.suppress(Exception):
+        send(worker_hello(consumer))
+
+
+def _watch_child_exits(pool: Any) -> None:
+    """Report each reaped pool child with its exit code (a SIGKILL we did not send is an OOM kill).
+
+    billiard calls ``pool.on_process_down(process)`` after joining an exited child; Celery's
+    AsynPool sets it once at start, before worker_ready. The wrapper calls it unchanged.
+    """
+    original = getattr(pool, "on_process_down", None)
+    if original is None or getattr(original, "_memguard", False):
+        return
+
+    def on_process_down(proc: Any) -> Any:
+        try:
+            return original(proc)
+        finally:
+            with contextlib.suppress(Exception):
+                code, pid, index = proc.exitcode, proc.pid, getattr(proc, "index", None)
+                if isinstance(code, int) and isinstance(pid, int) and isinstance(index, int):
+                    send(messages.ChildDied(pid=os.getpid(), child=pid, index=index, exitcode=code))
+
+    on_process_down._memguard = True  # type: ignore[attr-defined]
+    pool.on_process_down = on_process_down

@@ -1,0 +1,135 @@
+"""The agent in a pool child: join billiard's job loop and leave through its recycle path.
+
+Per task, nothing goes through Celery's signals: a pool child follows its jobs in billiard's
+own loop (``wait_for_job`` and ``prepare_result``, wrapped once at ``worker_process_init``),
+which costs less and sees one job as one task, whatever the task does inside. The child's
+bookkeeping is in child_agent.py.
+
+How a recycle is carried out: the child decides to leave under a grant (child_agent.py), or the
+daemon sends ``RECYCLE_SIGNAL`` (a real-time signal that neither Celery nor billiard uses) to a
+verified pool child, whose handler only sets a flag. The child's ``wait_for_job`` - the call
+billiard's ``Worker.workloop`` makes between two tasks, after the previous result has been
+handed to the parent - is wrapped to check the flag and, when set, to leave with
+``sys.exit(EX_RECYCLE)``: the same exit code and the same ``_ensure_messages_consumed`` path
+that ``--max-tasks-per-child`` takes, so the pool starts a replacement and no task is lost or
+run twice. Celery's pool children block in that read with no timeout, so a child that is idle
+when the signal comes leaves from the handler itself: it has acknowledged no job, and the
+parent puts back a job written to a child that exits before acknowledging it
+(celery/concurrency/asynpool.py ``on_job_process_down``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from types import CodeType, FrameType
+from typing import Any
+
+from celery_memguard.agent import main_process
+from celery_memguard.agent.child_agent import ChildAgent
+from celery_memguard.agent.context import CONTEXT, pool_size
+from celery_memguard.protocol import messages
+from celery_memguard.protocol.signals import RECYCLE_SIGNAL
+
+_child: ChildAgent | None = None  # this pool child's agent, once installed
+
+
+def current() -> ChildAgent | None:
+    """This pool child's agent (None in a main process, or where it could not be installed)."""
+    return _child
+
+
+def _find_pool_worker() -> Any:
+    """The billiard Worker whose initializer is running us, found on the call stack.
+
+    worker_process_init is sent from the pool initializer, which billiard calls from
+    ``Worker.after_fork`` before ``workloop`` binds ``wait_for_job`` and ``prepare_result``:
+    wrapping them now is the one place where the agent can join billiard's own loop. None
+    outside a pool child (the solo pool sends the same signal from the main process).
+    """
+    try:
+        from billiard.pool import Worker  # noqa: PLC0415 - only meaningful inside a child
+    except ImportError:  # pragma: no cover - billiard always ships with Celery
+        return None
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Worker):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def on_process_init(sender: Any = None, **_: Any) -> None:
+    global _child
+    try:
+        pool_worker = _find_pool_worker()
+        if pool_worker is None or not all(hasattr(pool_worker, attr)
+                                          for attr in ("wait_for_job", "prepare_result")):
+            return
+        from billiard.process import current_process  # noqa: PLC0415
+
+        main_process.forget_sender()  # the parent's connection, inherited across fork
+        index = getattr(current_process(), "index", None)
+        maxtasks = getattr(pool_worker, "maxtasks", None)
+        agent = ChildAgent(index if isinstance(index, int) else 0, CONTEXT.socket,
+                           node=sender if isinstance(sender, str) else "",
+                           max_tasks=maxtasks if isinstance(maxtasks, int) else None,
+                           pool=pool_size(getattr(CONTEXT.controller, "pool", None)))
+        signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
+        agent.watch.install()
+        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe)
+        pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
+        _child = agent
+        agent.hello()
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
+
+
+def describe(job: Any) -> tuple[str, str, CodeType | None]:
+    """A billiard job as the agent reports it: task name, task id, and the code object of the
+    task's body. Celery's prefork pool runs every task as ``trace(name, id, request, body,
+    ...)`` (celery/worker/request.py ``execute_using_pool``); anything else is "unknown"."""
+    try:
+        args = job[1][3]
+        name, task_id = args[0], args[1]
+    except (TypeError, IndexError, KeyError):
+        return "unknown", "", None
+    if not isinstance(name, str):
+        return "unknown", "", None
+    known = _tasks.get(name)
+    if known is None:
+        known = (_clean(name), _run_code(_lookup(name)))
+        if len(_tasks) < 10000:
+            _tasks[name] = known
+    return known[0], str(task_id)[: messages.MAX_NAME], known[1]
+
+
+def _lookup(name: str) -> Any:
+    """The task registered under ``name``: in an installed app, else in the app the worker
+    runs (Celery's current app in a pool child), should the two ever differ."""
+    from celery import current_app  # noqa: PLC0415 - a pool child has its worker's app current
+
+    for app in (*CONTEXT.apps, current_app):
+        with contextlib.suppress(Exception):
+            task = app.tasks.get(name)
+            if task is not None:
+                return task
+    return None
+
+
+def _run_code(task: Any) -> CodeType | None:
+    """The code object of the task's body, which marks the frames the interrupt may hit."""
+    run = getattr(task, "run", None)
+    run = getattr(run, "__func__", run)
+    code = getattr(run, "__code__", None)
+    return code if isinstance(code, CodeType) else None
+
+
+_tasks: dict[str, tuple[str, CodeType | None]] = {}  # per task name: (clean name, body)
+
+
+def _clean(name: str) -> str:
+    """The task's name, printable and bounded, as the wire format requires."""
+    return "".join(ch for ch in name if ch.isprintable())[: messages.MAX_NAME] or "unknown"
