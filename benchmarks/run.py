@@ -28,9 +28,10 @@ import psutil
 from celery import Celery
 
 import celery_memguard
-from celery_memguard import config as cfgmod
-from celery_memguard.daemon import Daemon
-from celery_memguard.procs import FoundWorker, Procs
+from celery_memguard.daemon import config as cfgmod
+from celery_memguard.daemon.loop import Daemon
+from celery_memguard.daemon.procs import Procs
+from celery_memguard.daemon.readings import FoundWorker
 from celery_memguard.protocol import messages, rules
 from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group, redis_pings
 from tests.support import Daemon as DaemonProc
@@ -109,12 +110,12 @@ def bench_sampling(quick: bool) -> None:
         me = procs.stat(os.getpid())
         assert me is not None
         kids = tuple(s for s in (procs.stat(pid) for pid in pids) if s is not None)
-        daemon.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
-        daemon.tick(time.monotonic())  # includes the first full scan
+        daemon.supervisor.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
+        daemon.supervisor.tick(time.monotonic())  # includes the first full scan
         ticks = []
         for _ in range(5 if quick else 30):
             start = time.perf_counter()
-            daemon.tick(time.monotonic())
+            daemon.supervisor.tick(time.monotonic())
             ticks.append(time.perf_counter() - start)
         listed = len(psutil.pids())  # the sleepers included: what the scan went through
         start = time.perf_counter()
@@ -131,7 +132,7 @@ def bench_sampling(quick: bool) -> None:
 
 def bench_messages(quick: bool) -> None:
     """In-process cost of one agent report in the daemon (decode, credentials, state, decide)."""
-    from celery_memguard.inbox import Datagram  # noqa: PLC0415
+    from celery_memguard.daemon.inbox import Datagram  # noqa: PLC0415
 
     procs = Procs()
     n = 2000 if quick else 50000
@@ -140,17 +141,17 @@ def bench_messages(quick: bool) -> None:
         me = procs.stat(os.getpid())
         assert me is not None
         kids = tuple(s for s in (procs.stat(pid) for pid in pids) if s is not None)
-        daemon.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
+        daemon.supervisor.state.found(FoundWorker(stat=me, name="bench@host", children=kids))
         hello = messages.WorkerHello(pid=me.pid, node="bench@host", pool="prefork", concurrency=2,
                                  max_tasks=None, max_memory_kib=None, recycle_signal=38,
                                  kids=((pids[0], 0), (pids[1], 1)), agent="b")
-        daemon.receive(Datagram(messages.encode(hello), me.pid, 0, False), time.monotonic())
+        daemon.supervisor.receive(Datagram(messages.encode(hello), me.pid, 0, False), time.monotonic())
         grams = [Datagram(messages.encode(messages.TaskEnd(
             pid=pids[0], ppid=me.pid, index=0, task="app.task", id=f"{i:032x}", rss_before=1,
             rss=60 * MiB, tasks=i, ok=True)), pids[0], 0, False) for i in range(n)]
         start = time.perf_counter()
         for gram in grams:
-            daemon.receive(gram, 0.0)
+            daemon.supervisor.receive(gram, 0.0)
         per = (time.perf_counter() - start) / n
         size = 32  # about what a child running 128 tasks a second sends every 0.25 s
         batches = [Datagram(messages.encode(messages.TaskBatch(
@@ -159,7 +160,7 @@ def bench_messages(quick: bool) -> None:
             pids[1], 0, False) for i in range(n // size)]
         start = time.perf_counter()
         for gram in batches:
-            daemon.receive(gram, 1.0)
+            daemon.supervisor.receive(gram, 1.0)
         per_batched = (time.perf_counter() - start) / (len(batches) * size)
     table("Daemon per reported task (in-process)", ["what", "figure"],
           [["µs per task, one TaskEnd message each", f"{per * 1e6:.1f}"],
@@ -174,18 +175,19 @@ class _NullLog:
 
 DAEMON_CHILD = """
 import os, sys, time, subprocess, threading
-from celery_memguard import config
-from celery_memguard.daemon import Daemon
-from celery_memguard.procs import FoundWorker, Procs
+from celery_memguard.daemon import config
+from celery_memguard.daemon.loop import Daemon
+from celery_memguard.daemon.procs import Procs
+from celery_memguard.daemon.readings import FoundWorker
 n, sock, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 kids = [subprocess.Popen(["sleep", "600"]) for _ in range(n)]
 procs = Procs()
 cfg = config.parse({"agent": {"socket": sock}, "metrics": {"listen": f"127.0.0.1:{port}"},
                     "log": {"level": "warning"}}, env={})
-from celery_memguard import log; log.configure("json", "warning")
+from celery_memguard.cli import logs; logs.configure("json", "warning")
 d = Daemon(cfg)
 me = procs.stat(os.getpid())
-d.state.found(FoundWorker(stat=me, name="bench@host",
+d.supervisor.state.found(FoundWorker(stat=me, name="bench@host",
               children=tuple(procs.stat(k.pid) for k in kids)))
 print("ready", flush=True)
 try:

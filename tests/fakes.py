@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from celery_memguard.procs import FoundWorker, Procs, ProcStat
-
-MiB = 1024 * 1024
+from celery_memguard.daemon.procs import Procs
+from celery_memguard.daemon.readings import FoundWorker, ProcStat
+from tests.builders import MiB
 
 
 @dataclass

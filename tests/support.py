@@ -24,10 +24,9 @@ from typing import Any
 
 from celery import Celery
 
-from celery_memguard.procs import Procs
+from celery_memguard.daemon.procs import Procs
 
 ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
 
 
 def free_port() -> int:

@@ -1,0 +1,376 @@
+"""The YAML configuration: frozen pydantic models parsed once at the edge.
+
+Every key is optional with a safe default; unknown keys are errors, because a typo must not
+silently disable a limit. Sizes may be percentages of memory, so parsing takes the total
+(container limit, else host memory) as an argument rather than reading it here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from celery_memguard.daemon.units import parse_duration, parse_percent, parse_size
+from celery_memguard.protocol.paths import DEFAULT_SOCKET, SOCKET_ENV
+
+DEFAULT_LISTEN = "127.0.0.1:9808"
+
+
+class ConfigError(Exception):
+    """A config the daemon refuses; ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _size(value: object, info: ValidationInfo) -> int:
+    total = (info.context or {}).get("memory_total")
+    return parse_size(value, total)
+
+
+class AgentConfig(_Section):
+    socket: Path = Field(
+        default=Path(DEFAULT_SOCKET),
+        description=(
+            f"Unix socket (SOCK_SEQPACKET) the daemon binds and agents connect to. "
+            f"The environment variable {SOCKET_ENV} overrides it."
+        ),
+    )
+
+
+class SamplingConfig(_Section):
+    interval: float = Field(
+        default=1.0, description="Time between two RSS samples of every child (the tick)."
+    )
+    scan_interval: float = Field(
+        default=5.0,
+        description="Time between two full process-table scans for new workers (with or without the agent).",
+    )
+
+    @field_validator("interval", "scan_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds < 0.01:
+            raise ValueError(f"must be at least 10ms, got {value!r}")
+        return seconds
+
+
+class MetricsConfig(_Section):
+    listen: str = Field(
+        default=DEFAULT_LISTEN,
+        description="host:port for /metrics, /healthz and /status. Loopback unless you mean otherwise.",
+    )
+
+    max_task_names: int = Field(
+        default=50, ge=1, le=10000,
+        description="Task names kept as label values; later names are counted as 'other'.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+
+class LimitsConfig(_Section):
+    measure: Literal["rss", "uss", "pss"] = Field(
+        default="rss",
+        description=(
+            "Which memory figure the soft limit (and predictive recycling) compares: RSS is read "
+            "every tick; USS or PSS cost about 30x more and are read only near a limit. The "
+            "hard limit always compares RSS, read by each child itself; worker_total sums USS "
+            "where it was read."
+        ),
+    )
+    hard: int = Field(
+        default=1024**3,
+        description="Past this during a task the task is interrupted and the child recycled.",
+    )
+    soft: int = Field(
+        default=512 * 1024**2,
+        description="Past this a child is recycled right after its current task (size or % of memory).",
+    )
+    worker_total: int | None = Field(
+        default=None,
+        description=(
+            "Limit on the sum of a worker's children (USS where sampled, since RSS counts "
+            "pages shared with the parent in every child); past it the largest child is "
+            "recycled after its task. Unset: no worker-wide limit."
+        ),
+    )
+    kill_after: float = Field(
+        default=10.0,
+        description=(
+            "A child still above the hard limit this long after crossing it (stuck in C code, "
+            "or swallowing the interruption) gets SIGTERM, then SIGKILL one tick later."
+        ),
+    )
+    watch_interval: float = Field(
+        default=0.01,
+        description=(
+            "How often each child reads its own RSS while a task runs near the hard limit, to "
+            "interrupt a runaway task there (a tick is too slow for a task that grows 1 GiB a "
+            "second). Further from the limit it reads less often, at least every 50 ms."
+        ),
+    )
+
+    @field_validator("hard", mode="before")
+    @classmethod
+    def _hard(cls, value: object, info: ValidationInfo) -> int:
+        return _size(value, info)
+
+    @field_validator("soft", mode="before")
+    @classmethod
+    def _soft(cls, value: object, info: ValidationInfo) -> int:
+        # hard is declared first so that it is validated first and the error names soft.
+        soft = _size(value, info)
+        hard = info.data.get("hard")
+        if hard is not None and soft >= hard:
+            raise ValueError(f"soft ({soft} bytes) must be below limits.hard ({hard} bytes)")
+        return soft
+
+    @field_validator("worker_total", mode="before")
+    @classmethod
+    def _total(cls, value: object, info: ValidationInfo) -> int | None:
+        return None if value is None else _size(value, info)
+
+    @field_validator("kill_after", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("watch_interval", mode="before")
+    @classmethod
+    def _watch(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if not 0.001 <= seconds <= 10:
+            raise ValueError(f"must be between 1ms and 10s, got {value!r}")
+        return seconds
+
+
+class RecycleConfig(_Section):
+    jitter: float = Field(
+        default=0.05,
+        description=(
+            "Each child's threshold is lowered by a stable random share up to this, "
+            "so children do not recycle in lock-step. Only in pools where max_share lets two "
+            "or more children recycle at once: one at a time, they cannot."
+        ),
+    )
+    max_per_minute: int = Field(
+        default=6, ge=1, description="At most this many recycle requests per worker in any 60 s."
+    )
+    max_share: float = Field(
+        default=0.5,
+        description=(
+            "At most this share of a worker's pool (at least one child) may be asked to recycle "
+            "and still be running its last task at once."
+        ),
+    )
+    grace: float = Field(
+        default=2.0,
+        description=(
+            "A limit seen on the tick (an idle child whose end-of-task report was not the one "
+            "that crossed, or the worker total) must stay exceeded this long before it acts; "
+            "a task-end report acts at once."
+        ),
+    )
+    min_serving: int = Field(
+        default=0, ge=0,
+        description=(
+            "Never ask a child to recycle when that would leave fewer than this many children "
+            "of the pool serving (not asked, not leaving). 0: only max_share applies."
+        ),
+    )
+    min_lifetime: float = Field(
+        default=0.0,
+        description=(
+            "A child younger than this is not recycled for its soft limit (nor predicted to "
+            "cross it, nor for worker_total), only past the hard limit, so that a soft limit "
+            "set below what a child needs cannot churn a pool. Off by default: a child that "
+            "leaks fast grows past the soft limit for as long as it is held."
+        ),
+    )
+    skip_within_tasks: int = Field(
+        default=2,
+        ge=0,
+        description="Do not recycle a child that --max-tasks-per-child will recycle within this many tasks.",
+    )
+    predictive: bool = Field(
+        default=False,
+        description=(
+            "Also recycle an idle child whose recent growth per task would take it past its "
+            "soft threshold within predictive_tasks tasks, so its peak stays under the limit."
+        ),
+    )
+    predictive_tasks: int = Field(
+        default=2, ge=1, le=100,
+        description=(
+            "How many tasks ahead predictive recycling looks: the next one, plus one that may "
+            "already be on its way to the child when the request arrives."
+        ),
+    )
+    dry_run: bool = Field(
+        default=False, description="Log and count what would be recycled, act on nothing."
+    )
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _grace(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("min_lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds > 86400:
+            raise ValueError(f"must be at most a day, got {value!r}")
+        return seconds
+
+    @field_validator("jitter", "max_share", mode="before")
+    @classmethod
+    def _percent(cls, value: object) -> float:
+        return parse_percent(value)
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="json off a terminal, console on one, when auto."
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+
+
+class WorkerLimits(_Section):
+    match: str = Field(
+        description="A shell pattern on the Celery nodename, e.g. 'reports@*'; the first match wins.",
+    )
+    limits: LimitsConfig = Field(
+        description="Keys given here replace those of the top-level limits for matching workers.",
+    )
+
+
+class Config(_Section):
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    workers: tuple[WorkerLimits, ...] = Field(
+        default=(),
+        description=(
+            "Per-worker limits for hosts that run several workers: a list of {match, limits}; "
+            "a worker that matches none uses the top-level limits."
+        ),
+    )
+    recycle: RecycleConfig = Field(default_factory=RecycleConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def limits_for(self, worker: str) -> LimitsConfig:
+        """The limits of the first ``workers`` entry whose pattern matches, else the top level."""
+        for entry in self.workers:
+            if fnmatch.fnmatchcase(worker, entry.match):
+                return entry.limits
+        return self.limits
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """Return (host, port) from ``host:port`` or ``[v6]:port``; raise ValueError if unusable."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is outside 1..65535")
+    if host in ("", "*"):
+        return "0.0.0.0", port  # noqa: S104 - the user asked for every address
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"host {host!r} is not an IP address or 'localhost'") from None
+    return host, port
+
+
+def parse(data: object, memory_total: int | None = None, env: dict[str, str] | None = None) -> Config:
+    """Validate a decoded YAML document; the socket env variable overrides ``agent.socket``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("<top>", f"expected a mapping of sections, got {type(data).__name__}")
+    data = _inherit_limits(data)
+    try:
+        config = Config.model_validate(data, context={"memory_total": memory_total})
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    override = (os.environ if env is None else env).get(SOCKET_ENV)
+    if override:
+        config = config.model_copy(
+            update={"agent": config.agent.model_copy(update={"socket": Path(override)})}
+        )
+    return config
+
+
+def _inherit_limits(data: dict[str, Any]) -> dict[str, Any]:
+    """Each workers[].limits starts from the top-level limits: only the keys it names differ."""
+    workers, base = data.get("workers"), data.get("limits") or {}
+    if not isinstance(workers, list) or not isinstance(base, dict):
+        return data
+    merged = [
+        {**entry, "limits": {**base, **entry["limits"]}}
+        if isinstance(entry, dict) and isinstance(entry.get("limits"), dict) else entry
+        for entry in workers
+    ]
+    return {**data, "workers": merged}
+
+
+def load(path: str | os.PathLike[str], memory_total: int | None = None,
+         env: dict[str, str] | None = None) -> Config:
+    """Read and validate a YAML file; every failure is a ConfigError naming where."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("<yaml>", f"not valid YAML{where}: {problem}") from None
+    return parse(data, memory_total=memory_total, env=env)
+
+
+def _first_error(exc: ValidationError) -> ConfigError:
+    error: dict[str, Any] = dict(exc.errors()[0])
+    key = ".".join(str(part) for part in error["loc"]) or "<top>"
+    if error["type"] == "extra_forbidden":
+        return ConfigError(key, "unknown key (a typo would silently disable a setting)")
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    return ConfigError(key, message)

@@ -1,0 +1,222 @@
+"""The daemon's main loop: wait, handle what arrived, tick, publish.
+
+One thread owns the supervisor. It waits on the agent socket, the bell, and a wake-up pipe
+(signals, ``stop()``) until the next tick; signal handlers only enqueue, and the loop
+dispatches them. Binding the socket and the HTTP port, and cleaning up after them, are here
+too; what is decided is the supervisor's (supervisor.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from celery_memguard.daemon.config import Config, ConfigError, split_listen
+from celery_memguard.daemon.http import HttpServer
+from celery_memguard.daemon.inbox import Inbox, raise_fd_limit
+from celery_memguard.daemon.procs import Procs
+from celery_memguard.daemon.status import status_document
+from celery_memguard.daemon.supervisor import Supervisor
+
+DRAIN_BATCH = 512  # datagrams read before the loop looks at its clock again
+BATCH_GAP = 0.05  # seconds routine reports wait to be read together; the bell cuts it short
+
+
+class ListenError(Exception):
+    """The metrics address cannot be bound; the message says what to do."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        procs: Procs | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log: Any = None,
+        reload: Callable[[], Config] | None = None,
+        batch_gap: float = BATCH_GAP,
+    ) -> None:
+        self.log = log if log is not None else structlog.get_logger("celery_memguard")
+        self.supervisor = Supervisor(config, procs if procs is not None else Procs(), clock,
+                                     self.log)
+        self.clock = clock
+        self._reload = reload
+        self.batch_gap = batch_gap
+        self.stopping = threading.Event()
+        self.signals: deque[int] = deque()
+        self.inbox: Inbox | None = None
+        self.http: HttpServer | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    @property
+    def config(self) -> Config:
+        return self.supervisor.config
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def run(self, ready: Callable[[Daemon], None] | None = None) -> int:
+        """Bind, serve and loop until SIGTERM/SIGINT or ``stop()``; returns an exit code."""
+        supervisor = self.supervisor
+        inbox = Inbox(self.config.agent.socket)
+        inbox.open()
+        self.inbox = inbox
+        supervisor.connections = lambda: inbox.connections
+        raise_fd_limit()
+        supervisor.publisher.remove_grants()  # a previous daemon's: each is written anew
+        supervisor.publisher.settings(self.config)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            host, port = split_listen(self.config.metrics.listen)
+            self.http = HttpServer(host, port, supervisor.metrics, lambda: supervisor.view,
+                                   self.healthy, status_document)
+        except OSError as exc:
+            inbox.close()
+            raise ListenError(
+                f"cannot listen on {self.config.metrics.listen} for /metrics: {exc.strerror}. "
+                f"Is another daemon running? Set metrics.listen to a free address.") from None
+        previous = self._install_signal_handlers()
+        self.http.start()
+        limits = self.config.limits
+        self.log.info("daemon_started", socket=str(self.config.agent.socket),
+                      listen="{}:{}".format(*self.http.address), soft_bytes=limits.soft,
+                      hard_bytes=limits.hard, measure=limits.measure,
+                      interval_seconds=self.config.sampling.interval,
+                      dry_run=self.config.recycle.dry_run, pid=os.getpid())
+        if ready is not None:
+            ready(self)
+        try:
+            self._loop(inbox)
+        finally:
+            self._restore_signal_handlers(previous)
+            self.http.stop()
+            inbox.close()
+            supervisor.procs.close()
+            supervisor.publisher.remove_all()  # no daemon: children no longer leave on their own
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.log.info("daemon_stopped")
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
+
+    def healthy(self) -> bool:
+        """The loop has ticked lately (what /healthz answers)."""
+        interval = self.config.sampling.interval
+        return self.clock() - self.supervisor.last_tick < max(5.0, 3 * interval)
+
+    def _loop(self, inbox: Inbox) -> None:
+        """Wait for the tick, the bell, signals and reports; read routine reports in batches.
+
+        Waking for every report cost the daemon more CPU than the reports themselves on a
+        busy host (each wake-up ran cold, between the worker's processes), and that CPU is
+        taken from the workers. After reading, the reports' descriptor is left out of the
+        wait for ``batch_gap``; a child whose report calls for a decision rings the bell,
+        which is always watched, and everything waiting is read at once.
+        """
+        supervisor = self.supervisor
+        selector = selectors.DefaultSelector()
+
+        def drain() -> int:
+            read = 0
+            for datagram in inbox.drain(DRAIN_BATCH):
+                supervisor.receive(datagram, self.clock())
+                read += 1
+            return read
+
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if inbox.bell is not None:
+            selector.register(inbox.bell.fileno(), selectors.EVENT_READ, "bell")
+        selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+        resume_at: float | None = None  # reports are left out of the wait until then
+        next_tick = self.clock()
+        try:
+            while not self.stopping.is_set():
+                now = self.clock()
+                if now >= next_tick:
+                    supervisor.tick(now, drain)
+                    interval = self.config.sampling.interval
+                    next_tick += interval
+                    if next_tick <= now:  # fell behind: skip, do not burst
+                        next_tick = now + interval
+                if resume_at is not None and self.clock() >= resume_at:
+                    selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+                    resume_at = None
+                until = next_tick if resume_at is None else min(next_tick, resume_at)
+                for key, _ in selector.select(max(0.0, until - self.clock())):
+                    if key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 512)
+                    elif key.data == "bell":
+                        inbox.silence()
+                        drain()
+                    else:
+                        read = drain()
+                        # Reports read and none left: let the next ones gather. (A full batch
+                        # means more are waiting; a new connection alone read nothing yet.)
+                        if 0 < read < DRAIN_BATCH and resume_at is None and self.batch_gap > 0:
+                            selector.unregister(inbox.fileno())
+                            resume_at = self.clock() + self.batch_gap
+                while self.signals:
+                    self._dispatch_signal(self.signals.popleft())
+        finally:
+            selector.close()
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous  # embedded in a test or the demo: stop() is the way out
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        previous[-1] = signal.set_wakeup_fd(self._wake_w)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            if signum == -1:
+                signal.set_wakeup_fd(handler)
+            else:
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _dispatch_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.log.info("stop_requested", signal=signal.Signals(signum).name)
+            self.stopping.set()
+        elif signum == signal.SIGHUP:
+            self.handle_reload()
+
+    def handle_reload(self) -> None:
+        """Re-read the config file; a bad one is refused and the old config stays."""
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            self.log.error("config_reload_refused", key=exc.key, why=exc.reason)
+            return
+        old = self.config
+        if (new.agent != old.agent or new.log != old.log
+                or new.metrics.listen != old.metrics.listen):
+            self.log.warning("config_reload_partial",
+                             why="agent.socket, metrics.listen and log.* change only on restart")
+            new = new.model_copy(update={
+                "agent": old.agent, "log": old.log,
+                "metrics": new.metrics.model_copy(update={"listen": old.metrics.listen})})
+        self.supervisor.reload(new, publish=self.http is not None)

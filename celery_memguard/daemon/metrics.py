@@ -1,0 +1,162 @@
+"""Prometheus metrics as a view of the last published state.
+
+A custom collector builds fresh metric families on every scrape from an immutable View, so a
+child that is gone simply has no series: there is no purge code and no label leak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import utils as _prometheus_utils
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from celery_memguard._version import __version__
+from celery_memguard.daemon.snapshot import Child, Leak, Worker
+from celery_memguard.daemon.view import View
+
+PREFIX = "celery_memguard_"
+_le: Callable[[float], str] = _prometheus_utils.floatToGoString  # bucket bounds as clients print them
+
+
+def _leak(get: Callable[[Leak], float | None]) -> Callable[[Child], float | None]:
+    return lambda c: get(c.leak) if c.leak is not None else None
+
+
+_CHILD_GAUGES: tuple[tuple[str, str, Callable[[Child], float | None]], ...] = (
+    ("child_rss_bytes", "Resident set size of each live pool child.", lambda c: c.rss),
+    ("child_uss_bytes", "Unique set size (what recycling frees): near a limit, or of a leaking child.",
+     lambda c: c.uss),
+    ("child_tasks", "Tasks run by the current process of each pool slot.", lambda c: c.tasks),
+    ("child_busy", "1 while the child runs a task, 0 when idle.", lambda c: 1 if c.task else 0),
+    ("child_leak_bytes_per_task",
+     "Robust slope of a child's RSS over its recent tasks (once it has 8 samples).",
+     _leak(lambda leak: leak.trend.bytes_per_task)),
+    ("child_leak_bytes_per_second", "The same growth per second, at the child's recent task rate.",
+     _leak(lambda leak: leak.trend.bytes_per_second)),
+    ("child_leaking", "1 when the trend is a steady leak (not a warm-up plateau, a step or spikes).",
+     _leak(lambda leak: 1 if leak.trend.leaking else 0)),
+    ("child_seconds_to_limit", "Seconds until a leaking child reaches its soft limit at its current rate.",
+     _leak(lambda leak: leak.seconds_to_soft)),
+    ("child_tasks_to_limit", "Tasks until a leaking child reaches its soft limit at its current rate.",
+     _leak(lambda leak: leak.tasks_to_soft)),
+)
+
+_WORKER_GAUGES: tuple[tuple[str, str, Callable[[Worker], float | None]], ...] = (
+    ("worker_rss_bytes",
+     "Resident set size of a worker: its main process plus its pool children (pages shared "
+     "copy-on-write are counted in each).", lambda w: w.rss + sum(c.rss for c in w.children)),
+    ("worker_children", "Live pool children of a worker.", lambda w: len(w.children)),
+    ("recommended_max_tasks_per_child",
+     "The --max-tasks-per-child that the fastest observed leak calls for to stay under the soft "
+     "limit (absent while no child leaks).", lambda w: w.recommended_max_tasks or None),
+)
+
+
+class StateCollector(Collector):
+    """Yields fresh families from the current View on every scrape."""
+
+    def __init__(self, view: Callable[[], View]) -> None:
+        self._view = view
+
+    def collect(self) -> Iterator[Any]:
+        view = self._view()
+        workers = view.snapshot.workers
+        for name, doc, get in _CHILD_GAUGES:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker", "index"])
+            for worker in workers:
+                for child in worker.children:
+                    value = get(child)
+                    if value is not None:
+                        family.add_metric([worker.name, str(child.index)], value)
+            yield family
+        for name, doc, get_worker in _WORKER_GAUGES:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker"])
+            for worker in workers:
+                value = get_worker(worker)
+                if value is not None:
+                    family.add_metric([worker.name], value)
+            yield family
+        info = InfoMetricFamily(
+            PREFIX + "worker", "A supervised worker: its pool and whether its agent reports.",
+            labels=["worker"])
+        limit = GaugeMetricFamily(
+            PREFIX + "limit_bytes", "The limits in force, in bytes, per worker and level.",
+            labels=["worker", "level"])
+        for worker in workers:
+            info.add_metric([worker.name], {
+                "pool": worker.pool, "agent": "true" if worker.agent else "false",
+                "concurrency": str(worker.concurrency),
+                "max_tasks_per_child": str(worker.max_tasks or 0),
+            })
+            for level, size in view.worker_limits.get(worker.name, view.limits).items():
+                limit.add_metric([worker.name, level], size)
+        yield from (info, limit)
+        yield from self._counters(view)
+
+    def _counters(self, view: View) -> Iterator[Any]:
+        counters: tuple[tuple[str, str, list[str], dict[Any, int]], ...] = (
+            ("recycles", "Recycle requests delivered to pool children, by reason.",
+             ["worker", "reason"], view.recycles),
+            ("dry_run_recycles", "Recycles that dry_run logged instead of requesting, by reason.",
+             ["worker", "reason"], view.dry_run_recycles),
+            ("interrupted_tasks",
+             "Tasks stopped for memory, by task name (bounded) and reason: hard (interrupted "
+             "at the hard limit), kill (its child killed), oom (killed by the OOM killer).",
+             ["worker", "task", "reason"], view.interrupted),
+            ("oom_kills",
+             "Pool children killed by a SIGKILL celery-memguard did not send (the OOM killer).",
+             ["worker"], view.oom_kills),
+            ("worker_restarts",
+             "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
+             "hard (cold shutdown).", ["worker", "reason"], view.restarts),
+            ("messages", "Agent messages accepted, by type.", ["type"], view.messages),
+            ("messages_dropped", "Agent datagrams refused, by reason.", ["reason"], view.dropped),
+        )
+        for name, doc, labels, values in counters:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            for key, count in sorted(values.items()):
+                family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+            yield family
+        growth = HistogramMetricFamily(
+            PREFIX + "task_memory_growth_bytes",
+            "RSS a task execution left behind (after minus before), by task name (bounded).",
+            labels=["task"])
+        for task, (buckets, total) in sorted(view.growth.items()):
+            growth.add_metric([task], [(_le(le), n) for le, n in buckets], total)
+        memory = GaugeMetricFamily(
+            PREFIX + "memory_total_bytes",
+            "The memory that percentage limits resolve against: the cgroup limit, else the host's.",
+            labels=["source"])
+        memory.add_metric([view.memory[1]], view.memory[0])
+        connections = GaugeMetricFamily(
+            PREFIX + "agent_connections",
+            "Agent processes (worker main processes and pool children) connected to the socket.")
+        connections.add_metric([], view.connections)
+        build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
+        build.add_metric([], {"version": __version__})
+        yield from (growth, memory, connections, build)
+
+
+class Metrics:
+    """Our own registry: the state collector plus the daemon's self-metrics."""
+
+    def __init__(self, view: Callable[[], View]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StateCollector(view))
+        self.tick_seconds = Histogram(
+            PREFIX + "tick_seconds", "Time one sampling tick takes (scan, sample, decide, act).",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

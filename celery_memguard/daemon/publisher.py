@@ -1,0 +1,60 @@
+"""The files the daemon keeps beside its socket for the agents to read.
+
+``<socket>.settings.json`` (protocol.settings), rewritten atomically at start and on reload;
+``<socket>.grant.<worker pid>`` (protocol.grants), exchanged on every decision. Both are
+removed when the daemon stops: without a daemon, children no longer recycle themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from celery_memguard.daemon.config import Config
+from celery_memguard.protocol import grants, paths, settings
+
+SETTINGS_MODE = 0o644  # every child reads it; only the daemon writes it
+
+
+class Publisher:
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def settings(self, config: Config) -> None:
+        """Write what every child's agent needs before any task, atomically."""
+        limits, recycle = config.limits, config.recycle
+        data = settings.encode(settings.AgentSettings(
+            hard=limits.hard, watch_interval=limits.watch_interval, soft=limits.soft,
+            jitter=recycle.jitter, max_share=recycle.max_share,
+            ahead=recycle.predictive_tasks if recycle.predictive else 0,
+            measure=limits.measure, dry_run=recycle.dry_run, min_lifetime=recycle.min_lifetime,
+            skip_within_tasks=recycle.skip_within_tasks,
+            workers=tuple((w.match, w.limits.hard, w.limits.soft, w.limits.measure)
+                          for w in config.workers)))
+        path = paths.settings_path(self.socket)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, SETTINGS_MODE)
+        os.replace(tmp, path)
+
+    def exchange(self, worker_pid: int, identity: tuple[int, int],
+                 grant: int) -> list[tuple[int, str]] | None:
+        """Publish a worker's grant; return the (pid, reason) of the units taken since the last
+        exchange (None: the file was busy, try on the next tick)."""
+        return grants.exchange(paths.grant_path(self.socket, worker_pid), identity, grant)
+
+    def remove_grant(self, worker_pid: int) -> None:
+        grants.remove(paths.grant_path(self.socket, worker_pid))
+
+    def remove_grants(self) -> None:
+        """Every worker's grant file, also a previous daemon's."""
+        directory = Path(self.socket).parent
+        for path in directory.glob(paths.grant_glob(self.socket)):
+            grants.remove(str(path))
+
+    def remove_all(self) -> None:
+        self.remove_grants()
+        with contextlib.suppress(OSError):
+            os.unlink(paths.settings_path(self.socket))

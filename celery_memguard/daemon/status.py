@@ -1,0 +1,65 @@
+"""The JSON behind /status, which ``celery-memguard status`` and ``report`` render."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery_memguard._version import __version__
+from celery_memguard.daemon.view import View
+
+
+def status_document(view: View) -> dict[str, Any]:
+    """The /status document of a view."""
+    now = time.monotonic()
+    workers = []
+    for worker in view.snapshot.workers:
+        children = []
+        for child in worker.children:
+            if child.leaving:
+                state = "leaving"
+            elif child.requested_at is not None:
+                state = "recycling"
+            elif child.task:
+                state = "busy"
+            else:
+                state = "idle"
+            leak = child.leak
+            children.append({
+                "index": child.index, "pid": child.pid, "rss_bytes": child.rss,
+                "uss_bytes": child.uss, "tasks": child.tasks, "task": child.task,
+                "state": state, "agent": child.agent,
+                "leak_bytes_per_task": leak.trend.bytes_per_task if leak else None,
+                "leak_bytes_per_second": leak.trend.bytes_per_second if leak else None,
+                "leaking": leak.trend.leaking if leak else False,
+                "plateau": leak.trend.plateau if leak else False,
+                "tasks_to_soft": leak.tasks_to_soft if leak else None,
+                "seconds_to_soft": leak.seconds_to_soft if leak else None,
+                "requested_seconds_ago": (round(now - child.requested_at, 3)
+                                          if child.requested_at is not None else None),
+            })
+        workers.append({
+            "name": worker.name, "pid": worker.pid, "pool": worker.pool,
+            "concurrency": worker.concurrency, "agent": worker.agent,
+            "max_tasks_per_child": worker.max_tasks, "main_rss_bytes": worker.rss,
+            "limits": view.worker_limits.get(worker.name, view.limits),
+            "recycles": {reason: n for (name, reason), n in view.recycles.items()
+                         if name == worker.name},
+            "restarts": {reason: n for (name, reason), n in view.restarts.items()
+                         if name == worker.name},
+            "restartable": worker.restartable,
+            "fresh_child_rss_bytes": worker.fresh_rss,
+            "recommended_max_tasks_per_child": worker.recommended_max_tasks,
+            "children": children,
+        })
+    return {
+        "version": __version__, "limits": view.limits, "measure": view.measure,
+        "dry_run": view.dry_run, "started_at": view.started_at,
+        "memory_total_bytes": view.memory[0], "memory_total_source": view.memory[1],
+        "last_publish_seconds_ago": round(now - view.published_at, 3), "workers": workers,
+        "messages": view.messages, "dropped": view.dropped,
+        "agent_connections": view.connections,
+        "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,
+                   "mean_growth_bytes": r.mean_bytes, "total_growth_bytes": r.total_bytes,
+                   "leaky": r.leaky} for r in view.ranking],
+    }

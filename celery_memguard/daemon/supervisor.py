@@ -1,0 +1,268 @@
+"""What the daemon does with what arrives: fold it into the state, decide, act, publish a view.
+
+The loop (loop.py) hands the supervisor each datagram the agents send and calls its tick once
+per ``sampling.interval``; the supervisor owns the state and is the only caller of the policy
+and of the actor. A task-end report is decided on the moment it arrives (a child that runs
+hundreds of tasks a second must not overshoot by more than a task or two); the tick samples
+every child's RSS for the children that send nothing, and decides for all. No sockets, no
+threads, no signals here: ``procs`` (the OS seam) and the clock are injected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery_memguard.daemon import policy, sampler, task_growth
+from celery_memguard.daemon.actions import Actor
+from celery_memguard.daemon.config import Config, LimitsConfig
+from celery_memguard.daemon.decision import Decision
+from celery_memguard.daemon.inbox import Datagram
+from celery_memguard.daemon.metrics import Metrics
+from celery_memguard.daemon.procs import Procs
+from celery_memguard.daemon.publisher import Publisher
+from celery_memguard.daemon.snapshot import Snapshot
+from celery_memguard.daemon.state import Rejected, State, WorkerRec
+from celery_memguard.daemon.view import View
+from celery_memguard.protocol import messages
+
+FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
+DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
+_EVENT_LEVELS = {"recycle_requested": "info"}  # the state's other events are warnings
+
+
+class Supervisor:
+    def __init__(self, config: Config, procs: Procs, clock: Callable[[], float], log: Any) -> None:
+        self.config = config
+        self.procs = procs
+        self.clock = clock
+        self.log = log
+        self._limits: dict[str, LimitsConfig] = {}  # limits_for, per worker name
+        self.state = State(procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
+                           max_share=config.recycle.max_share,
+                           max_task_names=config.metrics.max_task_names,
+                           age=lambda proc: procs.age(proc.start))
+        self.actor = Actor(procs, self.state, log, config.recycle.dry_run)
+        self.sampler = sampler.UssSampler(procs)
+        self.publisher = Publisher(str(config.agent.socket))
+        self.metrics = Metrics(lambda: self.view)
+        self.memory = procs.memory_limit()  # what percentages in the config resolved against
+        self.connections: Callable[[], int] = lambda: 0  # agent connections, from the loop's inbox
+        self.started_at = time.time()
+        self.last_tick = clock()
+        self._next_scan = 0.0
+        self._scans = 0
+        self._storms: set[str] = set()  # workers whose storm was already logged
+        self._revision = 0  # the state's revision the published view shows
+        self.view = self._make_view(clock())
+
+    # -- config ---------------------------------------------------------------------------------
+
+    def limits_for(self, worker: str) -> LimitsConfig:
+        """The config's limits for a worker name, remembered: a tick asks for every child."""
+        limits = self._limits.get(worker)
+        if limits is None:
+            if len(self._limits) > 4096:
+                self._limits.clear()
+            limits = self._limits[worker] = self.config.limits_for(worker)
+        return limits
+
+    def _soft_hard(self, worker: str) -> tuple[int, int]:
+        limits = self.limits_for(worker)
+        return limits.soft, limits.hard
+
+    def reload(self, new: Config, publish: bool) -> None:
+        """Apply a new config; ``publish``: rewrite the agents' settings file (when running)."""
+        self.state.task_names.limit = new.metrics.max_task_names
+        self.config = new
+        self._limits.clear()
+        self.actor.dry_run = new.recycle.dry_run
+        self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
+        if publish:  # the agents re-read the file within seconds
+            self.publisher.settings(new)
+        self.decide(self.clock(), None)  # the grants at once: a dry run, lower caps
+        self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
+                      dry_run=new.recycle.dry_run)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def receive(self, datagram: Datagram, now: float) -> None:
+        """Fold one datagram in; a task-end report is decided on at once."""
+        state = self.state
+        if datagram.truncated:
+            state.dropped["oversized"] += 1
+            return
+        try:
+            message = messages.decode(datagram.data)
+        except messages.MessageError as exc:
+            state.dropped[exc.reason] += 1
+            return
+        if datagram.pid != message.pid:
+            state.dropped["forged_sender"] += 1  # the kernel says another process sent it
+            return
+        try:
+            worker = state.apply(message, now)
+        except Rejected as exc:
+            state.dropped[exc.reason] += 1
+            return
+        state.messages[message.EVENT] += 1
+        self._log_events()
+        if isinstance(message, messages.WorkerHello) and worker is not None:
+            self._refresh_children(worker, now)
+        if isinstance(message, messages.WorkerBye):
+            self.publisher.remove_grant(message.pid)
+        if worker is None:
+            return
+        limits = self.limits_for(worker.name or "")
+        if isinstance(message, messages.ChildExit):
+            self.decide(now, worker)  # one fewer in flight: a new grant may be due
+        elif (isinstance(message, messages.TaskBatch | messages.TaskEnd | messages.ChildHello)
+                and sampler.near_a_limit(worker, message.pid, limits, self.config.recycle)):
+            self.sampler.sample(worker, limits, self.config.recycle, now)
+            self.decide(now, worker)
+
+    # -- tick -----------------------------------------------------------------------------------
+
+    def tick(self, now: float, drain: Callable[[], object] | None = None) -> None:
+        """Scan when due, sample every child, decide for all workers, publish. ``drain`` reads
+        the reports waiting meanwhile, between workers and every ``DRAIN_EVERY`` children, so
+        that a large host does not leave them waiting for the whole tick."""
+        started = self.clock()
+        if now >= self._next_scan:
+            self._scans += 1
+            self._scan(full=self._scans % FULL_SCAN_EVERY == 1, now=now)
+            self._next_scan = now + self.config.sampling.scan_interval
+        for pid, rec in list(self.state.workers.items()):
+            if drain is not None:
+                drain()
+            live = self.procs.stat(pid)
+            if live is None or live.proc != rec.proc:
+                self.state.drop_worker(pid)
+                self.publisher.remove_grant(pid)
+                self.log.info("worker_gone", worker=rec.name, pid=pid)
+                continue
+            rec.rss = self.procs.rss(pid) or 0
+            self._refresh_children(rec, now)
+            for n, child in enumerate(list(rec.children.values()), 1):
+                rss = self.procs.rss(child.proc.pid)
+                if rss:  # None: gone; 0: exited, not yet reaped
+                    self.state.observe(rec, child, rss, now)
+                if n % DRAIN_EVERY == 0 and drain is not None:
+                    drain()
+            limits = self.limits_for(rec.name or "")
+            self.sampler.sample(rec, limits, self.config.recycle, now)
+            sampler.total_clock(rec, limits, now)
+        self.state.assess_trends()
+        self.decide(now, None)
+        self._log_events()
+        self.procs.sweep()
+        self.last_tick = now
+        self.metrics.tick_seconds.observe(self.clock() - started)
+
+    def _scan(self, full: bool, now: float) -> None:
+        for found in self.procs.scan_workers(full=full):
+            known = found.stat.pid in self.state.workers
+            rec = self.state.found(found, now)
+            if not known:
+                self.log.info("worker_found", worker=rec.name, pid=found.stat.pid,
+                              agent=rec.agent, children=len(found.children))
+
+    def _refresh_children(self, rec: WorkerRec, now: float) -> None:
+        for child in self.state.sync_child_pids(rec, self.procs.child_pids(rec.proc.pid), now):
+            self.log.info("child_gone", worker=rec.name, index=child.index, pid=child.proc.pid,
+                          tasks=child.tasks, rss_bytes=child.rss,
+                          requested=child.requested_at is not None)
+
+    # -- decide, act, publish -------------------------------------------------------------------
+
+    def decide(self, now: float, only: WorkerRec | None) -> None:
+        """Decide for one worker (a report) or all (the tick, which also publishes the view)."""
+        snapshot = self.state.snapshot(now, only=only, trends=only is None)
+        decisions = policy.decide(snapshot, self.limits_for, self.config.recycle,
+                                  self.state.requests, now,
+                                  term_grace=self.config.sampling.interval)
+        # The grant goes out first, less what these decisions use: no child may take a unit
+        # the daemon is about to spend. A child that took one meanwhile is leaving already.
+        taken = self._grant(snapshot, decisions, now)
+        if decisions:
+            self.actor.carry_out([d for d in decisions if d.proc.pid not in taken], now)
+        if only is None:
+            self._warn_storms(snapshot)
+        # Published at once when something was done: by the daemon, or by a child under its
+        # grant (counted when its exit arrives or its unit is collected).
+        changed = any(d.acts for d in decisions) or self.state.revision != self._revision
+        if only is None and not changed:
+            self.view = self._make_view(now, snapshot)  # nothing changed since the snapshot
+        elif changed:
+            self.view = self._make_view(now)
+            self._revision = self.state.revision
+
+    def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> set[int]:
+        """Publish each agent worker's grant (policy.grant_sizes) and collect the units its
+        children took since the last exchange, which count as recycles from then on; return
+        their pids."""
+        allowed = policy.grant_sizes(snapshot, self.limits_for, self.config.recycle,
+                                     self.state.requests, now, decisions)
+        collected: set[int] = set()
+        for worker in snapshot.workers:
+            rec = self.state.workers.get(worker.pid)
+            if rec is None or not rec.agent or not worker.has_children:
+                continue
+            taken = self.publisher.exchange(worker.pid, (worker.pid, worker.proc.start),
+                                            allowed.get(worker.name, 0))
+            if taken:
+                self.state.grants_taken(rec, taken, now)
+                collected.update(pid for pid, _ in taken)
+        return collected
+
+    def _warn_storms(self, snapshot: Snapshot) -> None:
+        """Every child of a pool over its soft threshold at once: the limit is likely too low.
+        Recycling goes on at the rate limit; this is said once, until the pool calms down."""
+        for worker in snapshot.workers:
+            if not worker.has_children:
+                self._storms.discard(worker.name)
+                continue
+            if not worker.children:
+                continue  # between recycles and their replacements: not a pool that calmed down
+            limits = self.limits_for(worker.name)
+            over = [c for c in worker.children if policy.measured(c, limits.measure)
+                    >= policy.threshold_of(limits, self.config.recycle, c.proc, worker.concurrency)]
+            if len(over) < len(worker.children):
+                self._storms.discard(worker.name)
+            elif worker.name not in self._storms:
+                self._storms.add(worker.name)
+                self.log.warning(
+                    "recycle_storm", worker=worker.name, children=len(worker.children),
+                    soft_bytes=limits.soft, fresh_child_bytes=worker.fresh_rss,
+                    rss_bytes=[c.rss for c in worker.children],
+                    max_per_minute=self.config.recycle.max_per_minute,
+                    advice="every child is over the soft limit: raise limits.soft above what a "
+                           "child needs; recycles continue at recycle.max_per_minute")
+
+    def _log_events(self) -> None:
+        events = self.state.events
+        while events:
+            name, fields = events.pop(0)
+            getattr(self.log, _EVENT_LEVELS.get(name, "warning"))(name, **fields)
+
+    def _make_view(self, now: float, snapshot: Snapshot | None = None) -> View:
+        state = self.state
+        if snapshot is None:
+            snapshot = state.snapshot(now, trends=True)
+        return View(
+            snapshot=snapshot,
+            limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
+            worker_limits={w.name: {"soft": self.limits_for(w.name).soft,
+                                    "hard": self.limits_for(w.name).hard}
+                           for w in snapshot.workers},
+            measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
+            recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
+            interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
+            restarts=dict(state.restarts),
+            growth={task: (g.cumulative(), g.total) for task, g in state.growth.items()},
+            ranking=tuple(task_growth.rank(state.growth)),
+            messages=dict(state.messages), dropped=dict(state.dropped),
+            published_at=now, started_at=self.started_at, memory=self.memory,
+            connections=self.connections(),
+        )

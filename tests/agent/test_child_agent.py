@@ -1,0 +1,255 @@
+"""A pool child's verdict on its own task-end report: leave under a grant, ring, or nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from celery_memguard.agent.child_agent import RETAKE_SECONDS, ChildAgent
+from celery_memguard.protocol import grants
+from tests.builders import MiB
+
+
+def _agent(tmp_path: Path, threshold_mib: float = 100, grant: int = 1, **settings: object) -> ChildAgent:
+    """A child agent of this process with a soft threshold, and a grant file for its worker."""
+    agent = ChildAgent(0, str(tmp_path / "agent.sock"))
+    agent.soft_threshold = int(threshold_mib * MiB)
+    agent.born = -1000.0  # old enough for any minimum lifetime
+    for name, value in settings.items():
+        setattr(agent, name, value)
+    if grant >= 0:
+        assert grants.exchange(agent.grant_path, agent.worker, grant) == []
+    return agent
+
+
+def _taken(agent: ChildAgent) -> list[tuple[int, str]] | None:
+    return grants.exchange(agent.grant_path, agent.worker, 0)
+
+
+def test_a_report_under_the_threshold_calls_for_nothing(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    assert [agent.verdict(n * MiB, 0.0) for n in range(90, 100)] == [None] * 10
+    assert not agent.recycle_requested
+    assert _taken(agent) == []
+
+
+def test_past_the_threshold_with_a_grant_the_child_leaves_after_its_task(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    assert agent.verdict(100 * MiB, 0.0) == "self"
+    assert agent.recycle_requested
+    assert agent.exit_reason == "soft"
+    assert _taken(agent) == [(os.getpid(), "soft")]
+
+
+def test_with_the_grant_used_up_the_child_rings_once_then_retries_quietly(tmp_path: Path) -> None:
+    """The daemon decides for a child it did not grant; a held child tries again now and then."""
+    agent = _agent(tmp_path, grant=0)
+    assert agent.verdict(101 * MiB, 0.0) == "ring"
+    assert agent.verdict(102 * MiB, 0.0) is None  # too soon to try again
+    assert agent.verdict(103 * MiB, RETAKE_SECONDS) is None  # tried, no grant: rung already
+    assert not agent.recycle_requested
+    assert grants.exchange(agent.grant_path, agent.worker, 1) == []
+    assert agent.verdict(104 * MiB, 2 * RETAKE_SECONDS) == "self"
+
+
+def test_a_missing_grant_file_means_the_daemon_decides(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, grant=-1)
+    assert agent.verdict(150 * MiB, 0.0) == "ring"
+    assert not agent.recycle_requested
+
+
+def test_in_a_dry_run_the_child_never_leaves_on_its_own(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, dry_run=True)
+    assert agent.verdict(150 * MiB, 0.0) == "ring"
+    assert not agent.recycle_requested
+    assert _taken(agent) == []
+
+
+def test_with_uss_or_pss_as_the_measure_the_daemon_decides(tmp_path: Path) -> None:
+    """RSS past the threshold says nothing certain about USS: the daemon reads it."""
+    for measure in ("uss", "pss"):
+        agent = _agent(tmp_path, measure=measure)
+        assert agent.verdict(150 * MiB, 0.0) == "ring"
+        assert not agent.recycle_requested
+
+
+def test_a_young_child_does_not_leave_for_its_soft_limit_only_past_the_hard_one(
+        tmp_path: Path) -> None:
+    agent = _agent(tmp_path, min_lifetime=5.0, hard=200 * MiB)
+    agent.born = 0.0
+    assert agent.verdict(150 * MiB, 1.0) == "ring"
+    assert not agent.recycle_requested
+    assert agent.verdict(201 * MiB, 1.0 + RETAKE_SECONDS) == "self"
+
+
+def test_a_child_that_max_tasks_will_recycle_soon_leaves_it_to_billiard(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, max_tasks=100, skip_within_tasks=2)
+    agent.tasks = 98
+    assert agent.verdict(150 * MiB, 0.0) == "ring"
+    assert not agent.recycle_requested
+    agent.tasks = 97
+    assert agent.verdict(150 * MiB, RETAKE_SECONDS) == "self"
+
+
+def test_predictive_recycling_leaves_before_the_crossing(tmp_path: Path) -> None:
+    """With a look-ahead of two tasks of 2 MiB each, 97 MiB against 100 MiB is near enough."""
+    agent = _agent(tmp_path, ahead=2)
+    agent.growth.extend([2 * MiB] * 4)
+    assert agent.verdict(95 * MiB, 0.0) is None  # 95 + 2 * 2 < 100
+    assert agent.verdict(97 * MiB, 0.0) == "self"
+    assert agent.exit_reason == "predicted"
+    assert _taken(agent) == [(os.getpid(), "predicted")]
+
+
+def test_without_a_published_soft_limit_nothing_is_called_for(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, threshold_mib=0)
+    assert agent.verdict(2000 * MiB, 0.0) is None
+
+
+class _Recorder:
+    """Stands in for the child's connection: what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+    def ring(self) -> None:
+        self.sent.append("ring")
+
+
+def test_a_young_batch_is_sent_when_the_watch_parks(tmp_path: Path) -> None:
+    """Nothing may wait for a next task that never comes."""
+    agent = _agent(tmp_path)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    agent.begin("app.a", "t1", None)
+    agent.end(True)
+    assert sender.sent == []  # too young to go on its own
+    agent.on_park()
+    [batch] = sender.sent
+    assert (batch.first, len(batch.ends)) == (1, 1)  # type: ignore[attr-defined]
+
+
+def test_a_leaving_child_keeps_its_last_report_for_after_its_exit(tmp_path: Path) -> None:
+    """The daemon must know the child is leaving before it reads the report that crossed."""
+    agent = _agent(tmp_path)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    agent.begin("app.a", "t1", None)
+    agent.rss_before = 0
+    agent.soft_threshold = 1  # whatever it holds now is past it
+    agent.end(True)
+    assert agent.recycle_requested
+    agent.on_park()
+    agent._batch.opened -= 1.0  # an idle batch long due
+    agent.on_poll()
+    assert sender.sent == []
+    with pytest.raises(SystemExit):
+        agent.leave()
+    assert [type(m).__name__ for m in sender.sent] == ["ChildExit", "TaskBatch", "str"]
+
+
+def test_an_announcement_counts_the_tasks_ended_before_it(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    for n in range(3):
+        agent.begin("app.a", f"t{n}", None)
+        agent.end(True)
+    agent.begin("app.slow", "t3", None)
+    agent.task_started -= 1.0  # it has run a while
+    agent.on_poll()
+    batch, running = sender.sent
+    assert (type(batch).__name__, running.tasks, running.task) == (  # type: ignore[attr-defined]
+        "TaskBatch", 3, "app.slow")
+
+
+def _job(name: object, task_id: str = "t1") -> tuple[int, tuple[object, ...]]:
+    """A job as billiard reads it for Celery: (TASK, (job, i, fun, args, kwargs))."""
+    return (2, (7, 0, print, (name, task_id, {}, b"", None, None), {}))
+
+
+def _describe(job: tuple[int, tuple[object, ...]]) -> tuple[str, str, None]:
+    args = job[1][3]
+    assert isinstance(args, tuple)
+    return str(args[0]), str(args[1]), None
+
+
+def test_billiards_loop_marks_where_each_task_begins_and_ends(tmp_path: Path) -> None:
+    """A job begins when it is read; it ends at prepare_result, ok unless Celery's trace
+    function says the task failed; a job that raised ends at the next read, as failed."""
+    agent = _agent(tmp_path)
+    jobs = iter([_job("app.a", "t1"), _job("app.b", "t2"), _job("app.c", "t3"), None])
+    wait = agent.wrap_wait_for_job(lambda: next(jobs), _describe)
+    prepare = agent.wrap_prepare_result(lambda result: ("prepared", result))
+
+    assert wait() == _job("app.a", "t1")
+    assert (agent.running, agent.task_name, agent.task_id, agent.tasks) == (True, "app.a", "t1", 0)
+    assert prepare((0, "result", 0.1)) == ("prepared", (0, "result", 0.1))
+    assert (agent.running, agent.tasks) == (False, 1)
+    wait()
+    prepare((1, "ValueError()", 0.1))  # Celery's trace function: the task failed
+    wait()  # app.c raised out of billiard's call: prepare_result never came
+    assert wait() is None  # app.c ended here; no job, nothing begins
+    assert (agent.running, agent.tasks) == (False, 3)
+    batch = agent._batch
+    assert [(batch.names[slot], ok) for slot, _before, _after, ok, _at in batch.ends] == [
+        ("app.a", 1), ("app.b", 0), ("app.c", 0)]
+
+
+def test_a_job_that_cannot_be_named_still_runs(tmp_path: Path) -> None:
+    """The agent never raises into billiard's loop."""
+    agent = _agent(tmp_path)
+
+    def describe(job: object) -> tuple[str, str, None]:
+        raise RuntimeError("unreadable")
+
+    wait = agent.wrap_wait_for_job(lambda: _job("app.a"), describe)
+    assert wait() == _job("app.a")
+    assert not agent.running
+    assert agent.wrap_prepare_result(lambda result: result)("r") == "r"
+    assert agent.tasks == 0
+
+
+def test_a_celery_job_is_named_from_its_trace_arguments() -> None:
+    """Celery's prefork pool runs every task as trace(name, id, ...): the agent reads the name
+    and id there, and the task body's code from the installed app's registry."""
+    from celery import Celery  # noqa: PLC0415
+
+    from celery_memguard import install  # noqa: PLC0415
+    from celery_memguard.agent import pool_child  # noqa: PLC0415
+
+    app = Celery("naming", broker="memory://")
+
+    @app.task(name="app.job\x00name")
+    def job() -> None:
+        return None
+
+    install(app, socket=str(Path("/nonexistent/agent.sock")))
+    assert pool_child.describe(_job("app.job\x00name", "id-1")) == (
+        "app.jobname", "id-1", job.run.__code__)
+    assert pool_child.describe(_job("app.unknown", "id-2")) == ("app.unknown", "id-2", None)
+    assert pool_child.describe((2, (7, 0, print, (), {}))) == ("unknown", "", None)
+    assert pool_child.describe(_job(42)) == ("unknown", "", None)
+
+
+def test_a_task_of_the_workers_current_app_is_named_even_if_another_was_installed() -> None:
+    from celery import Celery  # noqa: PLC0415
+    from celery._state import get_current_app  # noqa: PLC0415
+
+    from celery_memguard.agent import pool_child  # noqa: PLC0415
+
+    previous = get_current_app()
+    current = Celery("current", broker="memory://")
+
+    @current.task(name="app.only_in_the_current_app", shared=False)
+    def elsewhere() -> None:
+        return None
+
+    current.set_current()
+    try:
+        assert pool_child.describe(_job("app.only_in_the_current_app", "id-3")) == (
+            "app.only_in_the_current_app", "id-3", elsewhere.run.__code__)
+    finally:
+        previous.set_current()

@@ -1,0 +1,188 @@
+"""Agent reports folded into the supervisor: acted on at once, checked, counted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from celery_memguard.daemon.inbox import Datagram
+from celery_memguard.protocol import messages
+from tests.builders import KID0, KID1, MAIN, MiB, batch, dgram, hello, task_end
+from tests.daemon.harness import make
+from tests.fakes import Clock, FakeProcs
+
+
+def test_a_task_end_over_the_limit_is_acted_on_at_once(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """No tick is needed: the report that crosses the limit triggers the request."""
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(task_end(KID0, 99)), 0.0)
+    assert procs.signals == []
+    sup.receive(dgram(task_end(KID0, 101, tasks=2)), 0.1)
+    assert procs.signals == [(KID0, 38)]
+    assert sup.state.recycles[("w@h", "soft")] == 1
+    [event] = [e for e in logs if e["event"] == "recycle_requested"]
+    assert event | {"worker": "w@h", "index": 0, "pid": KID0, "reason": "soft",
+                    "measured_bytes": 101 * MiB, "threshold_bytes": 100 * MiB} == event
+    assert b'celery_memguard_recycles_total{reason="soft",worker="w@h"} 1.0' in sup.metrics.render()
+
+
+def test_the_same_child_is_asked_only_once(procs: FakeProcs) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    for n in range(1, 5):
+        sup.receive(dgram(task_end(KID0, 100 + n, tasks=n)), 0.1 * n)
+    sup.tick(1.0)
+    assert procs.signals == [(KID0, 38)]
+
+
+def test_a_datagram_claiming_another_pid_is_dropped_as_forged(procs: FakeProcs) -> None:
+    """The kernel's sender pid must match the message: one process cannot steer another."""
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(task_end(KID0, 150), sender=KID1), 0.0)
+    sup.receive(dgram(hello(), sender=KID1), 0.0)
+    assert procs.signals == []
+    assert sup.state.dropped["forged_sender"] == 2
+
+
+def test_a_message_from_a_process_that_is_not_the_named_child_is_dropped(procs: FakeProcs) -> None:
+    procs.add(99, 1)  # an unrelated process, not a child of MAIN
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(messages.TaskEnd(pid=99, ppid=MAIN, index=5, task="t", id="i", rss_before=0,
+                                      rss=500 * MiB, tasks=1, ok=True)), 0.0)
+    sup.tick(0.5)
+    assert procs.signals == []
+    assert sup.state.dropped["not_a_child"] == 1
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "empty"), (b"{", "not_json"), (b'{"v":1,"t":"q"}', "unknown_type"),
+    (b'{"v":9}', "bad_version"),
+])
+def test_malformed_datagrams_are_counted_and_change_nothing(procs: FakeProcs, data: bytes,
+                                                          reason: str) -> None:
+    sup = make(procs)
+    sup.receive(Datagram(data=data, pid=KID0, uid=0, truncated=False), 0.0)
+    sup.tick(0.0)
+    assert sup.state.dropped[reason] == 1
+    assert f'celery_memguard_messages_dropped_total{{reason="{reason}"}} 1.0'.encode() in \
+        sup.metrics.render()
+
+
+def test_a_truncated_datagram_is_counted_as_oversized(procs: FakeProcs) -> None:
+    sup = make(procs)
+    sup.receive(Datagram(data=b"{}", pid=KID0, uid=0, truncated=True), 0.0)
+    assert sup.state.dropped["oversized"] == 1
+
+
+def test_worker_bye_forgets_the_worker(procs: FakeProcs) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(messages.WorkerBye(pid=MAIN)), 0.1)
+    assert sup.state.workers == {}
+
+
+def test_an_interrupted_task_is_counted_by_name_and_logged_with_its_id(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(messages.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task="app.big",
+                                              id="t-1", rss=210 * MiB, limit=200 * MiB)), 0.0)
+    sup.receive(dgram(messages.ChildExit(pid=KID0, ppid=MAIN, index=0, tasks=1, reason="hard")), 0.1)
+    sup.tick(0.2)
+    text = sup.metrics.render().decode()
+    assert 'celery_memguard_interrupted_tasks_total{reason="hard",task="app.big",worker="w@h"} 1.0' in text
+    assert 'celery_memguard_recycles_total{reason="hard",worker="w@h"} 1.0' in text
+    [event] = [e for e in logs if e["event"] == "task_interrupted"]
+    assert (event["task_id"], event["rss_bytes"], event["limit_bytes"]) == ("t-1", 210 * MiB, 200 * MiB)
+
+
+def test_task_names_beyond_the_bound_are_counted_as_other(procs: FakeProcs) -> None:
+    sup = make(procs, metrics={"max_task_names": 2})
+    sup.receive(dgram(hello()), 0.0)
+    for n in range(4):
+        sup.receive(dgram(messages.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task=f"app.t{n}",
+                                                  id=str(n), rss=1, limit=1)), 0.0)
+    assert {task for _, task, _ in sup.state.interrupted} == {"app.t0", "app.t1", "other"}
+
+
+def test_a_sigkill_we_did_not_send_is_an_oom_kill(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(messages.TaskStart(pid=KID0, ppid=MAIN, index=0, task="app.huge", id="x-9",
+                                        rss=900 * MiB)), 0.0)
+    assert sup.state.interrupted == {}
+    del procs.table[KID0]
+    sup.tick(1.0)  # the child is gone from /proc before its parent reports the exit code
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), 1.1)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=155)), 1.2)
+    assert sup.state.oom_kills == {"w@h": 1}
+    assert sup.state.interrupted == {("w@h", "app.huge", "oom"): 1}
+    [event] = [e for e in logs if e["event"] == "child_oom_killed"]
+    assert (event["task"], event["task_id"], event["pid"]) == ("app.huge", "x-9", KID0)
+
+
+def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None:
+    clock = Clock(0.0)
+    sup = make(procs, clock=clock, limits={"kill_after": "1s"}, sampling={"interval": "1s"})
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(messages.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=0, rss=50 * MiB)), 0.0)
+    procs.table[KID0].rss = 250 * MiB
+    for _ in range(4):
+        sup.tick(clock())
+        clock.advance(1.0)
+    assert [sig for pid, sig in procs.signals if pid == KID0] == [15, 9]  # TERM, KILL, no grace
+    assert sup.state.recycles[("w@h", "kill")] == 1
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), clock())
+    assert sup.state.oom_kills == {}
+
+
+def test_a_batch_of_task_ends_is_folded_in_task_order(procs: FakeProcs) -> None:
+    """Each end counts: the task count, the growth by name, the leak history at its own time."""
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(batch(KID0, 1, ("app.a", 50, 52, 300), ("app.b", 52, 52, 200),
+                               ("app.a", 52, 54, 0))), 10.0)
+    child = sup.state.workers[MAIN].children[KID0]
+    assert (child.tasks, child.rss, child.reported_end) == (3, 54 * MiB, True)
+    assert list(child.growth) == [2 * MiB, 0, 2 * MiB]
+    assert (sup.state.growth["app.a"].count, sup.state.growth["app.b"].count) == (2, 1)
+    assert child.history.last_at == 10.0
+    assert len(child.history) == 3
+    assert sup.state.messages["task_batch"] == 1
+
+
+def test_ages_that_would_put_a_batch_before_the_last_one_keep_the_history_in_order(
+        procs: FakeProcs) -> None:
+    """Two batches read at different delays: the history never goes back in time."""
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(batch(KID0, 1, ("app.a", 50, 52, 0))), 10.0)
+    sup.receive(dgram(batch(KID0, 2, ("app.a", 52, 54, 500))), 10.2)
+    child = sup.state.workers[MAIN].children[KID0]
+    assert len(child.history) == 2
+    assert child.history.last_at == 10.0
+
+
+def test_a_running_task_is_shown_until_a_batch_ends_it_and_a_late_announcement_is_stale(
+        procs: FakeProcs) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    running = messages.TaskRunning(pid=KID0, ppid=MAIN, index=0, task="app.slow", id="t6",
+                               rss=60 * MiB, tasks=5)
+    sup.receive(dgram(running), 1.0)
+    assert sup.state.workers[MAIN].children[KID0].task == "app.slow"
+    sup.receive(dgram(batch(KID0, 6, ("app.slow", 60, 61, 0))), 2.0)
+    assert sup.state.workers[MAIN].children[KID0].task is None
+    sup.receive(dgram(running), 2.1)  # its task ended already: the announcement came late
+    assert sup.state.workers[MAIN].children[KID0].task is None
+
+
+def test_a_batch_that_ends_over_the_limit_is_acted_on_at_once(procs: FakeProcs) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(batch(KID0, 1, ("app.a", 98, 99, 20), ("app.a", 99, 101, 0))), 0.1)
+    assert procs.signals == [(KID0, 38)]
