@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from celery_memguard.daemon.config import LimitsConfig, RecycleConfig
 from celery_memguard.daemon.procs import Procs
-from celery_memguard.daemon.state import WorkerRec
+from celery_memguard.daemon.records import WorkerRec
 
 LEAKING_USS_EVERY = 10.0  # seconds between USS reads of a leaking child far from any limit
 

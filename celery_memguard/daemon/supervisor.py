@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery_memguard.daemon import policy, sampler, task_growth
+from celery_memguard.daemon import policy, reports, sampler, task_growth
 from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.config import Config, LimitsConfig
 from celery_memguard.daemon.decision import Decision
@@ -22,8 +22,9 @@ from celery_memguard.daemon.inbox import Datagram
 from celery_memguard.daemon.metrics import Metrics
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.publisher import Publisher
+from celery_memguard.daemon.records import Rejected, WorkerRec
 from celery_memguard.daemon.snapshot import Snapshot
-from celery_memguard.daemon.state import Rejected, State, WorkerRec
+from celery_memguard.daemon.state import State
 from celery_memguard.daemon.view import View
 from celery_memguard.protocol import messages
 
@@ -102,7 +103,7 @@ class Supervisor:
             state.dropped["forged_sender"] += 1  # the kernel says another process sent it
             return
         try:
-            worker = state.apply(message, now)
+            worker = reports.fold(state, message, now)
         except Rejected as exc:
             state.dropped[exc.reason] += 1
             return
@@ -212,7 +213,7 @@ class Supervisor:
             taken = self.publisher.exchange(worker.pid, (worker.pid, worker.proc.start),
                                             allowed.get(worker.name, 0))
             if taken:
-                self.state.grants_taken(rec, taken, now)
+                reports.units_taken(self.state, rec, taken, now)
                 collected.update(pid for pid, _ in taken)
         return collected
 

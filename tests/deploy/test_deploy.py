@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -347,12 +349,22 @@ def test_systemd_unit_settings() -> None:
 
 
 def test_systemd_runtime_directory_is_one_the_daemon_binds_in(tmp_path: Path) -> None:
+    """The directory the unit makes (its mode included) is one the daemon accepts: it binds
+    the socket there, workers in its group can connect, and no one else can write to it."""
     settings = _unit_settings(UNIT.read_text())
+    mode = int(settings["RuntimeDirectoryMode"][0], 8)
     directory = tmp_path / settings["RuntimeDirectory"][0]
-    directory.mkdir(mode=int(settings["RuntimeDirectoryMode"][0], 8))
+    directory.mkdir()
+    directory.chmod(mode)  # exactly the unit's mode, whatever this process's umask
     inbox = Inbox(directory / "agent.sock")
     inbox.open()
-    inbox.close()
+    try:
+        assert stat.S_IMODE((directory / "agent.sock").stat().st_mode) == 0o660
+        assert not mode & stat.S_IWOTH, "a directory every user may write to is refused"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.connect(str(directory / "agent.sock"))
+    finally:
+        inbox.close()
 
 
 # -- Kubernetes -------------------------------------------------------------------------------------
