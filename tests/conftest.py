@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Daemon, PrivateRedis, Worker, answers, redis_pings
+from tests.support import Daemon, MemoryCgroup, PrivateRedis, Worker, answers, redis_pings
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +58,22 @@ def start_worker(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Worke
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Callable[[int], MemoryCgroup]]:
+    """Makes cgroup v1 memory cgroups with a limit; skips, saying why, where none can be made."""
+    made: list[MemoryCgroup] = []
+
+    def make(limit: int) -> MemoryCgroup:
+        try:
+            group = MemoryCgroup("memguard-test", limit)
+        except OSError as exc:
+            pytest.skip(f"cannot create a memory cgroup here ({exc}); run as root on a host "
+                        f"with the cgroup v1 memory controller")
+        made.append(group)
+        return group
+
+    yield make
+    for group in made:
+        group.remove()

@@ -324,3 +324,52 @@ class RssSampler:
     @property
     def max_rss(self) -> int:
         return max(self.peak.values(), default=0)
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory cgroup below this process's own, with a limit, for processes a test
+    starts in it (``command`` wraps an argv so that it enters the cgroup before it execs).
+    ``remove`` kills what the test left in it (those pids only) and removes it."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, name: str, limit: int) -> None:
+        own = next((line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text()
+                    .splitlines() if line.split(":")[1] == "memory"), None)
+        if own is None or not self.ROOT.is_dir():
+            raise OSError("no cgroup v1 memory controller on this machine")
+        self.path = self.ROOT / own.strip().lstrip("/") / f"{name}-{os.getpid()}-{free_port()}"
+        self.path.mkdir()
+        try:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
+            with contextlib.suppress(OSError):  # no swap accounting: nothing to cap
+                (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        except OSError:
+            self.path.rmdir()
+            raise
+        self.limit = limit
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["sh", "-c", f'echo $$ > {self.path / "cgroup.procs"} && exec "$@"', "sh", *argv]
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def oom_kills(self) -> int:
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        raise AssertionError("this kernel's memory.oom_control has no oom_kill counter")
+
+    def remove(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.path.exists():
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                self.path.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from celery_memguard.daemon.cgroups import Cgroups
 from celery_memguard.daemon.readings import FoundWorker, ProcStat
 
 
@@ -33,6 +34,7 @@ class Procs:
     def __init__(self, root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.root = root
         self.cgroup_root = cgroup_root
+        self.cgroups = Cgroups(root=cgroup_root, proc=root)
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.denied_smaps = 0  # smaps_rollup reads refused (no CAP_SYS_PTRACE over another user)
@@ -204,11 +206,7 @@ class Procs:
     def memory_limit(self) -> tuple[int, str]:
         """(bytes, "cgroup" or "host"): the tightest cgroup memory limit above us, else RAM."""
         host = int(psutil.virtual_memory().total)
-        try:
-            own = Path(self.root, "self", "cgroup").read_text()
-        except OSError:
-            return host, "host"
-        limit = cgroup_memory_limit(own, Path(self.cgroup_root))
+        limit = self.cgroups.memory_limit("self")
         if limit is not None and limit < host:
             return limit, "cgroup"
         return host, "host"
@@ -270,34 +268,3 @@ def _held_max() -> int:
     agents' connections need one each); past it, reads open and close as usual."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return 1 << 16 if soft == resource.RLIM_INFINITY else max(0, soft // 4)
-
-
-_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
-
-
-def cgroup_memory_limit(proc_cgroup: str, root: Path) -> int | None:
-    """The tightest memory limit on the path of our cgroup, for cgroup v2 and v1.
-
-    ``proc_cgroup`` is the text of /proc/self/cgroup; ``root`` is where the hierarchy is
-    mounted. Limits are looked up from our cgroup up to the root, since a parent's limit
-    binds its children too; in a container with its own cgroup namespace the path is "/".
-    """
-    found: list[int] = []
-    for line in proc_cgroup.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            base, name = root, "memory.max"
-        elif "memory" in controllers.split(","):
-            base, name = root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        parts = [part for part in path.strip().split("/") if part]
-        for depth in range(len(parts), -1, -1):
-            try:
-                text = base.joinpath(*parts[:depth], name).read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit() and int(text) < _UNLIMITED:
-                found.append(int(text))
-    return min(found) if found else None
