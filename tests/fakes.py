@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.readings import FoundWorker, ProcStat
+from celery_memguard.protocol.cgroups import Container, ContainerReading
 from tests.builders import MiB
 
 
@@ -27,6 +29,7 @@ class FakeProcs(Procs):
     table: dict[int, FakeProc] = field(default_factory=dict)
     signals: list[tuple[int, int]] = field(default_factory=list)
     denied: set[int] = field(default_factory=set)
+    containers: dict[int, ContainerReading] = field(default_factory=dict)  # worker pid -> cgroup
 
     def __post_init__(self) -> None:
         Procs.__init__(self, root="/nonexistent")
@@ -59,6 +62,15 @@ class FakeProcs(Procs):
         return [FoundWorker(stat=ProcStat(p.pid, p.ppid, p.start), name=p.name,
                             children=tuple(self.children(p.pid)))
                 for p in self.table.values() if p.name]
+
+    def container(self, pid: int) -> Container | None:
+        if pid not in self.containers:
+            return None
+        where = Path(f"/fake/cgroup/{pid}")
+        return Container(version=2, directory=where, pressure_file=None, path=str(where), own=where)
+
+    def read_container(self, container: Container) -> ContainerReading | None:
+        return self.containers.get(int(container.directory.name))
 
     def memory_limit(self) -> tuple[int, str]:
         return 16 * 1024 * MiB, "host"

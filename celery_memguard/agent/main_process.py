@@ -17,11 +17,13 @@ from celery_memguard.agent import prompt_join
 from celery_memguard.agent.context import CONTEXT, pool_size
 from celery_memguard.agent.sender import Sender
 from celery_memguard.protocol import messages
+from celery_memguard.protocol.cgroups import Cgroups
 from celery_memguard.protocol.signals import RECYCLE_SIGNAL
 
 HEARTBEAT_SECONDS = 2.0
 
 _sender: Sender | None = None  # this process's connection
+_cgroups = Cgroups()
 
 
 def send(message: messages.Message) -> None:
@@ -85,8 +87,16 @@ def worker_hello(consumer: Any) -> messages.WorkerHello:
         concurrency=pool_size(pool) or 1, max_tasks=int(max_tasks) if max_tasks else None,
         max_memory_kib=int(max_mem) if max_mem else None,
         recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: messages.MAX_KIDS]),
-        agent=__version__, restart=CONTEXT.restart_worker,
+        agent=__version__, restart=CONTEXT.restart_worker, oom_kills=_oom_kills(),
     )
+
+
+def _oom_kills() -> int | None:
+    """The kernel's OOM kill counter for this worker's container, where it can be read."""
+    try:
+        return _cgroups.oom_kills()
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return None
 
 
 def _heartbeat(consumer: Any) -> None:
@@ -111,7 +121,25 @@ def _watch_child_exits(pool: Any) -> None:
             with contextlib.suppress(Exception):
                 code, pid, index = proc.exitcode, proc.pid, getattr(proc, "index", None)
                 if isinstance(code, int) and isinstance(pid, int) and isinstance(index, int):
-                    send(messages.ChildDied(pid=os.getpid(), child=pid, index=index, exitcode=code))
+                    task, task_id = _job_of(pool, pid)
+                    send(messages.ChildDied(pid=os.getpid(), child=pid, index=index,
+                                            exitcode=code, task=task, id=task_id,
+                                            oom_kills=_oom_kills() if code < 0 else None))
 
     on_process_down._memguard = True  # type: ignore[attr-defined]
     pool.on_process_down = on_process_down
+
+
+def _job_of(pool: Any, pid: int) -> tuple[str | None, str | None]:
+    """The task the pool gave child ``pid`` and has not seen finish: (name, id), or Nones.
+
+    billiard keeps each job in the pool's ``_cache`` with the pid that acknowledged it, until
+    the job is marked lost after ``lost_worker_timeout``; Celery passes the task id as the
+    job's ``correlation_id`` and its ``Request.on_success`` as the callback."""
+    for job in list(getattr(pool, "_cache", {}).values()):
+        if pid in job.worker_pids() and not job.ready():
+            request = getattr(getattr(job, "_callback", None), "__self__", None)
+            name, task_id = getattr(request, "name", None), getattr(job, "correlation_id", None)
+            return (messages.clean_name(name) if isinstance(name, str) else None,
+                    task_id[: messages.MAX_NAME] if isinstance(task_id, str) else None)
+    return None, None

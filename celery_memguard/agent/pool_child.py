@@ -100,7 +100,7 @@ def describe(job: Any) -> tuple[str, str, CodeType | None]:
         return "unknown", "", None
     known = _tasks.get(name)
     if known is None:
-        known = (_clean(name), _run_code(_lookup(name)))
+        known = (messages.clean_name(name), _run_code(_lookup(name)))
         if len(_tasks) < 10000:
             _tasks[name] = known
     return known[0], str(task_id)[: messages.MAX_NAME], known[1]
@@ -128,8 +128,3 @@ def _run_code(task: Any) -> CodeType | None:
 
 
 _tasks: dict[str, tuple[str, CodeType | None]] = {}  # per task name: (clean name, body)
-
-
-def _clean(name: str) -> str:
-    """The task's name, printable and bounded, as the wire format requires."""
-    return "".join(ch for ch in name if ch.isprintable())[: messages.MAX_NAME] or "unknown"

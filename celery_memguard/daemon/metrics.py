@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from celery_memguard._version import __version__
 from celery_memguard.daemon.snapshot import Child, Leak, Worker
 from celery_memguard.daemon.view import View
+from celery_memguard.protocol.cgroups import ContainerReading
 
 PREFIX = "celery_memguard_"
 _le: Callable[[float], str] = _prometheus_utils.floatToGoString  # bucket bounds as clients print them
@@ -60,6 +61,55 @@ _WORKER_GAUGES: tuple[tuple[str, str, Callable[[Worker], float | None]], ...] = 
      "The --max-tasks-per-child that the fastest observed leak calls for to stay under the soft "
      "limit (absent while no child leaks).", lambda w: w.recommended_max_tasks or None),
 )
+
+
+_CONTAINER_GAUGES: tuple[tuple[str, str, Callable[[ContainerReading], float | None]], ...] = (
+    ("container_memory_usage_bytes",
+     "Memory charged to the worker's container (its memory cgroup), page cache included.",
+     lambda c: c.usage),
+    ("container_memory_working_set_bytes",
+     "The container's usage less its inactive page cache: what the kernel cannot drop before "
+     "it kills, and what Kubernetes judges.", lambda c: c.working_set),
+    ("container_memory_limit_bytes", "The memory limit that binds the worker's container.",
+     lambda c: c.limit),
+    ("container_memory_high_bytes", "The container's memory.high throttling line (cgroup v2).",
+     lambda c: c.high),
+)
+
+
+def _containers(workers: tuple[Worker, ...]) -> Iterator[Any]:
+    """Each worker's container as the kernel judges it, where the daemon can read it."""
+    seen = [w for w in workers if w.container is not None]
+    for name, doc, get in _CONTAINER_GAUGES:
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker"])
+        for worker in seen:
+            assert worker.container is not None
+            value = get(worker.container)
+            if value is not None:
+                family.add_metric([worker.name], value)
+        yield family
+    events = CounterMetricFamily(
+        PREFIX + "container_memory_events", "The kernel's memory event counters of the worker's "
+        "container: oom, oom_kill, high (throttled over memory.high), max (at the limit; "
+        "cgroup v1: memory.failcnt).", labels=["worker", "event"])
+    pressure = GaugeMetricFamily(
+        PREFIX + "container_memory_pressure", "Share of the last 10 s in which some (or all) "
+        "of the container's tasks stalled on memory (PSI avg10; the system's where the "
+        "container has none).", labels=["worker", "kind"])
+    stalled = CounterMetricFamily(
+        PREFIX + "container_memory_pressure_seconds", "Time the container's tasks stalled on "
+        "memory (PSI total).", labels=["worker", "kind"])
+    for worker in seen:
+        assert worker.container is not None
+        for event, count in sorted(worker.container.events.items()):
+            events.add_metric([worker.name, event], count)
+        psi = worker.container.pressure
+        if psi is not None:
+            for kind, ratio, total in (("some", psi.some_avg10, psi.some_total),
+                                       ("full", psi.full_avg10, psi.full_total)):
+                pressure.add_metric([worker.name, kind], ratio)
+                stalled.add_metric([worker.name, kind], total)
+    yield from (events, pressure, stalled)
 
 
 class StateCollector(Collector):
@@ -101,6 +151,7 @@ class StateCollector(Collector):
             for level, size in view.worker_limits.get(worker.name, view.limits).items():
                 limit.add_metric([worker.name, level], size)
         yield from (info, limit)
+        yield from _containers(workers)
         yield from self._counters(view)
 
     def _counters(self, view: View) -> Iterator[Any]:
@@ -111,11 +162,15 @@ class StateCollector(Collector):
              ["worker", "reason"], view.dry_run_recycles),
             ("interrupted_tasks",
              "Tasks stopped for memory, by task name (bounded) and reason: hard (interrupted "
-             "at the hard limit), kill (its child killed), oom (killed by the OOM killer).",
+             "at the hard limit), kill (its child killed by kill escalation), oom (its child "
+             "killed by the OOM killer), killed (its child killed by a SIGKILL neither the "
+             "kernel's OOM killer nor celery-memguard sent), sigkill (a SIGKILL where no OOM "
+             "counter could be read).",
              ["worker", "task", "reason"], view.interrupted),
             ("oom_kills",
-             "Pool children killed by a SIGKILL celery-memguard did not send (the OOM killer).",
-             ["worker"], view.oom_kills),
+             "Pool children the kernel's OOM killer killed (its counter moved), by the task they "
+             "ran (\"\" when none or unknown).",
+             ["worker", "task"], view.oom_kills),
             ("worker_restarts",
              "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
              "hard (cold shutdown).", ["worker", "reason"], view.restarts),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from celery_memguard.daemon.cgroups import Cgroups
 from celery_memguard.daemon.readings import FoundWorker, ProcStat
+from celery_memguard.protocol.cgroups import Cgroups, Container, ContainerReading
 
 
 class Procs:
@@ -198,6 +198,13 @@ class Procs:
                 stat = self.stat(int(entry.name))
                 if stat is not None:
                     yield stat
+
+    def container(self, pid: int) -> Container | None:
+        """The memory cgroup of a worker (protocol.cgroups), None where not visible from here."""
+        return self.cgroups.find(pid)
+
+    def read_container(self, container: Container) -> ContainerReading | None:
+        return self.cgroups.read(container)
 
     def memory_total(self) -> int:
         """The memory a percentage refers to: the cgroup limit if one is set, else the host's."""

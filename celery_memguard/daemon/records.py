@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from celery_memguard.daemon.leak_trend import History
 from celery_memguard.daemon.readings import ProcId
+from celery_memguard.protocol.cgroups import ContainerReading
 
 
 class Rejected(Exception):
@@ -63,6 +64,13 @@ class WorkerRec:
     restart_at: float | None = None
     fresh_rss: deque[int] = field(default_factory=lambda: deque(maxlen=16))  # children at 0 tasks
     total_over_since: float | None = None
+    container: str | None = None  # its memory cgroup's path, where the daemon sees it
+    container_reading: ContainerReading | None = None  # as of the last tick
+
+    @property
+    def container_key(self) -> str:
+        """Whose OOM kill counter its readings are: its cgroup, else the worker itself."""
+        return self.container if self.container is not None else f"pid:{self.proc.pid}"
 
 
 class BoundedNames:

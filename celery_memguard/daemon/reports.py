@@ -20,11 +20,13 @@ from celery_memguard.protocol import grants, messages, signals
 def fold(state: State, message: messages.Message, now: float) -> WorkerRec | None:
     """Fold one message into the state; return the worker it concerns, if any."""
     if isinstance(message, messages.WorkerHello):
-        return _worker_hello(state, message)
+        worker = _worker_hello(state, message)
+        state.oom.observe(worker.container_key, message.oom_kills, now)
+        return worker
     if isinstance(message, messages.WorkerBye):
         return state.workers.pop(message.pid, None)
     if isinstance(message, messages.ChildDied):
-        return _child_died(state, message)
+        return _child_died(state, message, now)
     worker, child = _child_of(state, message, now)
     child.agent = True
     if not worker.agent:  # its children speak, so its app installed the agent; the main
@@ -126,24 +128,32 @@ def units_taken(state: State, worker: WorkerRec, taken: list[tuple[int, str]],
             granted(state, worker, child, reason, now)
 
 
-def _child_died(state: State, msg: messages.ChildDied) -> WorkerRec | None:
-    """The main process reaped a child: a SIGKILL we did not send is counted as an OOM kill."""
+def _child_died(state: State, msg: messages.ChildDied, now: float) -> WorkerRec | None:
+    """The main process reaped a child. A SIGKILL the daemon did not send is an OOM kill when
+    the kernel's counter of the worker's container moved, else a kill by someone else."""
     worker = state.workers.get(msg.pid)
     if worker is None or worker.name is None:
         raise Rejected("unknown_worker")
-    if msg.exitcode != -signal.SIGKILL or state.killed.pop(msg.child, None) is not None:
+    if msg.exitcode != -signal.SIGKILL or state.sigkilled.pop(msg.child, None) is not None:
+        state.oom.observe(worker.container_key, msg.oom_kills, now)
         return worker
-    state.oom_kills[worker.name] += 1
     child = worker.children.get(msg.child)
     if child is None:
         gone = state.gone.get(msg.child)
         child = gone[1] if gone is not None else None
-    if child is not None and child.task is not None:
-        state.interrupted[(worker.name, state.task_names.label(child.task), "oom")] += 1
-    state.events.append(("child_oom_killed", {
-        "worker": worker.name, "index": msg.index, "pid": msg.child,
-        "task": child.task if child else None, "task_id": child.task_id if child else None,
-        "rss_bytes": child.rss if child else None}))
+    # The pool's record of the job names the task even where the child never announced it.
+    task = msg.task or (child.task if child is not None else None)
+    task_id = msg.id or (child.task_id if child is not None else None)
+    oom = state.oom.claim(worker.container_key, msg.oom_kills, now)
+    cause = "oom" if oom else "killed" if oom is False else "sigkill"
+    label = state.task_names.label(task) if task is not None else ""
+    if oom:
+        state.oom_kills[(worker.name, label)] += 1
+    if task is not None:
+        state.interrupted[(worker.name, label, cause)] += 1
+    state.events.append(("child_oom_killed" if oom else "child_killed", {
+        "worker": worker.name, "index": msg.index, "pid": msg.child, "task": task,
+        "task_id": task_id, "rss_bytes": child.rss if child else None, "cause": cause}))
     return worker
 
 

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from celery_memguard.daemon.leak_trend import Trend
 from celery_memguard.daemon.readings import ProcId
+from celery_memguard.protocol.cgroups import ContainerReading
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class Worker:
     total_over_since: float | None = None  # first tick its children's sum was over worker_total
     restart_sent: int | None = None  # SIGTERM (warm) or SIGQUIT (cold) already sent
     restart_at: float | None = None
+    container: ContainerReading | None = None  # its memory cgroup, where the daemon sees it
 
     @property
     def has_children(self) -> bool:

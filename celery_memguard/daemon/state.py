@@ -14,6 +14,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 from celery_memguard.daemon.leak_trend import recommend_max_tasks, seconds_to_limit, tasks_to_limit
+from celery_memguard.daemon.oom import OomLedger
 from celery_memguard.daemon.readings import FoundWorker, ProcId, ProcStat
 from celery_memguard.daemon.records import BoundedNames, ChildRec, WorkerRec
 from celery_memguard.daemon.snapshot import Child, Leak, Snapshot, Worker
@@ -42,7 +43,8 @@ class State:
         self.recycles: Counter[tuple[str, str]] = Counter()  # (worker, reason)
         self.dry_run_recycles: Counter[tuple[str, str]] = Counter()
         self.interrupted: Counter[tuple[str, str, str]] = Counter()  # (worker, task, reason)
-        self.oom_kills: Counter[str] = Counter()  # by worker
+        self.oom_kills: Counter[tuple[str, str]] = Counter()  # (worker, task); task "" unknown
+        self.oom = OomLedger()  # the kernel's OOM kill counters, matched to dead children
         self.restarts: Counter[tuple[str, str]] = Counter()  # whole workers, (worker, reason)
         self.messages: Counter[str] = Counter()  # by message type
         self.dropped: Counter[str] = Counter()  # by reason
@@ -52,7 +54,7 @@ class State:
         self.events: list[tuple[str, dict[str, object]]] = []  # for the daemon to log
         self.revision = 0  # counts recycles the children did on their own: the view is stale
         self.gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
-        self.killed: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
+        self.sigkilled: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
 
     def observe(self, worker: WorkerRec, child: ChildRec, rss: int, now: float,
                 end: bool = False) -> None:
@@ -172,9 +174,9 @@ class State:
             return
         if signum == signal.SIGKILL:
             child.killed_at = now
-            self.killed[pid] = now
-            if len(self.killed) > 256:
-                self.killed.popitem(last=False)
+            self.sigkilled[pid] = now
+            if len(self.sigkilled) > 256:
+                self.sigkilled.popitem(last=False)
         else:
             child.terminated_at = now
 
@@ -258,4 +260,5 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
                   restartable=rec.restartable, restart_sent=rec.restart_sent,
                   restart_at=rec.restart_at, recommended_max_tasks=recommended,
                   total_over_since=rec.total_over_since,
-                  fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None)
+                  fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None,
+                  container=rec.container_reading)

@@ -27,6 +27,7 @@ from celery_memguard.daemon.snapshot import Snapshot
 from celery_memguard.daemon.state import State
 from celery_memguard.daemon.view import View
 from celery_memguard.protocol import messages
+from celery_memguard.protocol.cgroups import Container
 
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
@@ -56,6 +57,7 @@ class Supervisor:
         self._scans = 0
         self._storms: set[str] = set()  # workers whose storm was already logged
         self._revision = 0  # the state's revision the published view shows
+        self._containers: dict[int, Container | None] = {}  # worker pid -> its memory cgroup
         self.view = self._make_view(clock())
 
     # -- config ---------------------------------------------------------------------------------
@@ -140,10 +142,12 @@ class Supervisor:
             live = self.procs.stat(pid)
             if live is None or live.proc != rec.proc:
                 self.state.drop_worker(pid)
+                self._containers.pop(pid, None)
                 self.publisher.remove_grant(pid)
                 self.log.info("worker_gone", worker=rec.name, pid=pid)
                 continue
             rec.rss = self.procs.rss(pid) or 0
+            self._read_container(rec, now)
             self._refresh_children(rec, now)
             for n, child in enumerate(list(rec.children.values()), 1):
                 rss = self.procs.rss(child.proc.pid)
@@ -160,6 +164,19 @@ class Supervisor:
         self.procs.sweep()
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - started)
+
+    def _read_container(self, rec: WorkerRec, now: float) -> None:
+        """The worker's memory cgroup: found once (again on each full scan), read every tick;
+        its OOM kill counter is what tells an OOM kill from another SIGKILL."""
+        pid = rec.proc.pid
+        if pid not in self._containers or self._scans % FULL_SCAN_EVERY == 1:
+            self._containers[pid] = self.procs.container(pid)
+        container = self._containers[pid]
+        rec.container = container.path if container is not None else None
+        reading = self.procs.read_container(container) if container is not None else None
+        rec.container_reading = reading
+        if reading is not None:
+            self.state.oom.observe(rec.container_key, reading.events.get("oom_kill"), now)
 
     def _scan(self, full: bool, now: float) -> None:
         for found in self.procs.scan_workers(full=full):

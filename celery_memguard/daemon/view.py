@@ -24,7 +24,7 @@ class View:
     recycles: dict[tuple[str, str], int] = field(default_factory=dict)
     dry_run_recycles: dict[tuple[str, str], int] = field(default_factory=dict)
     interrupted: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    oom_kills: dict[str, int] = field(default_factory=dict)
+    oom_kills: dict[tuple[str, str], int] = field(default_factory=dict)
     restarts: dict[tuple[str, str], int] = field(default_factory=dict)
     growth: dict[str, tuple[list[tuple[float, int]], int]] = field(default_factory=dict)
     ranking: tuple[Ranked, ...] = ()

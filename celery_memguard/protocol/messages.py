@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Annotated, Any, ClassVar, TypeVar, get_type_hints
 
 VERSION = 1
@@ -50,6 +50,11 @@ def _name(value: object) -> bool:
     return isinstance(value, str) and len(value) <= MAX_NAME and value.isprintable()
 
 
+def clean_name(name: str) -> str:
+    """A task name as a message may carry it: printable and bounded."""
+    return "".join(ch for ch in name if ch.isprintable())[:MAX_NAME] or "unknown"
+
+
 def _names(value: object) -> bool:
     return (isinstance(value, list) and 0 < len(value) <= MAX_BATCH_NAMES
             and all(_name(v) for v in value))
@@ -76,6 +81,7 @@ Count = Annotated[int, Kind(_int_in(0, 2**62))]
 MaybeCount = Annotated[int | None, Kind(_int_in(0, 2**62), optional=True)]
 ExitCode = Annotated[int, Kind(_int_in(-255, 256))]  # negative: killed by that signal
 Name = Annotated[str, Kind(_name)]
+MaybeName = Annotated[str | None, Kind(_name, optional=True)]
 Flag = Annotated[bool, Kind(lambda v: isinstance(v, bool))]
 Kids = Annotated[tuple[tuple[int, int], ...],
                  Kind(_kids, lambda v: tuple((item[0], item[1]) for item in v))]
@@ -83,7 +89,7 @@ Names = Annotated[tuple[str, ...], Kind(_names, tuple)]
 Ends = Annotated[tuple[tuple[int, int, int, int, int], ...],
                  Kind(_ends, lambda v: tuple(tuple(item) for item in v))]
 
-_SPECS: dict[str, tuple[type[Any], tuple[tuple[str, Kind], ...]]] = {}
+_SPECS: dict[str, tuple[type[Any], tuple[tuple[str, Kind, bool], ...]]] = {}
 _NAMES: dict[type[Any], tuple[str, ...]] = {}
 _M = TypeVar("_M")
 
@@ -91,11 +97,12 @@ _M = TypeVar("_M")
 def _message(cls: type[_M]) -> type[_M]:
     """Register a message class under its TYPE, with the kinds its annotations name."""
     hints = get_type_hints(cls, include_extras=True)
-    spec = tuple((f.name, hints[f.name].__metadata__[0]) for f in fields(cls))  # type: ignore[arg-type]
+    spec = tuple((f.name, hints[f.name].__metadata__[0], f.default is not MISSING)
+                 for f in fields(cls))  # type: ignore[arg-type]
     kind = cls.TYPE  # type: ignore[attr-defined]
     assert kind not in _SPECS, kind
     _SPECS[kind] = (cls, spec)
-    _NAMES[cls] = tuple(name for name, _ in spec)
+    _NAMES[cls] = tuple(name for name, _, _ in spec)
     return cls
 
 
@@ -118,6 +125,7 @@ class WorkerHello:
     kids: Kids  # (pid, pool index) of the live pool children
     agent: Name
     restart: Flag = False  # opted in to whole-worker restarts (pools without children)
+    oom_kills: MaybeCount = None  # the kernel's OOM kill counter of the worker's container
 
 
 @_message
@@ -254,6 +262,9 @@ class ChildDied:
     child: Pid
     index: Count
     exitcode: ExitCode
+    task: MaybeName = None  # the task the pool had given the child and not seen finish
+    id: MaybeName = None  # its task id
+    oom_kills: MaybeCount = None  # the kernel's OOM kill counter of the worker's container
 
 
 Message = (WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | TaskRunning | TaskBatch
@@ -311,11 +322,14 @@ def decode(data: bytes) -> Message:
     return cls(**values)  # type: ignore[no-any-return]
 
 
-def _values(spec: tuple[tuple[str, Kind], ...], body: dict[str, Any]) -> dict[str, Any]:
-    """Each field of the spec, checked and converted; a missing or bad one is refused."""
+def _values(spec: tuple[tuple[str, Kind, bool], ...], body: dict[str, Any]) -> dict[str, Any]:
+    """Each field of the spec, checked and converted; a missing or bad one is refused. A
+    field with a default came later: a message of an older agent may lack it."""
     values: dict[str, Any] = {}
-    for name, kind in spec:
+    for name, kind, has_default in spec:
         if name not in body:
+            if has_default:
+                continue
             raise MessageError("missing_field", name)
         value = body[name]
         if value is None and kind.optional:

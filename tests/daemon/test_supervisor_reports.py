@@ -109,20 +109,77 @@ def test_task_names_beyond_the_bound_are_counted_as_other(procs: FakeProcs) -> N
     assert {task for _, task, _ in sup.state.interrupted} == {"app.t0", "app.t1", "other"}
 
 
-def test_a_sigkill_we_did_not_send_is_an_oom_kill(procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+def test_a_sigkill_the_kernel_counted_is_an_oom_kill_of_the_task_it_ran(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """The worker's hello gives the container's OOM counter; the child's death moved it by
+    one: an OOM kill, counted with the task, whose name the pool's record of the job gives."""
     sup = make(procs)
-    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(hello(oom_kills=3)), 0.0)
     sup.receive(dgram(messages.TaskStart(pid=KID0, ppid=MAIN, index=0, task="app.huge", id="x-9",
                                         rss=900 * MiB)), 0.0)
     assert sup.state.interrupted == {}
     del procs.table[KID0]
     sup.tick(1.0)  # the child is gone from /proc before its parent reports the exit code
-    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9)), 1.1)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9,
+                                         task="app.huge", id="x-9", oom_kills=4)), 1.1)
     sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=155)), 1.2)
-    assert sup.state.oom_kills == {"w@h": 1}
+    assert sup.state.oom_kills == {("w@h", "app.huge"): 1}
     assert sup.state.interrupted == {("w@h", "app.huge", "oom"): 1}
     [event] = [e for e in logs if e["event"] == "child_oom_killed"]
     assert (event["task"], event["task_id"], event["pid"]) == ("app.huge", "x-9", KID0)
+    sup.tick(2.0)  # the next view shows it
+    assert b'celery_memguard_oom_kills_total{task="app.huge",worker="w@h"} 1.0' in \
+        sup.metrics.render()
+
+
+def test_a_sigkill_the_kernel_did_not_count_is_a_kill_by_someone_else(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello(oom_kills=3)), 0.0)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9,
+                                         task="app.t", id="t-1", oom_kills=3)), 1.0)
+    assert sup.state.oom_kills == {}
+    assert sup.state.interrupted == {("w@h", "app.t", "killed"): 1}
+    [event] = [e for e in logs if e["event"] == "child_killed"]
+    assert (event["cause"], event["task_id"]) == ("killed", "t-1")
+
+
+def test_two_children_killed_by_two_oom_kills_are_each_counted_once(procs: FakeProcs) -> None:
+    """The counter moved by two before either death arrived (read on the worker's hello)."""
+    sup = make(procs)
+    sup.receive(dgram(hello(oom_kills=0)), 0.0)
+    sup.receive(dgram(hello(oom_kills=2)), 0.5)
+    for n, kid in enumerate((KID0, KID1)):
+        sup.receive(dgram(messages.ChildDied(pid=MAIN, child=kid, index=n, exitcode=-9,
+                                             task="app.t", id=f"t-{n}", oom_kills=2)), 1.0)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=13, index=0, exitcode=-9, task="app.t",
+                                         id="t-3", oom_kills=2)), 1.5)
+    assert sup.state.oom_kills == {("w@h", "app.t"): 2}
+    assert sup.state.interrupted[("w@h", "app.t", "killed")] == 1
+
+
+def test_an_oom_kill_no_child_claims_is_not_lent_to_a_later_sigkill(procs: FakeProcs) -> None:
+    """Another process of the container (a task's own subprocess) was OOM-killed: no child
+    died. A child killed by hand long after is not an OOM kill."""
+    sup = make(procs)
+    sup.receive(dgram(hello(oom_kills=5)), 0.0)
+    sup.receive(dgram(hello(oom_kills=6)), 2.0)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9,
+                                         oom_kills=6)), 30.0)
+    assert sup.state.oom_kills == {}
+
+
+def test_without_any_oom_counter_a_sigkill_is_reported_as_such(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """An agent that cannot read its container's counter (and a daemon that cannot either):
+    neither an OOM kill nor a kill is claimed."""
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9,
+                                         task="app.t", id="t-1")), 1.0)
+    assert sup.state.oom_kills == {}
+    assert sup.state.interrupted == {("w@h", "app.t", "sigkill"): 1}
+    assert [e["cause"] for e in logs if e["event"] == "child_killed"] == ["sigkill"]
 
 
 def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None:

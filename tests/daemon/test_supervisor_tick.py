@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.readings import ProcId
 from celery_memguard.protocol import messages, rules
+from celery_memguard.protocol.cgroups import ContainerReading, Pressure
 from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import FakeProcs
@@ -246,3 +248,31 @@ def test_the_daemon_jitters_a_child_only_where_its_pool_recycles_two_at_once(
     assert asked is (concurrency == 8)
     child = next(iter(sup.state.workers.values())).children[KID0]
     assert (child.over_soft_since is not None) is (concurrency == 8)
+
+
+def test_the_workers_container_is_exported_and_its_oom_counter_tells_oom_from_sigkill(
+        procs: FakeProcs) -> None:
+    """Read on the tick (the daemon sees the worker's cgroup), the kernel's counter is what a
+    later child death is matched against: the agent's hello carried none."""
+    procs.containers[MAIN] = ContainerReading(
+        usage=300 * MiB, working_set=250 * MiB, limit=512 * MiB, high=None,
+        events={"oom": 0, "oom_kill": 7, "high": 0, "max": 2},
+        pressure=Pressure(some_avg10=0.05, full_avg10=0.01, some_total=1.5, full_total=0.5))
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.tick(1.0)
+    text = sup.metrics.render().decode()
+    for line in ('celery_memguard_container_memory_working_set_bytes{worker="w@h"} 2.62144e+08',
+                 'celery_memguard_container_memory_limit_bytes{worker="w@h"} 5.36870912e+08',
+                 'celery_memguard_container_memory_events_total{event="oom_kill",worker="w@h"} 7.0',
+                 'celery_memguard_container_memory_pressure{kind="some",worker="w@h"} 0.05'):
+        assert line in text
+    assert "container_memory_high_bytes{" not in text  # unset: no series
+    procs.containers[MAIN] = dataclasses.replace(
+        procs.containers[MAIN], events={**procs.containers[MAIN].events, "oom_kill": 8})
+    sup.tick(2.0)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID0, index=0, exitcode=-9,
+                                         task="app.t", id="t")), 2.1)
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=-9,
+                                         task="app.t", id="u")), 2.2)
+    assert sup.state.interrupted == {("w@h", "app.t", "oom"): 1, ("w@h", "app.t", "killed"): 1}

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from celery_memguard.daemon import config
-from celery_memguard.daemon.cgroups import (
+from celery_memguard.daemon.procs import Procs
+from celery_memguard.protocol.cgroups import (
     Cgroups,
     ContainerReading,
     Pressure,
@@ -20,7 +21,6 @@ from celery_memguard.daemon.cgroups import (
     parse_limit,
     parse_pressure,
 )
-from celery_memguard.daemon.procs import Procs
 from tests.support import MemoryCgroup
 
 GiB = 1024**3

@@ -1,4 +1,8 @@
-"""A worker's container as the kernel judges it: its memory cgroup, read like the OS seam reads /proc.
+"""A worker's container as the kernel judges it: its memory cgroup. Standard library only.
+
+Both sides read it and must read it alike: the daemon for every worker it supervises, a pool
+child for its own container before it starts a task, the worker's main process for the OOM
+kill counter when it reaps a child.
 
 cgroup v2 (``memory.current``, ``memory.max``, ``memory.high``, ``memory.events``,
 ``memory.stat``, ``memory.pressure``) and v1 (``memory.usage_in_bytes``,
@@ -11,6 +15,8 @@ The cgroup that binds is the nearest one, going up from the worker's, that has a
 usage is what the kernel compares with that limit. Its working set is usage minus the inactive
 page cache, which the kernel drops before it kills (what Kubernetes' eviction judges).
 The parsing functions are pure; ``Cgroups`` reads files under two roots given as arguments.
+Where no limited cgroup holds a process, the kernel's global OOM kills are counted in
+/proc/vmstat (``system_oom_kills``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Container:
     directory: Path  # the cgroup whose limit binds (or the worker's own, with no limit)
     pressure_file: Path | None  # memory.pressure of that cgroup (v2), else the system's
     path: str  # the cgroup path as /proc/PID/cgroup names it: the container's identity
+    own: Path  # the process's own cgroup, whose event counters count its processes' kills
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,14 +152,15 @@ class Cgroups:
         pressure = self._pressure_file(unified, v2_path)
         if v1_path is not None and (self.root / "memory").is_dir():
             found = self._binding(self.root / "memory", v1_path, "memory.limit_in_bytes")
-            return None if found is None else Container(1, found, pressure, v1_path)
+            own = _join(self.root / "memory", v1_path)
+            return None if found is None else Container(1, found, pressure, v1_path, own)
         if v2_path is not None and unified is not None:
             found = self._binding(unified, v2_path, "memory.max")
             if found is None or not (found / "memory.current").exists():
                 return None  # the root cgroup, or no memory controller on this path
             own_pressure = found / "memory.pressure"
             return Container(2, found, own_pressure if own_pressure.exists() else pressure,
-                             v2_path)
+                             v2_path, _join(unified, v2_path))
         return None
 
     def _binding(self, base: Path, path: str, limit_name: str) -> Path | None:
@@ -160,7 +168,7 @@ class Cgroups:
         if path.startswith("/.."):
             return None  # outside this namespace's view
         parts = [part for part in path.split("/") if part]
-        own = base.joinpath(*parts)
+        own = _join(base, path)
         if not own.is_dir():
             return None
         for depth in range(len(parts), -1, -1):
@@ -189,13 +197,13 @@ class Cgroups:
                 usage = int((d / "memory.current").read_text())
                 limit = _tightest(d, self.unified, "memory.max")
                 high = parse_limit(_read(d / "memory.high") or "max")
-                raw = parse_keyed(_read(d / "memory.events") or "")
+                raw = parse_keyed(_read(container.own / "memory.events") or "")
                 events = {key: raw.get(key, 0) for key in ("oom", "oom_kill", "high", "max")}
             else:
                 usage = int((d / "memory.usage_in_bytes").read_text())
                 limit = _tightest(d, self.root / "memory", "memory.limit_in_bytes")
                 high = None
-                control = parse_keyed(_read(d / "memory.oom_control") or "")
+                control = parse_keyed(_read(container.own / "memory.oom_control") or "")
                 failcnt = int(_read(d / "memory.failcnt") or 0)
                 events = {"oom": control.get("oom_kill", 0), "oom_kill": control.get("oom_kill", 0),
                           "high": 0, "max": failcnt}
@@ -208,6 +216,18 @@ class Cgroups:
         return ContainerReading(usage=usage, working_set=working_set(usage, stat, container.version),
                                 limit=limit, high=high, events=events, pressure=pressure)
 
+    def oom_kills(self, pid: int | str = "self") -> int | None:
+        """The kernel's count of OOM kills among a process's cgroup (its own cgroup's, which
+        counts its processes whatever killer chose them), else the system's (/proc/vmstat)
+        where no cgroup of its own is readable; None where neither is."""
+        container = self.find(pid)
+        if container is not None:
+            name = "memory.events" if container.version == 2 else "memory.oom_control"
+            counters = parse_keyed(_read(container.own / name) or "")
+            if "oom_kill" in counters:
+                return counters["oom_kill"]
+        return parse_keyed(_read(Path(self.proc, "vmstat")) or "").get("oom_kill")
+
     def memory_limit(self, pid: int | str = "self") -> int | None:
         """The tightest memory limit on the path of a process's cgroup (v2 or v1)."""
         try:
@@ -215,6 +235,10 @@ class Cgroups:
         except OSError:
             return None
         return cgroup_memory_limit(text, self.root)
+
+
+def _join(base: Path, path: str) -> Path:
+    return base.joinpath(*[part for part in path.split("/") if part])
 
 
 def _read(path: Path) -> str | None:
