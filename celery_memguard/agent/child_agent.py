@@ -30,9 +30,11 @@ from typing import Any
 
 from celery_memguard.agent.batch import FLUSH_SECONDS, Batch
 from celery_memguard.agent.procfs import StatmReader, start_ticks
+from celery_memguard.agent.quarantine import Quarantine, raise_in_body
 from celery_memguard.agent.sender import Sender
 from celery_memguard.agent.watch import Watch
-from celery_memguard.protocol import grants, messages, paths, rules, settings
+from celery_memguard.errors import MemoryLimitExceeded
+from celery_memguard.protocol import grants, messages, paths, quarantine, rules, settings
 from celery_memguard.protocol.signals import EX_RECYCLE
 
 CHILD_HELLO_SECONDS = 5.0
@@ -76,6 +78,8 @@ class ChildAgent:
         self.retake_at = 0.0
         self._settings_mtime = 0.0
         self._batch = Batch()
+        self.quarantine = Quarantine(socket_path)
+        self._untrace: Callable[[], None] | None = None  # a refused task's trace, until it fires
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
         # from the published settings
         self.soft_threshold = 0  # this process's own: the soft limit lowered by its jitter
@@ -123,13 +127,28 @@ class ChildAgent:
     def begin(self, name: str, task_id: str, run_code: CodeType | None) -> None:
         self.rss_before = self.statm.rss()
         self.task_name, self.task_id = name, task_id
-        self.task_started = time.monotonic()
+        self.task_started = now = time.monotonic()
         self.announced = False
         self.running = True
         self.watch.task_started(run_code)
+        entry = self.quarantine.lookup(task_id, now) if task_id else None
+        if entry is not None and run_code is not None:
+            self._refuse(entry, run_code)
+
+    def _refuse(self, entry: quarantine.Entry, run_code: CodeType) -> None:
+        """A quarantined task id: it fails as its body starts, and the daemon hears of it."""
+        detail = (f"task {self.task_id} ({self.task_name}) is quarantined: "
+                  f"{entry.why(self.quarantine.after)}")
+        self._untrace = raise_in_body(run_code, MemoryLimitExceeded(0, 0, "quarantined", detail))
+        self._send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
+                                            task=self.task_name, id=self.task_id,
+                                            rss=self.rss_before, limit=0, reason="quarantined"))
 
     def end(self, ok: bool) -> None:
         self.watch.task_ended()
+        if self._untrace is not None:
+            self._untrace()
+            self._untrace = None
         rss = self.statm.rss()
         self.growth.append(rss - self.rss_before)
         now = time.monotonic()

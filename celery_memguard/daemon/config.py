@@ -254,6 +254,18 @@ class RecycleConfig(_Section):
         return parse_percent(value)
 
 
+class QuarantineConfig(_Section):
+    after: int = Field(
+        default=2, ge=0, le=1000,
+        description=(
+            "A task id that was running at this many OOM kills or memory interrupts of its "
+            "worker process is not run again: delivered once more, it fails at once with "
+            "MemoryLimitExceeded (reason quarantined), so that a task which kills its worker is "
+            "not redelivered forever. 0 turns the quarantine off."
+        ),
+    )
+
+
 class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = Field(
         default="auto", description="json off a terminal, console on one, when auto."
@@ -285,6 +297,7 @@ class Config(_Section):
         ),
     )
     recycle: RecycleConfig = Field(default_factory=RecycleConfig)
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def limits_for(self, worker: str) -> LimitsConfig:

@@ -3,6 +3,7 @@
 ``<socket>.settings.json`` (protocol.settings), rewritten atomically at start and on reload;
 ``<socket>.grant.<worker pid>`` (protocol.grants), exchanged on every decision. Both are
 removed when the daemon stops: without a daemon, children no longer recycle themselves.
+``<socket>.quarantine.json`` (protocol.quarantine) stays: a restarted daemon reads it back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 
 from celery_memguard.daemon.config import Config
-from celery_memguard.protocol import grants, paths, settings
+from celery_memguard.protocol import grants, paths, quarantine, settings
 
 SETTINGS_MODE = 0o644  # every child reads it; only the daemon writes it
 
@@ -32,12 +33,27 @@ class Publisher:
             skip_within_tasks=recycle.skip_within_tasks,
             workers=tuple((w.match, w.limits.hard, w.limits.soft, w.limits.measure)
                           for w in config.workers)))
-        path = paths.settings_path(self.socket)
+        self._write(paths.settings_path(self.socket), data)
+
+    def _write(self, path: str, data: bytes) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, SETTINGS_MODE)
         os.replace(tmp, path)
+
+    def write_quarantine(self, entries: dict[str, quarantine.Entry], after: int) -> None:
+        """Write the quarantined task ids, atomically; the file outlives the daemon."""
+        self._write(paths.quarantine_path(self.socket), quarantine.encode(entries, after))
+
+    def load_quarantine(self) -> dict[str, quarantine.Entry]:
+        """What a previous daemon quarantined (nothing, when there is no valid file)."""
+        try:
+            with open(paths.quarantine_path(self.socket), "rb") as fh:
+                decoded = quarantine.decode(fh.read(1 << 22))
+        except OSError:
+            return {}
+        return decoded[0] if decoded is not None else {}
 
     def exchange(self, worker_pid: int, identity: tuple[int, int],
                  grant: int) -> list[tuple[int, str]] | None:

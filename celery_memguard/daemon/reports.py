@@ -59,15 +59,29 @@ def _child_report(state: State, worker: WorkerRec, child: ChildRec, message: mes
         if message.tasks == 0:
             worker.fresh_rss.append(message.rss)
     elif isinstance(message, messages.TaskInterrupted):
-        state.observe(worker, child, message.rss, now)
-        name = state.task_names.label(message.task)
-        state.interrupted[(worker.name or "", name, "hard")] += 1
-        state.events.append(("task_interrupted", {
-            "worker": worker.name, "index": child.index, "pid": child.proc.pid,
-            "task": message.task, "task_id": message.id, "rss_bytes": message.rss,
-            "limit_bytes": message.limit, "reason": "hard"}))
+        _task_interrupted(state, worker, child, message, now)
     elif isinstance(message, messages.ChildExit):
         _child_exit(state, worker, child, message, now)
+
+
+def _task_interrupted(state: State, worker: WorkerRec, child: ChildRec,
+                      message: messages.TaskInterrupted, now: float) -> None:
+    """A task interrupted for memory (counted towards its quarantine), or refused because it
+    is quarantined already."""
+    reason = message.reason if message.reason in ("hard", "container", "quarantined") else "hard"
+    name = state.task_names.label(message.task)
+    state.interrupted[(worker.name or "", name, reason)] += 1
+    if reason == "quarantined":
+        state.events.append(("task_refused", {
+            "worker": worker.name, "index": child.index, "pid": child.proc.pid,
+            "task": message.task, "task_id": message.id, "reason": reason}))
+        return
+    state.observe(worker, child, message.rss, now)
+    state.incident(message.id, message.task, 0, 1, state.wall())
+    state.events.append(("task_interrupted", {
+        "worker": worker.name, "index": child.index, "pid": child.proc.pid,
+        "task": message.task, "task_id": message.id, "rss_bytes": message.rss,
+        "limit_bytes": message.limit, "reason": reason}))
 
 
 def _child_exit(state: State, worker: WorkerRec, child: ChildRec, message: messages.ChildExit,
@@ -149,6 +163,7 @@ def _child_died(state: State, msg: messages.ChildDied, now: float) -> WorkerRec 
     label = state.task_names.label(task) if task is not None else ""
     if oom:
         state.oom_kills[(worker.name, label)] += 1
+        state.incident(task_id, task, 1, 0, state.wall())
     if task is not None:
         state.interrupted[(worker.name, label, cause)] += 1
     state.events.append(("child_oom_killed" if oom else "child_killed", {

@@ -19,7 +19,8 @@ from celery_memguard.daemon.readings import FoundWorker, ProcId, ProcStat
 from celery_memguard.daemon.records import BoundedNames, ChildRec, WorkerRec
 from celery_memguard.daemon.snapshot import Child, Leak, Snapshot, Worker
 from celery_memguard.daemon.task_growth import TaskGrowth
-from celery_memguard.protocol import rules
+from celery_memguard.protocol import quarantine, rules
+from celery_memguard.protocol.quarantine import Entry
 
 StatFn = Callable[[int], ProcStat | None]
 LimitsFn = Callable[[str], tuple[int, int]]
@@ -31,8 +32,10 @@ class State:
     def __init__(self, stat: StatFn, limits: LimitsFn | None = None, jitter: float = 0.0,
                  max_share: float | None = None,
                  max_task_names: int = 50,
-                 age: Callable[[ProcId], float | None] | None = None) -> None:
+                 age: Callable[[ProcId], float | None] | None = None,
+                 wall: Callable[[], float] = lambda: 0.0) -> None:
         self.stat = stat
+        self.wall = wall  # the wall clock, for what is shown with a date (quarantines)
         self._age = age or (lambda proc: None)  # seconds a process has lived, where known
         # (soft, hard) bytes for a worker name: the over-soft and over-hard clocks, time to the
         # soft limit and the max-tasks advice are measured against them
@@ -45,6 +48,11 @@ class State:
         self.interrupted: Counter[tuple[str, str, str]] = Counter()  # (worker, task, reason)
         self.oom_kills: Counter[tuple[str, str]] = Counter()  # (worker, task); task "" unknown
         self.oom = OomLedger()  # the kernel's OOM kill counters, matched to dead children
+        self.quarantine_after = 0  # incidents that quarantine a task id (0: off)
+        self.incidents: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # id -> (task,
+        # OOM kills, interrupts) of the task ids that were running at one
+        self.quarantined: dict[str, Entry] = {}  # the task ids no child may run again
+        self.quarantine_revision = 0
         self.restarts: Counter[tuple[str, str]] = Counter()  # whole workers, (worker, reason)
         self.messages: Counter[str] = Counter()  # by message type
         self.dropped: Counter[str] = Counter()  # by reason
@@ -55,6 +63,26 @@ class State:
         self.revision = 0  # counts recycles the children did on their own: the view is stale
         self.gone: OrderedDict[int, tuple[str, ChildRec]] = OrderedDict()  # recent exits
         self.sigkilled: OrderedDict[int, float] = OrderedDict()  # pids we sent SIGKILL
+
+    def incident(self, task_id: str | None, task: str | None, oom: int, interrupt: int,
+                 wall: float) -> None:
+        """Task ``task_id`` was running at an OOM kill or a memory interrupt of its process;
+        at ``quarantine_after`` of them it is quarantined."""
+        if not task_id or task is None or task_id in self.quarantined:
+            return
+        _, ooms, interrupts = self.incidents.pop(task_id, (task, 0, 0))
+        ooms, interrupts = ooms + oom, interrupts + interrupt
+        self.incidents[task_id] = (task, ooms, interrupts)
+        if len(self.incidents) > 4096:
+            self.incidents.popitem(last=False)
+        if 0 < self.quarantine_after <= ooms + interrupts:
+            self.quarantined[task_id] = Entry(task, ooms, interrupts, wall)
+            while len(self.quarantined) > quarantine.MAX_ENTRIES:
+                del self.quarantined[next(iter(self.quarantined))]
+            self.quarantine_revision += 1
+            self.events.append(("task_quarantined", {
+                "task": task, "task_id": task_id, "oom_kills": ooms, "interrupts": interrupts,
+                "after": self.quarantine_after}))
 
     def observe(self, worker: WorkerRec, child: ChildRec, rss: int, now: float,
                 end: bool = False) -> None:

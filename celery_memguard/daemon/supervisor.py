@@ -44,7 +44,8 @@ class Supervisor:
         self.state = State(procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
                            max_share=config.recycle.max_share,
                            max_task_names=config.metrics.max_task_names,
-                           age=lambda proc: procs.age(proc.start))
+                           age=lambda proc: procs.age(proc.start), wall=time.time)
+        self.state.quarantine_after = config.quarantine.after
         self.actor = Actor(procs, self.state, log, config.recycle.dry_run)
         self.sampler = sampler.UssSampler(procs)
         self.publisher = Publisher(str(config.agent.socket))
@@ -58,6 +59,7 @@ class Supervisor:
         self._storms: set[str] = set()  # workers whose storm was already logged
         self._revision = 0  # the state's revision the published view shows
         self._containers: dict[int, Container | None] = {}  # worker pid -> its memory cgroup
+        self._quarantine_published = 0
         self.view = self._make_view(clock())
 
     # -- config ---------------------------------------------------------------------------------
@@ -82,6 +84,7 @@ class Supervisor:
         self._limits.clear()
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
+        self.state.quarantine_after = new.quarantine.after
         if publish:  # the agents re-read the file within seconds
             self.publisher.settings(new)
         self.decide(self.clock(), None)  # the grants at once: a dry run, lower caps
@@ -111,6 +114,7 @@ class Supervisor:
             return
         state.messages[message.EVENT] += 1
         self._log_events()
+        self.publish_quarantine()
         if isinstance(message, messages.WorkerHello) and worker is not None:
             self._refresh_children(worker, now)
         if isinstance(message, messages.WorkerBye):
@@ -161,6 +165,7 @@ class Supervisor:
         self.state.assess_trends()
         self.decide(now, None)
         self._log_events()
+        self.publish_quarantine()
         self.procs.sweep()
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - started)
@@ -215,6 +220,12 @@ class Supervisor:
         elif changed:
             self.view = self._make_view(now)
             self._revision = self.state.revision
+
+    def publish_quarantine(self) -> None:
+        """Write the quarantined task ids for the children, when the list changed."""
+        if self.state.quarantine_revision != self._quarantine_published:
+            self._quarantine_published = self.state.quarantine_revision
+            self.publisher.write_quarantine(self.state.quarantined, self.config.quarantine.after)
 
     def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> set[int]:
         """Publish each agent worker's grant (policy.grant_sizes) and collect the units its

@@ -238,7 +238,8 @@ class ChildExit:
 @_message
 @dataclass(frozen=True, slots=True)
 class TaskInterrupted:
-    """Sent by a child whose watch found it past the hard limit during a task."""
+    """Sent by a child whose task was interrupted (past the hard limit, or its container's
+    hard line) or refused before it began (its id is quarantined)."""
 
     TYPE: ClassVar[str] = "h"
     EVENT: ClassVar[str] = "task_interrupted"
@@ -249,6 +250,7 @@ class TaskInterrupted:
     id: Name
     rss: Count
     limit: Count
+    reason: Name = "hard"  # hard, container (the container's hard line), quarantined (refused)
 
 
 @_message

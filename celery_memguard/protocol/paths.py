@@ -25,6 +25,11 @@ def bell_path(socket: str) -> str:
     return socket + ".bell"
 
 
+def quarantine_path(socket: str) -> str:
+    """The task ids no child may run again (protocol.quarantine)."""
+    return socket + ".quarantine.json"
+
+
 def grant_path(socket: str, worker_pid: int) -> str:
     """One worker's grant file (protocol.grants)."""
     return f"{socket}.grant.{worker_pid}"

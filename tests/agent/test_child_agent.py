@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from celery_memguard.agent.child_agent import RETAKE_SECONDS, ChildAgent
-from celery_memguard.protocol import grants
+from celery_memguard.errors import MemoryLimitExceeded
+from celery_memguard.protocol import grants, messages, paths, quarantine
 from tests.builders import MiB
 
 
@@ -253,3 +255,42 @@ def test_a_task_of_the_workers_current_app_is_named_even_if_another_was_installe
             "app.only_in_the_current_app", "id-3", elsewhere.run.__code__)
     finally:
         previous.set_current()
+
+
+def _task_body(x: int) -> int:
+    return x + 1
+
+
+def test_a_quarantined_task_fails_as_its_body_starts_and_others_run(tmp_path: Path) -> None:
+    """The exception comes from inside the body, where autoretry_for and the result backend
+    see it; the daemon hears of the refusal; the next task, not quarantined, runs."""
+    socket = str(tmp_path / "agent.sock")
+    Path(paths.quarantine_path(socket)).write_bytes(quarantine.encode(
+        {"bad-1": quarantine.Entry("app.huge", 2, 0, 0.0)}, 2))
+    agent = ChildAgent(0, socket)
+    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    agent.begin("app.huge", "bad-1", _task_body.__code__)
+    with pytest.raises(MemoryLimitExceeded) as raised:
+        _task_body(1)
+    assert raised.value.reason == "quarantined"
+    assert "bad-1" in str(raised.value)
+    assert "2 OOM kills" in str(raised.value)
+    agent.end(False)
+    [refused] = [m for m in sender.sent if isinstance(m, messages.TaskInterrupted)]
+    assert (refused.id, refused.reason) == ("bad-1", "quarantined")
+    agent.begin("app.huge", "good-2", _task_body.__code__)
+    assert _task_body(1) == 2
+    agent.end(True)
+
+
+def test_a_refusal_whose_body_never_starts_leaves_no_trace_behind(tmp_path: Path) -> None:
+    socket = str(tmp_path / "agent.sock")
+    Path(paths.quarantine_path(socket)).write_bytes(quarantine.encode(
+        {"bad-1": quarantine.Entry("app.huge", 2, 0, 0.0)}, 2))
+    agent = ChildAgent(0, socket)
+    agent.sender = _Recorder()  # type: ignore[assignment]
+    before = sys.gettrace()
+    agent.begin("app.huge", "bad-1", _task_body.__code__)
+    agent.end(False)  # Celery failed it before calling the body
+    assert sys.gettrace() is before
+    assert _task_body(1) == 2

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from celery_memguard.daemon.inbox import Datagram
-from celery_memguard.protocol import messages
+from celery_memguard.daemon.supervisor import Supervisor
+from celery_memguard.protocol import messages, paths, quarantine
 from tests.builders import KID0, KID1, MAIN, MiB, batch, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import Clock, FakeProcs
@@ -243,3 +245,51 @@ def test_a_batch_that_ends_over_the_limit_is_acted_on_at_once(procs: FakeProcs) 
     sup.receive(dgram(hello()), 0.0)
     sup.receive(dgram(batch(KID0, 1, ("app.a", 98, 99, 20), ("app.a", 99, 101, 0))), 0.1)
     assert procs.signals == [(KID0, 38)]
+
+
+def _oom(sup: Supervisor, kid: int, task_id: str, counter: int, at: float) -> None:
+    sup.receive(dgram(messages.ChildDied(pid=MAIN, child=kid, index=kid - KID0, exitcode=-9,
+                                         task="app.huge", id=task_id, oom_kills=counter)), at)
+
+
+def test_a_task_id_running_at_two_oom_kills_is_quarantined_for_the_children(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """Its file beside the socket lists it (with why); a restarted daemon reads it back."""
+    sup = make(procs)
+    sup.receive(dgram(hello(oom_kills=0)), 0.0)
+    _oom(sup, KID0, "t-1", 1, 1.0)
+    _oom(sup, KID1, "other", 2, 2.0)
+    assert sup.state.quarantined == {}
+    _oom(sup, KID0, "t-1", 3, 30.0)
+    assert list(sup.state.quarantined) == ["t-1"]
+    path = Path(paths.quarantine_path(str(sup.config.agent.socket)))
+    decoded = quarantine.decode(path.read_bytes())
+    assert decoded is not None
+    entries, after = decoded
+    assert (after, entries["t-1"].task, entries["t-1"].oom_kills) == (2, "app.huge", 2)
+    assert [e["task_id"] for e in logs if e["event"] == "task_quarantined"] == ["t-1"]
+    assert make(procs).publisher.load_quarantine().keys() == {"t-1"}
+
+
+def test_hard_interrupts_count_towards_the_quarantine_and_refusals_are_counted(
+        procs: FakeProcs) -> None:
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    for n in range(2):
+        sup.receive(dgram(messages.TaskInterrupted(
+            pid=KID0, ppid=MAIN, index=0, task="app.runaway", id="r-1", rss=300 * MiB,
+            limit=200 * MiB)), float(n))
+    assert set(sup.state.quarantined) == {"r-1"}
+    sup.receive(dgram(messages.TaskInterrupted(
+        pid=KID1, ppid=MAIN, index=1, task="app.runaway", id="r-1", rss=50 * MiB, limit=0,
+        reason="quarantined")), 3.0)
+    assert sup.state.interrupted == {("w@h", "app.runaway", "hard"): 2,
+                                     ("w@h", "app.runaway", "quarantined"): 1}
+
+
+def test_quarantine_after_0_turns_it_off(procs: FakeProcs) -> None:
+    sup = make(procs, quarantine={"after": 0})
+    sup.receive(dgram(hello(oom_kills=0)), 0.0)
+    for n in range(5):
+        _oom(sup, KID0, "t-1", n + 1, float(n))
+    assert sup.state.quarantined == {}
