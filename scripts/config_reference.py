@@ -16,8 +16,8 @@ from celery_memguard.daemon.units import format_bytes
 from celery_memguard.protocol.paths import SOCKET_ENV
 
 _SIZES = {"soft", "hard", "worker_total"}
-_DURATIONS = {"interval", "scan_interval", "kill_after", "watch_interval"}
-_PERCENTS = {"jitter", "max_share"}
+_DURATIONS = {"interval", "scan_interval", "kill_after", "watch_interval", "container_hold"}
+_PERCENTS = {"jitter", "max_share", "container_soft", "container_hard", "container_pressure"}
 
 
 def _default(section: str, key: str, value: object) -> str:

@@ -70,9 +70,11 @@ class Actor:
         if d.whole:
             self._restart_worker(d, now)
             return
-        fields = {"worker": d.worker, "index": d.index, "pid": d.proc.pid,
-                  "reason": d.reason.value, "measured_bytes": d.measured,
-                  "threshold_bytes": d.threshold}
+        fields: dict[str, Any] = {"worker": d.worker, "index": d.index, "pid": d.proc.pid,
+                                  "reason": d.reason.value, "measured_bytes": d.measured,
+                                  "threshold_bytes": d.threshold}
+        if d.interrupt:
+            fields["interrupt"] = True  # the running task is interrupted, then the child leaves
         live = self.procs.stat(d.proc.pid)
         if live is None or live.proc != d.proc or live.ppid != d.ppid or d.ppid != d.worker_pid:
             self.log.warning("recycle_dropped", why="not_a_verified_pool_child", **fields)

@@ -134,6 +134,61 @@ class LimitsConfig(_Section):
             "second). Further from the limit it reads less often, at least every 50 ms."
         ),
     )
+    container_soft: float | None = Field(
+        default=0.85,
+        description=(
+            "A share of the worker's container memory limit (its memory cgroup's, found from "
+            "the worker's own process). Past it (by the working set: usage less inactive page "
+            "cache), a child does not start its next task until the container is back under "
+            "it (at most container_hold), and the child whose memory grows fastest is "
+            "recycled after its task. null turns it off; a worker with no memory limit has "
+            "no line."
+        ),
+    )
+    container_hard: float | None = Field(
+        default=0.95,
+        description=(
+            "A share of the container's limit. Past it, the running task that grows most is "
+            "interrupted with MemoryLimitExceeded (reason container) and its child recycled, "
+            "before the kernel's OOM killer must pick a victim. null turns it off."
+        ),
+    )
+    container_pressure: float | None = Field(
+        default=0.4,
+        description=(
+            "Memory pressure (the share of the last 10 s in which some of the container's "
+            "tasks stalled on memory: PSI some avg10) past which, for recycle.grace, the "
+            "child that grows fastest is recycled after its task. null turns it off."
+        ),
+    )
+    container_hold: float = Field(
+        default=30.0,
+        description=(
+            "The longest a child waits for headroom before it starts its next task anyway. "
+            "A held task is not yet acknowledged to the pool: its time limits do not run."
+        ),
+    )
+
+    @field_validator("container_soft", "container_hard", "container_pressure", mode="before")
+    @classmethod
+    def _share(cls, value: object, info: ValidationInfo) -> float | None:
+        if value is None:
+            return None
+        share = parse_percent(value)
+        if share <= 0:
+            raise ValueError(f"must be above 0%, or null to turn it off, got {value!r}")
+        soft = info.data.get("container_soft")
+        if info.field_name == "container_hard" and soft is not None and share <= soft:
+            raise ValueError(f"must be above limits.container_soft ({soft:.0%}), got {value!r}")
+        return share
+
+    @field_validator("container_hold", mode="before")
+    @classmethod
+    def _hold(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds > 3600:
+            raise ValueError(f"must be at most an hour, got {value!r}")
+        return seconds
 
     @field_validator("hard", mode="before")
     @classmethod

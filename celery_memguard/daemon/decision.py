@@ -16,6 +16,7 @@ class Reason(str, Enum):
     KILL = "kill"  # still past the hard limit kill_after later: SIGTERM, then SIGKILL
     WORKER_TOTAL = "worker_total"  # the children together are past limits.worker_total
     PREDICTED = "predicted"  # its recent growth per task would take it past soft before next time
+    CONTAINER = "container"  # its container is past a line (or under pressure) and it grows most
 
 
 class Hold(str, Enum):
@@ -48,6 +49,7 @@ class Decision:
     hold: Hold | None = None
     signal: int | None = None
     whole: bool = False  # targets the worker's main process (a pool without children)
+    interrupt: bool = False  # interrupts the running task (the container's hard line)
 
     @property
     def acts(self) -> bool:

@@ -119,7 +119,7 @@ class Daemon:
         return self.clock() - self.supervisor.last_tick < max(5.0, 3 * interval)
 
     def _loop(self, inbox: Inbox) -> None:
-        """Wait for the tick, the bell, signals and reports; read routine reports in batches.
+        """Wait for the tick, the containers' next look, the bell, signals and reports.
 
         Waking for every report cost the daemon more CPU than the reports themselves on a
         busy host (each wake-up ran cold, between the worker's processes), and that CPU is
@@ -129,51 +129,59 @@ class Daemon:
         """
         supervisor = self.supervisor
         selector = selectors.DefaultSelector()
-
-        def drain() -> int:
-            read = 0
-            for datagram in inbox.drain(DRAIN_BATCH):
-                supervisor.receive(datagram, self.clock())
-                read += 1
-            return read
-
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         if inbox.bell is not None:
             selector.register(inbox.bell.fileno(), selectors.EVENT_READ, "bell")
         selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
         resume_at: float | None = None  # reports are left out of the wait until then
-        next_tick = self.clock()
+        next_tick = next_watch = self.clock()  # next_watch: containers near their hard line
         try:
             while not self.stopping.is_set():
                 now = self.clock()
                 if now >= next_tick:
-                    supervisor.tick(now, drain)
+                    supervisor.tick(now, lambda: self._drain(inbox))
                     interval = self.config.sampling.interval
                     next_tick += interval
                     if next_tick <= now:  # fell behind: skip, do not burst
                         next_tick = now + interval
+                if now >= next_watch:
+                    next_watch = supervisor.watch_containers(self.clock())
                 if resume_at is not None and self.clock() >= resume_at:
                     selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
                     resume_at = None
-                until = next_tick if resume_at is None else min(next_tick, resume_at)
+                until = min(next_tick, next_watch, next_tick if resume_at is None else resume_at)
                 for key, _ in selector.select(max(0.0, until - self.clock())):
-                    if key.data == "wake":
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(self._wake_r, 512)
-                    elif key.data == "bell":
-                        inbox.silence()
-                        drain()
-                    else:
-                        read = drain()
-                        # Reports read and none left: let the next ones gather. (A full batch
-                        # means more are waiting; a new connection alone read nothing yet.)
-                        if 0 < read < DRAIN_BATCH and resume_at is None and self.batch_gap > 0:
-                            selector.unregister(inbox.fileno())
-                            resume_at = self.clock() + self.batch_gap
+                    if self._handle(key.data, inbox) and resume_at is None:
+                        # Reports read and none left: let the next ones gather.
+                        selector.unregister(inbox.fileno())
+                        resume_at = self.clock() + self.batch_gap
                 while self.signals:
                     self._dispatch_signal(self.signals.popleft())
         finally:
             selector.close()
+
+    def _drain(self, inbox: Inbox) -> int:
+        """Fold in what the agents sent, up to DRAIN_BATCH datagrams; return how many."""
+        read = 0
+        for datagram in inbox.drain(DRAIN_BATCH):
+            self.supervisor.receive(datagram, self.clock())
+            read += 1
+        return read
+
+    def _handle(self, what: str, inbox: Inbox) -> bool:
+        """One ready descriptor; True when the reports' descriptor should rest a while (some
+        were read and none are left: a full batch means more wait, and a new connection alone
+        read nothing yet)."""
+        if what == "wake":
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+        elif what == "bell":
+            inbox.silence()
+            self._drain(inbox)
+        else:
+            read = self._drain(inbox)
+            return 0 < read < DRAIN_BATCH and self.batch_gap > 0
+        return False
 
     # -- signals -------------------------------------------------------------------------------
 

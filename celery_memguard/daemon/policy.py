@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
+from celery_memguard.daemon import container_policy
 from celery_memguard.daemon.config import LimitsConfig, RecycleConfig
 from celery_memguard.daemon.decision import Decision, Hold, Reason
 from celery_memguard.daemon.readings import ProcId
@@ -16,6 +17,7 @@ from celery_memguard.daemon.snapshot import Child, Snapshot, Worker
 from celery_memguard.protocol import rules
 
 RATE_WINDOW = 60.0
+_GRACED_BY_THEIR_OWN = (Reason.WORKER_TOTAL, Reason.CONTAINER)  # their clocks, not the child's
 
 
 def threshold_of(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId, pool: int) -> int:
@@ -68,7 +70,11 @@ def decide(
             decisions.extend(whole)
             continue
         decisions.extend(_kills(worker, limits_of, now, term_grace))
-        decisions.extend(_decide_worker(worker, limits_of, recycle, recent, now))
+        interrupts = container_policy.interrupt(worker, limits_of,
+                                                [c for c in worker.children if _available(c)])
+        decisions.extend(interrupts)
+        decisions.extend(_decide_worker(worker, limits_of, recycle, recent, now,
+                                        container=not interrupts))
     return decisions
 
 
@@ -131,9 +137,15 @@ def _decide_worker(
     recycle: RecycleConfig,
     recent: Sequence[float],
     now: float,
+    container: bool = True,
 ) -> list[Decision]:
+    """``container``: also the container's soft line (not while a task is being interrupted
+    for its hard line: one container action at a time)."""
     candidates = (_over_soft(worker, limits, recycle)
-                  or _over_worker_total(worker, limits, recycle, now))
+                  or _over_worker_total(worker, limits, recycle, now)
+                  or (container_policy.candidates(worker, limits, recycle, now,
+                                                  [c for c in worker.children if _available(c)])
+                      if container else []))
     if not candidates:
         return []
     in_flight, serving, used = _room(worker, recent, now)
@@ -143,7 +155,7 @@ def _decide_worker(
         hold = None
         if not (worker.agent and child.agent and worker.recycle_signal):
             hold = Hold.NO_AGENT
-        elif reason is not Reason.WORKER_TOTAL and not _graced(child, recycle, now):
+        elif reason not in _GRACED_BY_THEIR_OWN and not _graced(child, recycle, now):
             hold = Hold.GRACE
         elif child.tasks == 0 and value < limits.hard:
             hold = Hold.FRESH

@@ -44,6 +44,7 @@ class ChildRec:
     uss_read_at: float | None = None  # when USS/PSS were last read (smaps_rollup)
     reported_end: bool = False  # the last RSS reading came from a task-end report
     over_soft_since: float | None = None
+    rest_rss: int | None = None  # RSS its last task left it at (a hello's at 0 tasks)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class WorkerRec:
     fresh_rss: deque[int] = field(default_factory=lambda: deque(maxlen=16))  # children at 0 tasks
     total_over_since: float | None = None
     container: str | None = None  # its memory cgroup's path, where the daemon sees it
-    container_reading: ContainerReading | None = None  # as of the last tick
+    container_reading: ContainerReading | None = None  # as of the last read
+    container_over_since: float | None = None  # past its soft line, or under pressure, since
 
     @property
     def container_key(self) -> str:

@@ -46,6 +46,7 @@ def _child_report(state: State, worker: WorkerRec, child: ChildRec, message: mes
             _task_end(state, child, message.first + offset, message.names[slot], before,
                       after, now - age / 1000)
         state.observe(worker, child, message.ends[-1][2], now, end=True)
+        child.rest_rss = message.ends[-1][2]
     elif isinstance(message, messages.TaskRunning):
         if message.tasks >= child.tasks:  # else its end was counted already: stale
             child.task, child.task_id, child.task_seq = message.task, message.id, message.tasks
@@ -53,9 +54,11 @@ def _child_report(state: State, worker: WorkerRec, child: ChildRec, message: mes
     elif isinstance(message, messages.TaskEnd):  # one task end, as agents before batching sent
         _task_end(state, child, message.tasks, message.task, message.rss_before, message.rss, now)
         state.observe(worker, child, message.rss, now, end=True)
+        child.rest_rss = message.rss
     elif isinstance(message, messages.ChildHello):
         child.tasks = message.tasks
         state.observe(worker, child, message.rss, now)
+        child.rest_rss = message.rss  # sent between tasks
         if message.tasks == 0:
             worker.fresh_rss.append(message.rss)
     elif isinstance(message, messages.TaskInterrupted):

@@ -45,6 +45,7 @@ class Child(NamedTuple):
     over_soft_since: float | None = None  # first reading over its soft threshold, this spell
     born: float | None = None  # when it started, on the daemon's clock (None: as good as old)
     leak: Leak | None = None  # computed on the tick, once the child has enough samples
+    rest_rss: int | None = None  # its RSS after its last task (what a running task adds to)
 
     @property
     def pid(self) -> int:
@@ -70,6 +71,7 @@ class Worker:
     restart_sent: int | None = None  # SIGTERM (warm) or SIGQUIT (cold) already sent
     restart_at: float | None = None
     container: ContainerReading | None = None  # its memory cgroup, where the daemon sees it
+    container_over_since: float | None = None  # past the container's soft line since
 
     @property
     def has_children(self) -> bool:

@@ -275,7 +275,7 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
             noted=c.noted, leaving=c.leaving, over_hard_since=c.over_hard_since,
             terminated_at=c.terminated_at, killed_at=c.killed_at,
             reported_end=c.reported_end, over_soft_since=c.over_soft_since, born=c.born,
-            growth_per_task=rules.growth_per_task(c.growth), leak=leak))
+            growth_per_task=rules.growth_per_task(c.growth), leak=leak, rest_rss=c.rest_rss))
     recommended = None
     if soft is not None:
         rates = [c.leak.trend.bytes_per_task for c in children if c.leak and c.leak.trend.leaking]
@@ -289,4 +289,5 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
                   restart_at=rec.restart_at, recommended_max_tasks=recommended,
                   total_over_since=rec.total_over_since,
                   fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None,
-                  container=rec.container_reading)
+                  container=rec.container_reading,
+                  container_over_since=rec.container_over_since)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery_memguard.daemon import policy, reports, sampler, task_growth
+from celery_memguard.daemon import container_policy, policy, reports, sampler, task_growth
 from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.config import Config, LimitsConfig
 from celery_memguard.daemon.decision import Decision
@@ -30,6 +30,8 @@ from celery_memguard.protocol import messages
 from celery_memguard.protocol.cgroups import Container
 
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
+FASTEST_CONTAINER_GROWTH = 4 << 30  # bytes a second a container's working set may grow
+CONTAINER_CHECK_MIN = 0.01  # seconds: the closest two looks at a container near its hard line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
 _EVENT_LEVELS = {"recycle_requested": "info"}  # the state's other events are warnings
 
@@ -180,8 +182,35 @@ class Supervisor:
         rec.container = container.path if container is not None else None
         reading = self.procs.read_container(container) if container is not None else None
         rec.container_reading = reading
-        if reading is not None:
-            self.state.oom.observe(rec.container_key, reading.events.get("oom_kill"), now)
+        if reading is None:
+            rec.container_over_since = None
+            return
+        self.state.oom.observe(rec.container_key, reading.events.get("oom_kill"), now)
+        if not container_policy.over_soft(reading, self.limits_for(rec.name or "")):
+            rec.container_over_since = None
+        elif rec.container_over_since is None:
+            rec.container_over_since = now
+
+    def watch_containers(self, now: float) -> float:
+        """Between ticks: read the containers that have a hard line; one past it is decided on
+        at once (its growing task is interrupted). Returns when to look again: sooner the
+        closer a container is to its line, as a child growing ``FASTEST_CONTAINER_GROWTH``
+        could reach it."""
+        due = now + self.config.sampling.interval
+        for rec in list(self.state.workers.values()):
+            container = self._containers.get(rec.proc.pid)
+            limits = self.limits_for(rec.name or "")
+            if container is None or limits.container_hard is None:
+                continue
+            self._read_container(rec, now)
+            reading = rec.container_reading
+            if reading is None or reading.limit is None:
+                continue
+            if container_policy.over_hard(reading, limits):
+                self.decide(now, rec)
+            headroom = reading.limit * limits.container_hard - reading.working_set
+            due = min(due, now + max(CONTAINER_CHECK_MIN, headroom / FASTEST_CONTAINER_GROWTH))
+        return due
 
     def _scan(self, full: bool, now: float) -> None:
         for found in self.procs.scan_workers(full=full):

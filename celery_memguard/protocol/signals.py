@@ -11,4 +11,6 @@ import signal
 
 RECYCLE_SIGNAL = int(signal.SIGRTMIN) + 4  # the daemon asks a child to leave after its task
 INTERRUPT_SIGNAL = int(signal.SIGRTMIN) + 5  # a child's watch thread interrupts its main thread
+CONTAINER_SIGNAL = int(signal.SIGRTMIN) + 6  # the daemon: interrupt the task (its container is
+# past its hard line and this task grows most), and leave after it
 EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE: the exit --max-tasks-per-child takes
