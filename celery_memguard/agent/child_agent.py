@@ -29,6 +29,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from celery_memguard.agent.batch import FLUSH_SECONDS, Batch
+from celery_memguard.agent.headroom import Headroom
 from celery_memguard.agent.procfs import StatmReader, start_ticks
 from celery_memguard.agent.quarantine import Quarantine, raise_in_body
 from celery_memguard.agent.sender import Sender
@@ -79,6 +80,8 @@ class ChildAgent:
         self._settings_mtime = 0.0
         self._batch = Batch()
         self.quarantine = Quarantine(socket_path)
+        self.headroom = Headroom()
+        self.container_hit: tuple[int, int] | None = None  # (working set, line) of an interrupt
         self._untrace: Callable[[], None] | None = None  # a refused task's trace, until it fires
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
         # from the published settings
@@ -117,6 +120,7 @@ class ChildAgent:
         self.ahead, self.dry_run = published.ahead, published.dry_run
         self.min_lifetime, self.skip_within_tasks = published.min_lifetime, published.skip_within_tasks
         self.watch.configure(limits.hard, published.watch_interval)
+        self.headroom.configure(limits.container_soft, published.container_hold)
         self.soft_threshold = (rules.child_threshold(limits.soft, published.jitter,
                                                      published.max_share, self.pool, self.pid,
                                                      self.start_ticks)
@@ -149,8 +153,15 @@ class ChildAgent:
         if self._untrace is not None:
             self._untrace()
             self._untrace = None
+        if self.container_hit is not None:
+            used, line = self.container_hit
+            self.container_hit = None
+            self._send(messages.TaskInterrupted(
+                pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
+                id=self.task_id, rss=used, limit=line, reason="container"))
         rss = self.statm.rss()
         self.growth.append(rss - self.rss_before)
+        self.headroom.learn(self.task_name, max(rss, self.watch.peak) - self.rss_before)
         now = time.monotonic()
         with self._lock:  # the watch thread announces under it: never with a half-ended task
             self.running = False
@@ -235,6 +246,18 @@ class ChildAgent:
 
     # -- leaving ----------------------------------------------------------------------------
 
+    def on_container_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The daemon: the container is past its hard line and this child's task grows most.
+        The task is interrupted where its own code runs, and the child leaves after it (at
+        once when idle, as for a recycle request)."""
+        self.on_recycle_signal(signum, frame)
+        if self.running and self.watch.in_task_body(frame):
+            reading = self.headroom.reading()
+            self.container_hit = reading
+            raise MemoryLimitExceeded(reading[0], reading[1], "container",
+                                      f"(its process grew {self.statm.rss() - self.rss_before} "
+                                      f"bytes in this task)")
+
     def on_recycle_signal(self, signum: int, frame: FrameType | None) -> None:
         self.recycle_requested = True
         if self.waiting:
@@ -287,12 +310,32 @@ class ChildAgent:
                 self.waiting = False
             if job:
                 try:
-                    self.begin(*describe(job))
+                    name, task_id, run_code = describe(job)
+                    self._hold(name, task_id)
+                    self.begin(name, task_id, run_code)
                 except Exception:  # noqa: BLE001 - the agent never raises into the worker
                     self.running = False
             return job
 
         return wait_for_job
+
+    def _hold(self, name: str, task_id: str) -> None:
+        """Wait for the container to have room before the task starts (headroom.py). Asked to
+        leave meanwhile, the child leaves at once: the job is not acknowledged yet, and the pool
+        gives it to another child."""
+        self.waiting = True
+        try:
+            if self.recycle_requested:
+                self.waiting = False
+                self.leave()
+            held = self.headroom.hold(name)
+        finally:
+            self.waiting = False
+        if held is not None:
+            self._send(messages.TaskHeld(
+                pid=self.pid, ppid=self.ppid, index=self.index, task=name, id=task_id,
+                waited_ms=int(held.seconds * 1000), working_set=held.working_set,
+                line=held.line, gave_up=held.gave_up))
 
     def wrap_prepare_result(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """billiard's hook on a job's return value: the task has ended, its result not yet

@@ -30,7 +30,7 @@ from celery_memguard.agent import main_process
 from celery_memguard.agent.child_agent import ChildAgent
 from celery_memguard.agent.context import CONTEXT, pool_size
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.signals import RECYCLE_SIGNAL
+from celery_memguard.protocol.signals import CONTAINER_SIGNAL, RECYCLE_SIGNAL
 
 _child: ChildAgent | None = None  # this pool child's agent, once installed
 
@@ -78,6 +78,7 @@ def on_process_init(sender: Any = None, **_: Any) -> None:
                            max_tasks=maxtasks if isinstance(maxtasks, int) else None,
                            pool=pool_size(getattr(CONTEXT.controller, "pool", None)))
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
+        signal.signal(CONTAINER_SIGNAL, agent.on_container_signal)
         agent.watch.install()
         pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe)
         pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)

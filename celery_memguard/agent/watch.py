@@ -68,6 +68,7 @@ class Watch:
         self._run_code: CodeType | None = None  # the running task's body, when known
         self._pending: tuple[int, int, int] | None = None  # (token, rss, limit) fired
         self._thread: threading.Thread | None = None
+        self.peak = 0  # the highest RSS read during the running (or last) task
 
     def configure(self, hard: int, interval: float) -> None:
         self.hard, self.interval = hard, interval
@@ -78,6 +79,7 @@ class Watch:
     # -- main thread -----------------------------------------------------------------------
 
     def task_started(self, run_code: CodeType | None) -> None:
+        self.peak = 0
         self._token += 1
         self._pending = None
         self._run_code = run_code
@@ -92,6 +94,16 @@ class Watch:
         self._busy = False
         self._run_code = None
         self._pending = None
+
+    def in_task_body(self, frame: FrameType | None) -> bool:
+        """Whether the running task's own code is on the stack of ``frame`` (an exception
+        raised there lands in the task, not in Celery's or billiard's bookkeeping)."""
+        code = self._run_code
+        while code is not None and frame is not None:
+            if frame.f_code is code:
+                return True
+            frame = frame.f_back
+        return False
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         pending, code = self._pending, self._run_code
@@ -135,6 +147,8 @@ class Watch:
                 if token == fired:
                     continue
                 rss = self.read_rss()
+                if token == self._token and rss > self.peak:
+                    self.peak = rss  # the most this task has held yet, as far as seen
                 delay = next_delay(rss, hard, self.interval)
                 if rss > hard and token == self._token and self._busy:
                     fired = token

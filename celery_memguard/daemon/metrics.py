@@ -6,7 +6,7 @@ child that is gone simply has no series: there is no purge code and no label lea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -155,7 +155,7 @@ class StateCollector(Collector):
         yield from self._counters(view)
 
     def _counters(self, view: View) -> Iterator[Any]:
-        counters: tuple[tuple[str, str, list[str], dict[Any, int]], ...] = (
+        counters: tuple[tuple[str, str, list[str], Mapping[Any, float]], ...] = (
             ("recycles", "Recycle requests delivered to pool children, by reason.",
              ["worker", "reason"], view.recycles),
             ("dry_run_recycles", "Recycles that dry_run logged instead of requesting, by reason.",
@@ -174,6 +174,12 @@ class StateCollector(Collector):
             ("worker_restarts",
              "Whole-worker restarts of pools without children: reason soft (warm shutdown) or "
              "hard (cold shutdown).", ["worker", "reason"], view.restarts),
+            ("task_holds",
+             "Tasks a child waited to start until its container had room (outcome room), or "
+             "started anyway after limits.container_hold (outcome gave_up).",
+             ["worker", "outcome"], view.holds),
+            ("task_hold_seconds", "Time children waited for their container to have room.",
+             ["worker"], view.hold_seconds),
             ("messages", "Agent messages accepted, by type.", ["type"], view.messages),
             ("messages_dropped", "Agent datagrams refused, by reason.", ["reason"], view.dropped),
         )
@@ -193,13 +199,18 @@ class StateCollector(Collector):
             "The memory that percentage limits resolve against: the cgroup limit, else the host's.",
             labels=["source"])
         memory.add_metric([view.memory[1]], view.memory[0])
+        quarantined = GaugeMetricFamily(
+            PREFIX + "quarantined_task_ids",
+            "Task ids no child may run again (quarantine.after incidents each); refusals are "
+            "interrupted_tasks_total{reason=\"quarantined\"}.")
+        quarantined.add_metric([], view.quarantined)
         connections = GaugeMetricFamily(
             PREFIX + "agent_connections",
             "Agent processes (worker main processes and pool children) connected to the socket.")
         connections.add_metric([], view.connections)
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (growth, memory, connections, build)
+        yield from (growth, memory, quarantined, connections, build)
 
 
 class Metrics:

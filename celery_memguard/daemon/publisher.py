@@ -31,8 +31,9 @@ class Publisher:
             ahead=recycle.predictive_tasks if recycle.predictive else 0,
             measure=limits.measure, dry_run=recycle.dry_run, min_lifetime=recycle.min_lifetime,
             skip_within_tasks=recycle.skip_within_tasks,
-            workers=tuple((w.match, w.limits.hard, w.limits.soft, w.limits.measure)
-                          for w in config.workers)))
+            container_soft=limits.container_soft, container_hold=limits.container_hold,
+            workers=tuple((w.match, w.limits.hard, w.limits.soft, w.limits.measure,
+                           w.limits.container_soft) for w in config.workers)))
         self._write(paths.settings_path(self.socket), data)
 
     def _write(self, path: str, data: bytes) -> None:

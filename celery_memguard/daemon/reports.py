@@ -65,6 +65,8 @@ def _child_report(state: State, worker: WorkerRec, child: ChildRec, message: mes
         _task_interrupted(state, worker, child, message, now)
     elif isinstance(message, messages.ChildExit):
         _child_exit(state, worker, child, message, now)
+    elif isinstance(message, messages.TaskHeld):
+        _task_held(state, worker, child, message)
 
 
 def _task_interrupted(state: State, worker: WorkerRec, child: ChildRec,
@@ -85,6 +87,20 @@ def _task_interrupted(state: State, worker: WorkerRec, child: ChildRec,
         "worker": worker.name, "index": child.index, "pid": child.proc.pid,
         "task": message.task, "task_id": message.id, "rss_bytes": message.rss,
         "limit_bytes": message.limit, "reason": reason}))
+
+
+def _task_held(state: State, worker: WorkerRec, child: ChildRec,
+               message: messages.TaskHeld) -> None:
+    """A child waited for its container to have room before it started a task."""
+    name = worker.name or ""
+    state.holds[(name, "gave_up" if message.gave_up else "room")] += 1
+    state.hold_seconds[name] += message.waited_ms / 1000
+    if message.gave_up or message.waited_ms >= 1000:
+        state.events.append(("task_held", {
+            "worker": name, "index": child.index, "pid": child.proc.pid, "task": message.task,
+            "task_id": message.id, "waited_seconds": message.waited_ms / 1000,
+            "working_set_bytes": message.working_set, "line_bytes": message.line,
+            "gave_up": message.gave_up}))
 
 
 def _child_exit(state: State, worker: WorkerRec, child: ChildRec, message: messages.ChildExit,

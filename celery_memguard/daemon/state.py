@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import statistics
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable
 
 from celery_memguard.daemon.leak_trend import recommend_max_tasks, seconds_to_limit, tasks_to_limit
@@ -48,6 +48,8 @@ class State:
         self.interrupted: Counter[tuple[str, str, str]] = Counter()  # (worker, task, reason)
         self.oom_kills: Counter[tuple[str, str]] = Counter()  # (worker, task); task "" unknown
         self.oom = OomLedger()  # the kernel's OOM kill counters, matched to dead children
+        self.holds: Counter[tuple[str, str]] = Counter()  # (worker, outcome): room, gave_up
+        self.hold_seconds: defaultdict[str, float] = defaultdict(float)  # by worker
         self.quarantine_after = 0  # incidents that quarantine a task id (0: off)
         self.incidents: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # id -> (task,
         # OOM kills, interrupts) of the task ids that were running at one

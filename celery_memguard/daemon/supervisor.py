@@ -33,7 +33,7 @@ FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 FASTEST_CONTAINER_GROWTH = 4 << 30  # bytes a second a container's working set may grow
 CONTAINER_CHECK_MIN = 0.01  # seconds: the closest two looks at a container near its hard line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
-_EVENT_LEVELS = {"recycle_requested": "info"}  # the state's other events are warnings
+_EVENT_LEVELS = {"recycle_requested": "info", "task_held": "info"}  # the others: warnings
 
 
 class Supervisor:
@@ -317,7 +317,8 @@ class Supervisor:
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
-            restarts=dict(state.restarts),
+            restarts=dict(state.restarts), holds=dict(state.holds),
+            hold_seconds=dict(state.hold_seconds), quarantined=len(state.quarantined),
             growth={task: (g.cumulative(), g.total) for task, g in state.growth.items()},
             ranking=tuple(task_growth.rank(state.growth)),
             messages=dict(state.messages), dropped=dict(state.dropped),

@@ -26,6 +26,9 @@ class View:
     interrupted: dict[tuple[str, str, str], int] = field(default_factory=dict)
     oom_kills: dict[tuple[str, str], int] = field(default_factory=dict)
     restarts: dict[tuple[str, str], int] = field(default_factory=dict)
+    holds: dict[tuple[str, str], int] = field(default_factory=dict)
+    hold_seconds: dict[str, float] = field(default_factory=dict)
+    quarantined: int = 0  # task ids no child may run again
     growth: dict[str, tuple[list[tuple[float, int]], int]] = field(default_factory=dict)
     ranking: tuple[Ranked, ...] = ()
     messages: dict[str, int] = field(default_factory=dict)

@@ -255,6 +255,25 @@ class TaskInterrupted:
 
 @_message
 @dataclass(frozen=True, slots=True)
+class TaskHeld:
+    """Sent by a child that waited for its container to have room before it started a task
+    (``gave_up``: it started anyway after container_hold)."""
+
+    TYPE: ClassVar[str] = "g"
+    EVENT: ClassVar[str] = "task_held"
+    pid: Pid
+    ppid: Pid
+    index: Count
+    task: Name
+    id: Name
+    waited_ms: Count
+    working_set: Count
+    line: Count
+    gave_up: Flag
+
+
+@_message
+@dataclass(frozen=True, slots=True)
 class ChildDied:
     """Sent by a worker's main process when it reaps a pool child, with its exit code."""
 
@@ -270,10 +289,10 @@ class ChildDied:
 
 
 Message = (WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | TaskRunning | TaskBatch
-           | ChildExit | TaskInterrupted | ChildDied)
+           | ChildExit | TaskInterrupted | TaskHeld | ChildDied)
 # A report about one pool child, sent by that child.
 ChildReport = (ChildHello | TaskStart | TaskEnd | TaskRunning | TaskBatch | ChildExit
-               | TaskInterrupted)
+               | TaskInterrupted | TaskHeld)
 
 EVENTS: dict[str, str] = {cls.TYPE: cls.EVENT for cls, _ in _SPECS.values()}  # type letter -> name
 

@@ -71,5 +71,5 @@ def test_the_hard_limit_is_published_for_the_agents(procs: FakeProcs, tmp_path: 
     data = (tmp_path / "a.sock.settings.json").read_bytes()
     assert settings.decode(data) == settings.AgentSettings(
         hard=200 * MiB, watch_interval=0.02, soft=100 * MiB, jitter=0.0, max_share=0.5,
-        dry_run=True, min_lifetime=3.0, skip_within_tasks=4,
-        workers=(("big@*", 200 * MiB, 150 * MiB, "uss"),))
+        dry_run=True, min_lifetime=3.0, skip_within_tasks=4, container_soft=0.85,
+        container_hold=30.0, workers=(("big@*", 200 * MiB, 150 * MiB, "uss", 0.85),))

@@ -44,7 +44,7 @@ EXISTING = {
     "child_rss_bytes", "child_uss_bytes", "child_tasks", "child_busy", "worker_rss_bytes",
     "worker_children", "worker_info", "limit_bytes", "recycles_total", "dry_run_recycles_total",
     "messages_total", "messages_dropped_total", "build_info", "memory_total_bytes",
-    "agent_connections",
+    "agent_connections", "quarantined_task_ids",
     "tick_seconds_bucket", "tick_seconds_sum", "tick_seconds_count",
 }
 # ... and what it is about to export. Histograms only by their series' suffixes: a query on
@@ -55,7 +55,12 @@ COMING = {
     # counters and histograms whose series appear with their first count (none in an empty daemon)
     "oom_kills_total", "interrupted_tasks_total", "worker_restarts_total",
     "task_memory_growth_bytes_bucket", "task_memory_growth_bytes_sum",
-    "task_memory_growth_bytes_count",
+    "task_memory_growth_bytes_count", "task_holds_total", "task_hold_seconds_total",
+    # the worker's container, where the daemon can read its memory cgroup
+    "container_memory_usage_bytes", "container_memory_working_set_bytes",
+    "container_memory_limit_bytes", "container_memory_high_bytes",
+    "container_memory_events_total", "container_memory_pressure",
+    "container_memory_pressure_seconds_total",
 }
 ALLOWED = {"celery_memguard_" + name for name in EXISTING | COMING}
 METRIC = re.compile(r"celery_memguard_[a-z_]+")

@@ -19,12 +19,30 @@ def test_settings_round_trip_and_bad_settings_are_ignored() -> None:
 
 
 def test_settings_carry_per_worker_limits_matched_by_nodename() -> None:
-    published = settings.AgentSettings(hard=300, watch_interval=0.01, soft=100, jitter=0.05,
-                                  max_share=0.25, workers=(("reports@*", 3000, 1000, "uss"),))
+    published = settings.AgentSettings(
+        hard=300, watch_interval=0.01, soft=100, jitter=0.05, max_share=0.25,
+        container_soft=0.8, container_hold=12.0,
+        workers=(("reports@*", 3000, 1000, "uss", None),))
     decoded = settings.decode(settings.encode(published))
     assert decoded == published
-    assert decoded.for_worker("reports@h1") == settings.ChildLimits(3000, 1000, "uss")
-    assert decoded.for_worker("default@h1") == settings.ChildLimits(300, 100, "rss")
+    assert decoded.for_worker("reports@h1") == settings.ChildLimits(3000, 1000, "uss", None)
+    assert decoded.for_worker("default@h1") == settings.ChildLimits(300, 100, "rss", 0.8)
+
+
+def test_settings_from_a_daemon_without_container_lines_have_none() -> None:
+    data = (b'{"v": 1, "hard": 300, "watch_interval": 0.01, "soft": 100, "jitter": 0.05,'
+            b' "workers": [["reports@*", 3000, 1000, "uss"]]}')
+    decoded = settings.decode(data)
+    assert decoded is not None
+    assert (decoded.container_soft, decoded.container_hold) == (None, 0.0)
+    assert decoded.for_worker("reports@h1").container_soft is None
+
+
+@pytest.mark.parametrize("bad", [b'"container_soft": 0', b'"container_soft": 1.5',
+                                 b'"container_hold": -1', b'"container_soft": "85%"'])
+def test_settings_with_container_lines_out_of_range_are_refused(bad: bytes) -> None:
+    data = b'{"v": 1, "hard": 300, "watch_interval": 0.01, ' + bad + b'}'
+    assert settings.decode(data) is None
 
 
 def test_settings_from_a_daemon_without_measures_per_worker_read_as_rss() -> None:

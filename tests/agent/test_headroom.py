@@ -1,0 +1,110 @@
+"""A child's look at its container before each task: wait for room, never forever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery_memguard.agent.headroom import STEP, Headroom
+from celery_memguard.protocol.cgroups import Cgroups
+from tests.builders import MiB
+
+
+class Container:
+    """A v2 cgroup tree whose usage and page cache a test sets; time passes as it sleeps."""
+
+    def __init__(self, tmp: Path, limit: int | None = 1000 * MiB) -> None:
+        self.cgroup = tmp / "cgroup" / "pod" / "worker"
+        self.cgroup.mkdir(parents=True)
+        (tmp / "cgroup" / "cgroup.controllers").write_text("memory\n")
+        (tmp / "proc" / "self").mkdir(parents=True)
+        (tmp / "proc" / "self" / "cgroup").write_text("0::/pod/worker\n")
+        (self.cgroup / "memory.max").write_text(f"{limit}\n" if limit else "max\n")
+        self.now = 0.0
+        self.frees: list[tuple[float, int]] = []  # (at, usage from then on)
+        self.set(100 * MiB)
+        self.headroom = Headroom(Cgroups(root=str(tmp / "cgroup"), proc=str(tmp / "proc")),
+                                 clock=lambda: self.now, sleep=self.sleep)
+
+    def set(self, usage: int, inactive: int = 0) -> None:
+        (self.cgroup / "memory.current").write_text(f"{usage}\n")
+        (self.cgroup / "memory.stat").write_text(f"anon {usage}\ninactive_file {inactive}\n")
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        while self.frees and self.frees[0][0] <= self.now:
+            self.set(self.frees.pop(0)[1])
+
+
+def test_under_the_line_a_task_starts_at_once(tmp_path: Path) -> None:
+    box = Container(tmp_path)
+    box.headroom.configure(0.85, 30.0)
+    assert box.headroom.line == 850 * MiB
+    assert box.headroom.hold("app.t") is None
+    assert box.now == 0.0
+
+
+def test_past_the_line_the_next_task_waits_until_another_frees_its_memory(tmp_path: Path) -> None:
+    box = Container(tmp_path)
+    box.headroom.configure(0.85, 30.0)
+    box.set(900 * MiB)
+    box.frees.append((1.5, 500 * MiB))  # a sibling's task ends and gives its memory back
+    held = box.headroom.hold("app.t")
+    assert held is not None
+    assert not held.gave_up
+    assert 1.5 <= held.seconds < 1.5 + 2 * STEP
+    assert held.working_set == 500 * MiB
+
+
+def test_a_task_runs_anyway_after_container_hold(tmp_path: Path) -> None:
+    box = Container(tmp_path)
+    box.headroom.configure(0.85, 3.0)
+    box.set(900 * MiB)
+    held = box.headroom.hold("app.t")
+    assert held is not None
+    assert held.gave_up
+    assert 3.0 <= held.seconds < 3.0 + 2 * STEP
+
+
+def test_what_a_task_name_needed_before_counts(tmp_path: Path) -> None:
+    """Under the line by 100 MiB, a task that rose by 150 MiB here before waits; one that
+    never needed anything does not."""
+    box = Container(tmp_path)
+    box.headroom.configure(0.85, 30.0)
+    box.headroom.learn("app.big", 150 * MiB)
+    box.headroom.learn("app.big", 20 * MiB)  # the most it ever needed is what counts
+    box.set(750 * MiB)
+    box.frees.append((0.5, 600 * MiB))
+    assert box.headroom.hold("app.small") is None
+    held = box.headroom.hold("app.big")
+    assert held is not None
+    assert 0.5 <= held.seconds < 0.5 + 2 * STEP
+
+
+def test_page_cache_the_kernel_would_drop_is_not_held_against_a_task(tmp_path: Path) -> None:
+    box = Container(tmp_path)
+    box.headroom.configure(0.85, 30.0)
+    box.set(950 * MiB, inactive=300 * MiB)
+    assert box.headroom.hold("app.t") is None
+
+
+def test_no_limit_or_no_line_means_no_hold(tmp_path: Path) -> None:
+    unlimited = Container(tmp_path / "a", limit=None)
+    unlimited.headroom.configure(0.85, 30.0)
+    unlimited.set(10_000 * MiB)
+    assert unlimited.headroom.hold("app.t") is None
+    off = Container(tmp_path / "b")
+    off.headroom.configure(None, 30.0)
+    off.set(990 * MiB)
+    assert off.headroom.hold("app.t") is None
+
+
+def test_far_under_the_line_the_usage_is_not_read_before_task(tmp_path: Path) -> None:
+    """700 MiB under the line: a container growing 16 GiB/s needs 43 ms to get there."""
+    box = Container(tmp_path)
+    box.headroom.configure(0.85, 30.0)
+    assert box.headroom.hold("app.t") is None
+    box.set(990 * MiB)  # not seen: too soon to look again
+    box.now = 0.02
+    assert box.headroom.hold("app.t") is None
+    box.now = 0.05
+    assert box.headroom.hold("app.t") is not None
