@@ -132,7 +132,8 @@ class Worker:
                  concurrency: int = 2, acks_late: bool = False, agent: bool = True,
                  extra_args: tuple[str, ...] = (), name: str | None = None,
                  queue: str | None = None, restart: bool = False,
-                 global_args: tuple[str, ...] = (), user: User | None = None) -> None:
+                 global_args: tuple[str, ...] = (), user: User | None = None,
+                 cgroup: MemoryCgroup | None = None, env: dict[str, str] | None = None) -> None:
         self.queue = queue or f"q{os.getpid()}_{free_port()}"
         self.name = name or f"{self.queue}@memguard-test"
         self.concurrency = concurrency
@@ -153,15 +154,19 @@ class Worker:
             env["CELERY_MEMGUARD_SOCKET"] = str(socket_path)
         if user is not None:
             env.update(user.env)
+        self.env = env
         self.log = self.log_path.open("wb")
         self.args = extra_args
+        argv = [user.python if user else sys.executable, "-m", "celery", "-A", "tests.apps.leaky",
+                *global_args, "worker",
+                "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
+                "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args]
+        if env:
+            self.env.update(env)
         self.proc = subprocess.Popen(
-            [user.python if user else sys.executable, "-m", "celery", "-A", "tests.apps.leaky",
-             *global_args, "worker",
-             "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
-             "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            **(user.popen_kwargs() if user else {}))
+            cgroup.command(argv) if cgroup is not None else argv,
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True, **(user.popen_kwargs() if user else {}))
 
     @property
     def pid(self) -> int:

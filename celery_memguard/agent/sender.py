@@ -50,15 +50,23 @@ class Sender:
         self._sock = sock
         return sock
 
+    def can_send(self) -> bool:
+        """Whether a message may go now: connected, or the next connection attempt is due.
+        When not, whatever would be sent is dropped before any work is spent on it."""
+        return self._sock is not None or time.monotonic() >= self._next_try
+
     def send(self, message: messages.Message) -> None:
         """Send without blocking. A connection found broken (a restarted daemon) is replaced
         and the message tried once more on the new one, so the first report after a restart,
-        often a child's exit, is not the one lost."""
-        data = messages.encode(message)
+        often a child's exit, is not the one lost. A message is encoded only once there is a
+        connection to send it on."""
+        data = b""
         for _ in range(2):
             sock = self._sock or self._connect()
             if sock is None:
                 return
+            if not data:
+                data = messages.encode(message)
             try:
                 sock.send(data, socket.MSG_NOSIGNAL)  # never a SIGPIPE into a worker
             except BlockingIOError:

@@ -116,6 +116,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.sent: list[object] = []
 
+    def can_send(self) -> bool:
+        return True
+
     def send(self, message: object) -> None:
         self.sent.append(message)
 
@@ -294,3 +297,23 @@ def test_a_refusal_whose_body_never_starts_leaves_no_trace_behind(tmp_path: Path
     agent.end(False)  # Celery failed it before calling the body
     assert sys.gettrace() is before
     assert _task_body(1) == 2
+
+
+def test_without_a_daemon_a_due_batch_is_dropped_unbuilt(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection and none to try yet: the batch is cleared, never built nor encoded; the
+    next one numbers its tasks on from there, as after a batch sent."""
+    agent = _agent(tmp_path, threshold_mib=0, grant=-1)
+    agent.sender.send(messages.WorkerBye(pid=os.getpid()))  # the first attempt fails: retry later
+    assert not agent.sender.can_send()
+    encoded: list[object] = []
+    monkeypatch.setattr(messages, "encode", lambda message: encoded.append(message) or b"")
+    for n in range(3):
+        agent.begin("app.a", f"t{n}", None)
+        agent.end(True)
+    agent.on_park()
+    assert encoded == []
+    assert agent._batch.ends == []
+    agent.begin("app.a", "t3", None)
+    agent.end(True)
+    assert agent._batch.first == 4

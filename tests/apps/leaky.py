@@ -19,6 +19,7 @@ app = Celery(
 )
 app.conf.update(
     task_acks_late=os.environ.get("MEMGUARD_TEST_ACKS_LATE") == "1",
+    task_reject_on_worker_lost=os.environ.get("MEMGUARD_TEST_REJECT_ON_LOST") == "1",
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=600,
@@ -149,3 +150,22 @@ def threshold(self, seconds: float = 0.0) -> tuple[int, int]:
     time.sleep(seconds)
     child = pool_child.current()  # what the agent of this very child decided
     return os.getpid(), child.soft_threshold if child is not None else -1
+
+
+@app.task(bind=True)
+def hold(self, mib: float = 150, seconds: float = 1.5, step_mib: float = 0) -> int:
+    """Takes ``mib`` MiB (at once, one allocation, or in steps of ``step_mib`` every 10 ms),
+    holds it ``seconds``, and gives it back: no leak, only a peak."""
+    import time  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    if step_mib:
+        blocks = []
+        while len(blocks) * step_mib < mib:
+            blocks.append(b"\x07" * int(step_mib * 1024 * 1024))
+            time.sleep(0.01)
+    else:
+        blocks = [b"\x07" * int(mib * 1024 * 1024)]
+    time.sleep(seconds)
+    del blocks
+    return os.getpid()
