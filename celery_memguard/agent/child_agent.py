@@ -80,7 +80,7 @@ class ChildAgent:
         self._settings_mtime = 0.0
         self._batch = Batch()
         self.quarantine = Quarantine(socket_path)
-        self.headroom = Headroom()
+        self.headroom = Headroom(paths.room_path(socket_path, self.ppid), self.worker, pool)
         self.container_hit: tuple[int, int] | None = None  # (working set, line) of an interrupt
         self._untrace: Callable[[], None] | None = None  # a refused task's trace, until it fires
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
@@ -161,9 +161,9 @@ class ChildAgent:
                 id=self.task_id, rss=used, limit=line, reason="container"))
         rss = self.statm.rss()
         self.growth.append(rss - self.rss_before)
-        self.headroom.learn(self.task_name, max(rss, self.watch.peak) - self.rss_before)
         now = time.monotonic()
         with self._lock:  # the watch thread announces under it: never with a half-ended task
+            self.headroom.learn(self.task_name, max(rss, self.watch.peak) - self.rss_before)
             self.running = False
             self.tasks += 1
             self._batch.add(self.tasks, self.task_name, self.rss_before, rss, ok, now)
@@ -215,6 +215,11 @@ class ChildAgent:
         """Announce a task that has run ``ANNOUNCE_AFTER``; send the batch of an idle child."""
         now = time.monotonic()
         if self.running:
+            rose = self.watch.peak - self.rss_before
+            if rose > 0 and self.headroom.news(self.task_name, rose):
+                with self._lock:  # the task may end meanwhile: then end() learns it
+                    if self.running:
+                        self.headroom.learn(self.task_name, rose, ended=False)
             if self.announced or now - self.task_started < ANNOUNCE_AFTER:
                 return
             with self._lock:
@@ -329,7 +334,7 @@ class ChildAgent:
             if self.recycle_requested:
                 self.waiting = False
                 self.leave()
-            held = self.headroom.hold(name)
+            held = self.headroom.hold(name, self.statm.rss())
         finally:
             self.waiting = False
         if held is not None:

@@ -2,16 +2,21 @@
 
 A single allocation is one C call (a 150 MiB bytearray is one memset): nothing can interrupt
 it half-way, so the line that prevents an OOM kill is the one a child checks before it
-starts a task. Past its container's soft line (by the working set: usage less inactive page
-cache), a child waits before it starts the job it has just read, in steps of ``STEP``, until
-the container is back under the line or ``container_hold`` has passed; then it runs the task
-anyway. The job is read but not yet acknowledged to the pool: its time limits do not run, and a
-child asked to leave meanwhile leaves at once and the pool gives the job to another.
+starts a task. The job is read but not yet acknowledged to the pool: its time limits do not
+run, and a child asked to leave meanwhile leaves at once and the pool gives the job to another.
 
-What the task will need comes from this child's own earlier runs of the same task name: the
-most its RSS rose during one of them (``needs``). A name it never ran needs nothing known.
-Far under the line (less the largest need seen) the usage is read only as often as a container
-growing ``FASTEST_GROWTH`` could reach it.
+- **Far from the line** (the whole pool could start its largest known task and stay under it)
+  nothing is checked, and the usage is read again only as often as a container growing
+  ``FASTEST_GROWTH`` could close the gap.
+- **Near it**, the child counts its container's working set (usage less inactive page cache),
+  what its task name needs (the most a run of it raised a child's RSS, shared by the worker's
+  children through the room file), and what tasks that other children started have not yet
+  allocated (protocol.room). If it all fits under the line it reserves its need and starts;
+  otherwise it waits in steps of ``STEP``, at most ``container_hold``, then starts anyway.
+
+A name no child of the worker ran yet needs nothing known: its first runs can still
+overcommit a container (an OOM kill, counted and quarantined; a task that grows in steps is
+interrupted at the container's hard line by the daemon).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from celery_memguard.protocol import room
 from celery_memguard.protocol.cgroups import Cgroups, parse_keyed, working_set
 
 STEP = 0.02  # seconds between two looks while holding
 FASTEST_GROWTH = 16 << 30  # bytes a second a container may grow
-MAX_NAMES = 256  # task names whose needs are remembered
+MAX_NAMES = 256  # task names whose needs this child remembers
+REFRESH_SECONDS = 1.0  # how often the worker's shared needs are read again
+LEARN_MARGIN = 1 << 20  # a need is written to the room when it exceeds the known one by this
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +45,24 @@ class Held:
 
 
 class Headroom:
-    def __init__(self, cgroups: Cgroups | None = None,
+    def __init__(self, room_path: str | None = None, worker: tuple[int, int] = (0, 0),
+                 pool: int = 1, cgroups: Cgroups | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self._cgroups = cgroups or Cgroups()
         self._clock, self._sleep = clock, sleep
+        self.room_path, self.worker, self.pool = room_path, worker, max(pool, 1)
+        self.pid = os.getpid()
         self.container = self._cgroups.find("self")
         self.line = 0  # bytes of working set; 0: no line (none configured, or no limit)
         self.hold_max = 0.0
         self.needs: dict[str, int] = {}  # task name -> most its RSS rose in one run here
+        self.shared: dict[str, int] = {}  # the same, as the worker's children know it
+        self.reserved = False  # this child's running task has a reservation in the room
         self._usage_fd: int | None = None
         self._next_look = 0.0
+        self._next_refresh = 0.0
+        self._page = os.sysconf("SC_PAGE_SIZE")
 
     def configure(self, share: float | None, hold_max: float) -> None:
         """The line as a share of this child's container limit (None: no line)."""
@@ -67,43 +82,110 @@ class Headroom:
             except OSError:
                 self.line = 0
 
-    def reading(self) -> tuple[int, int]:
-        """(working set, line) now, for a report; zeros where there is no line."""
-        if self.line <= 0 or self._usage_fd is None:
-            return 0, 0
-        return self._working_set(self._usage()), self.line
+    def need(self, name: str) -> int:
+        return max(self.needs.get(name, 0), self.shared.get(name, 0))
 
-    def learn(self, name: str, rose: int) -> None:
-        """A run of ``name`` raised this child's RSS by ``rose`` bytes at its peak."""
-        if name in self.needs or len(self.needs) < MAX_NAMES:
-            self.needs[name] = max(rose, 0) if name not in self.needs else max(
-                self.needs[name], rose)
+    # -- before a task -----------------------------------------------------------------------
 
-    def hold(self, name: str) -> Held | None:
+    def hold(self, name: str, rss_before: int) -> Held | None:
         """Wait until the container has room for a run of ``name`` (at most hold_max);
         return how it went, or None when there was no need to wait."""
+        self.reserved = False
         if self.line <= 0 or self._usage_fd is None:
             return None
         now = self._clock()
         if now < self._next_look:
             return None
-        need = self.needs.get(name, 0)
-        usage = self._usage()
-        if usage + need < self.line:  # usage bounds the working set from above
-            # Whatever the next task: the largest need any name has shown here.
-            room = self.line - usage - max(self.needs.values(), default=0)
-            self._next_look = now + max(0, room) / FASTEST_GROWTH
+        if now >= self._next_refresh and self.room_path is not None:
+            found = room.read(self.room_path, self.worker)
+            if found is not None:  # else (no room, or busy) look again at the next task
+                self.shared = found.needs
+                self._next_refresh = now + REFRESH_SECONDS
+        largest = max([*self.needs.values(), *self.shared.values()], default=0)
+        gap = self.line - self._usage() - largest * self.pool
+        if gap > 0:  # usage bounds the working set from above
+            self._next_look = now + gap / FASTEST_GROWTH
             return None
-        current = self._working_set(usage)
-        if current + need < self.line:
-            return None
-        start = now
-        while current + need >= self.line:
-            if self._clock() - start >= self.hold_max:
-                return Held(self._clock() - start, current, self.line, gave_up=True)
+        need, start, waited = self.need(name), now, False
+        while True:
+            gave_up = self._clock() - start >= self.hold_max
+            fits, current = self._reserve(need, rss_before, force=gave_up)
+            if fits:
+                break
+            waited = True
             self._sleep(STEP)
+        if not waited:
+            return None
+        return Held(self._clock() - start, current, self.line, gave_up)
+
+    def _reserve(self, need: int, rss_before: int, force: bool) -> tuple[bool, int]:
+        """Whether the task fits (or must start anyway), and the working set it was judged
+        by; if it fits, its need is reserved. Under the room's lock, what others have not yet
+        allocated is counted first and the working set read after it: an allocation in
+        between is then counted twice, never missed."""
+        if self.room_path is None:
             current = self._working_set(self._usage())
-        return Held(self._clock() - start, current, self.line, gave_up=False)
+            return force or current + need < self.line, current
+        seen = [0]
+
+        def change(shared: room.Room) -> bool:
+            shared.starting = [s for s in shared.starting
+                               if s[0] != self.pid and self._rss(s[0]) is not None]
+            pending = sum(max(0, n - ((self._rss(pid) or 0) - before))
+                          for pid, n, before in shared.starting)
+            seen[0] = current = self._working_set(self._usage())
+            fits = force or current + pending + need < self.line
+            if fits:
+                shared.starting.append((self.pid, need, rss_before))
+            return fits
+
+        result = room.update(self.room_path, self.worker, change)
+        if result is None:  # no room file (no daemon): go by this child alone
+            current = self._working_set(self._usage())
+            return force or current + need < self.line, current
+        if isinstance(result, room.Busy):  # another child is reserving: look again
+            return force, seen[0]
+        self.reserved = result
+        return result, seen[0]
+
+    # -- after a task ------------------------------------------------------------------------
+
+    def news(self, name: str, rose: int) -> bool:
+        """Whether ``rose`` is more than the worker's children know ``name`` needs, by enough
+        to tell them (a tenth, and at least ``LEARN_MARGIN``)."""
+        known = self.need(name)
+        return rose > known + max(LEARN_MARGIN, known // 10)
+
+    def learn(self, name: str, rose: int, ended: bool = True) -> None:
+        """A run of ``name`` raised this child's RSS by ``rose`` bytes at its peak (``ended``:
+        the task is over, its reservation released; else it is still running and has gone
+        past what was known: written at once, so that a child killed on its way up has told
+        the others what it had reached)."""
+        rose = max(rose, 0)
+        news = self.news(name, rose)
+        if name in self.needs or len(self.needs) < MAX_NAMES:
+            self.needs[name] = max(self.needs.get(name, 0), rose)
+        release = ended and self.reserved
+        if self.room_path is None or not (news or release):
+            return
+
+        def change(shared: room.Room) -> None:
+            if release:
+                shared.starting = [s for s in shared.starting if s[0] != self.pid]
+            if rose > shared.needs.get(name, 0):
+                shared.needs[name] = rose
+            self.shared = dict(shared.needs)
+
+        if room.update(self.room_path, self.worker, change) is not None and release:
+            self.reserved = False
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def reading(self) -> tuple[int, int]:
+        """(working set, line) now, for a report; zeros where there is no line."""
+        if self.line <= 0 or self._usage_fd is None:
+            return 0, 0
+        return self._working_set(self._usage()), self.line
 
     def _usage(self) -> int:
         assert self._usage_fd is not None
@@ -119,3 +201,11 @@ class Headroom:
         except OSError:
             return usage
         return working_set(usage, stat, self.container.version)
+
+    def _rss(self, pid: int) -> int | None:
+        """Another child's RSS (None: gone); children of one worker may read each other's."""
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                return int(fh.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return None

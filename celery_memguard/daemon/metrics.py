@@ -199,6 +199,13 @@ class StateCollector(Collector):
             "The memory that percentage limits resolve against: the cgroup limit, else the host's.",
             labels=["source"])
         memory.add_metric([view.memory[1]], view.memory[0])
+        needs = GaugeMetricFamily(
+            PREFIX + "task_peak_growth_bytes",
+            "The most one run of a task raised its child's RSS at its peak (what it needs to "
+            "start: the children's container headroom check uses it), by task name (bounded).",
+            labels=["task"])
+        for task, need in sorted(view.needs.items()):
+            needs.add_metric([task], need)
         quarantined = GaugeMetricFamily(
             PREFIX + "quarantined_task_ids",
             "Task ids no child may run again (quarantine.after incidents each); refusals are "
@@ -210,7 +217,7 @@ class StateCollector(Collector):
         connections.add_metric([], view.connections)
         build = InfoMetricFamily(PREFIX + "build", "celery-memguard version.")
         build.add_metric([], {"version": __version__})
-        yield from (growth, memory, quarantined, connections, build)
+        yield from (growth, needs, memory, quarantined, connections, build)
 
 
 class Metrics:

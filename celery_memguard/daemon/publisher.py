@@ -3,17 +3,20 @@
 ``<socket>.settings.json`` (protocol.settings), rewritten atomically at start and on reload;
 ``<socket>.grant.<worker pid>`` (protocol.grants), exchanged on every decision. Both are
 removed when the daemon stops: without a daemon, children no longer recycle themselves.
-``<socket>.quarantine.json`` (protocol.quarantine) stays: a restarted daemon reads it back.
+``<socket>.quarantine.json`` (protocol.quarantine) stays: a restarted daemon reads it back;
+so do the rooms ``<socket>.room.<worker pid>`` (protocol.room) of workers still alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from celery_memguard.daemon.config import Config
-from celery_memguard.protocol import grants, paths, quarantine, settings
+from celery_memguard.protocol import grants, paths, quarantine, room, settings
 
 SETTINGS_MODE = 0o644  # every child reads it; only the daemon writes it
 
@@ -63,7 +66,32 @@ class Publisher:
         return grants.exchange(paths.grant_path(self.socket, worker_pid), identity, grant)
 
     def remove_grant(self, worker_pid: int) -> None:
+        """A worker is gone: its grant and room files go with it."""
         grants.remove(paths.grant_path(self.socket, worker_pid))
+        room.remove(paths.room_path(self.socket, worker_pid))
+
+    def read_room(self, worker_pid: int, identity: tuple[int, int]) -> room.Room | None:
+        """A worker's room file (made when missing): what its tasks need at their peak."""
+        path = paths.room_path(self.socket, worker_pid)
+        found = room.read(path, identity)
+        if found is None and room.create(path, identity):
+            found = room.read(path, identity)
+        return found
+
+    def prune_rooms(self, alive: Callable[[int, int], bool]) -> None:
+        """Room files outlive the daemon (what tasks need is worth keeping); those of workers
+        that are gone are removed at start."""
+        directory = Path(self.socket).parent
+        for path in directory.glob(paths.room_glob(self.socket)):
+            try:
+                pid = int(path.name.rsplit(".", 1)[1])
+                body = json.loads(path.read_bytes())
+                worker = body["worker"]
+                keep = alive(pid, int(worker[1])) and int(worker[0]) == pid
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                keep = False
+            if not keep:
+                room.remove(str(path))
 
     def remove_grants(self) -> None:
         """Every worker's grant file, also a previous daemon's."""

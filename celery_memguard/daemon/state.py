@@ -49,6 +49,7 @@ class State:
         self.oom_kills: Counter[tuple[str, str]] = Counter()  # (worker, task); task "" unknown
         self.oom = OomLedger()  # the kernel's OOM kill counters, matched to dead children
         self.holds: Counter[tuple[str, str]] = Counter()  # (worker, outcome): room, gave_up
+        self.needs: dict[str, int] = {}  # task name -> most a run raised a child's RSS
         self.hold_seconds: defaultdict[str, float] = defaultdict(float)  # by worker
         self.quarantine_after = 0  # incidents that quarantine a task id (0: off)
         self.incidents: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # id -> (task,

@@ -119,6 +119,8 @@ class Supervisor:
         self.publish_quarantine()
         if isinstance(message, messages.WorkerHello) and worker is not None:
             self._refresh_children(worker, now)
+            if message.pool == "prefork":  # its children share what their tasks need there
+                self.publisher.read_room(worker.proc.pid, (worker.proc.pid, worker.proc.start))
         if isinstance(message, messages.WorkerBye):
             self.publisher.remove_grant(message.pid)
         if worker is None:
@@ -236,7 +238,7 @@ class Supervisor:
                                   term_grace=self.config.sampling.interval)
         # The grant goes out first, less what these decisions use: no child may take a unit
         # the daemon is about to spend. A child that took one meanwhile is leaving already.
-        taken = self._grant(snapshot, decisions, now)
+        taken = self._grant(snapshot, decisions, now, only)
         if decisions:
             self.actor.carry_out([d for d in decisions if d.proc.pid not in taken], now)
         if only is None:
@@ -256,7 +258,13 @@ class Supervisor:
             self._quarantine_published = self.state.quarantine_revision
             self.publisher.write_quarantine(self.state.quarantined, self.config.quarantine.after)
 
-    def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float) -> set[int]:
+    def alive(self, pid: int, start: int) -> bool:
+        """Whether a process with this pid and start time still runs."""
+        stat = self.procs.stat(pid)
+        return stat is not None and stat.start == start
+
+    def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float,
+               only: WorkerRec | None) -> set[int]:
         """Publish each agent worker's grant (policy.grant_sizes) and collect the units its
         children took since the last exchange, which count as recycles from then on; return
         their pids."""
@@ -269,6 +277,11 @@ class Supervisor:
                 continue
             taken = self.publisher.exchange(worker.pid, (worker.pid, worker.proc.start),
                                             allowed.get(worker.name, 0))
+            if only is None:  # the tick: what its tasks need, as its children share it
+                found = self.publisher.read_room(worker.pid, (worker.pid, worker.proc.start))
+                if found is not None:
+                    for task, need in found.needs.items():
+                        self.state.needs[self.state.task_names.label(task)] = need
             if taken:
                 reports.units_taken(self.state, rec, taken, now)
                 collected.update(pid for pid, _ in taken)
@@ -319,6 +332,7 @@ class Supervisor:
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
             restarts=dict(state.restarts), holds=dict(state.holds),
             hold_seconds=dict(state.hold_seconds), quarantined=len(state.quarantined),
+            needs=dict(state.needs),
             growth={task: (g.cumulative(), g.total) for task, g in state.growth.items()},
             ranking=tuple(task_growth.rank(state.growth)),
             messages=dict(state.messages), dropped=dict(state.dropped),

@@ -29,6 +29,7 @@ class View:
     holds: dict[tuple[str, str], int] = field(default_factory=dict)
     hold_seconds: dict[str, float] = field(default_factory=dict)
     quarantined: int = 0  # task ids no child may run again
+    needs: dict[str, int] = field(default_factory=dict)  # task -> its peak rise, as children saw
     growth: dict[str, tuple[list[tuple[float, int]], int]] = field(default_factory=dict)
     ranking: tuple[Ranked, ...] = ()
     messages: dict[str, int] = field(default_factory=dict)

@@ -45,7 +45,7 @@ def exchange(path: str, worker: tuple[int, int], grant: int) -> list[tuple[int, 
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             return None  # not a file this daemon made: never truncate what a link points at
-        if not _lock(fd):
+        if not lock(fd):
             return None
         if stat.S_IMODE(info.st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)  # a new file: the umask may have narrowed it
@@ -71,7 +71,7 @@ def take(path: str, pid: int, worker: tuple[int, int], reason: str) -> bool:
     except OSError:
         return False
     try:
-        if not _lock(fd):
+        if not lock(fd):
             return False
         body = _read(fd, worker)
         if body is None:
@@ -93,10 +93,11 @@ def remove(path: str) -> None:
         os.unlink(path)
 
 
-def _lock(fd: int) -> bool:
+def lock(fd: int, shared: bool = False) -> bool:
+    """Take the file's lock (``shared``: a reader's), trying for a millisecond at most."""
     for _ in range(LOCK_TRIES):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False

@@ -35,6 +35,15 @@ def grant_path(socket: str, worker_pid: int) -> str:
     return f"{socket}.grant.{worker_pid}"
 
 
+def room_path(socket: str, worker_pid: int) -> str:
+    """One worker's room file: its tasks' needs, and the tasks starting (protocol.room)."""
+    return f"{socket}.room.{worker_pid}"
+
+
+def room_glob(socket: str) -> str:
+    return os.path.basename(socket) + ".room.*"
+
+
 def grant_glob(socket: str) -> str:
     """The file name pattern of every worker's grant file, in the socket's directory."""
     return os.path.basename(socket) + ".grant.*"

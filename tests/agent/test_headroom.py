@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from celery_memguard.agent.headroom import STEP, Headroom
+from celery_memguard.protocol import paths, room
 from celery_memguard.protocol.cgroups import Cgroups
 from tests.builders import MiB
 
@@ -12,7 +17,7 @@ from tests.builders import MiB
 class Container:
     """A v2 cgroup tree whose usage and page cache a test sets; time passes as it sleeps."""
 
-    def __init__(self, tmp: Path, limit: int | None = 1000 * MiB) -> None:
+    def __init__(self, tmp: Path, limit: int | None = 1000 * MiB, **room: Any) -> None:
         self.cgroup = tmp / "cgroup" / "pod" / "worker"
         self.cgroup.mkdir(parents=True)
         (tmp / "cgroup" / "cgroup.controllers").write_text("memory\n")
@@ -22,8 +27,8 @@ class Container:
         self.now = 0.0
         self.frees: list[tuple[float, int]] = []  # (at, usage from then on)
         self.set(100 * MiB)
-        self.headroom = Headroom(Cgroups(root=str(tmp / "cgroup"), proc=str(tmp / "proc")),
-                                 clock=lambda: self.now, sleep=self.sleep)
+        self.headroom = Headroom(cgroups=Cgroups(root=str(tmp / "cgroup"), proc=str(tmp / "proc")),
+                                 clock=lambda: self.now, sleep=self.sleep, **room)
 
     def set(self, usage: int, inactive: int = 0) -> None:
         (self.cgroup / "memory.current").write_text(f"{usage}\n")
@@ -39,7 +44,7 @@ def test_under_the_line_a_task_starts_at_once(tmp_path: Path) -> None:
     box = Container(tmp_path)
     box.headroom.configure(0.85, 30.0)
     assert box.headroom.line == 850 * MiB
-    assert box.headroom.hold("app.t") is None
+    assert box.headroom.hold("app.t", 50 * MiB) is None
     assert box.now == 0.0
 
 
@@ -48,7 +53,7 @@ def test_past_the_line_the_next_task_waits_until_another_frees_its_memory(tmp_pa
     box.headroom.configure(0.85, 30.0)
     box.set(900 * MiB)
     box.frees.append((1.5, 500 * MiB))  # a sibling's task ends and gives its memory back
-    held = box.headroom.hold("app.t")
+    held = box.headroom.hold("app.t", 50 * MiB)
     assert held is not None
     assert not held.gave_up
     assert 1.5 <= held.seconds < 1.5 + 2 * STEP
@@ -59,7 +64,7 @@ def test_a_task_runs_anyway_after_container_hold(tmp_path: Path) -> None:
     box = Container(tmp_path)
     box.headroom.configure(0.85, 3.0)
     box.set(900 * MiB)
-    held = box.headroom.hold("app.t")
+    held = box.headroom.hold("app.t", 50 * MiB)
     assert held is not None
     assert held.gave_up
     assert 3.0 <= held.seconds < 3.0 + 2 * STEP
@@ -74,8 +79,8 @@ def test_what_a_task_name_needed_before_counts(tmp_path: Path) -> None:
     box.headroom.learn("app.big", 20 * MiB)  # the most it ever needed is what counts
     box.set(750 * MiB)
     box.frees.append((0.5, 600 * MiB))
-    assert box.headroom.hold("app.small") is None
-    held = box.headroom.hold("app.big")
+    assert box.headroom.hold("app.small", 50 * MiB) is None
+    held = box.headroom.hold("app.big", 50 * MiB)
     assert held is not None
     assert 0.5 <= held.seconds < 0.5 + 2 * STEP
 
@@ -84,27 +89,80 @@ def test_page_cache_the_kernel_would_drop_is_not_held_against_a_task(tmp_path: P
     box = Container(tmp_path)
     box.headroom.configure(0.85, 30.0)
     box.set(950 * MiB, inactive=300 * MiB)
-    assert box.headroom.hold("app.t") is None
+    assert box.headroom.hold("app.t", 50 * MiB) is None
 
 
 def test_no_limit_or_no_line_means_no_hold(tmp_path: Path) -> None:
     unlimited = Container(tmp_path / "a", limit=None)
     unlimited.headroom.configure(0.85, 30.0)
     unlimited.set(10_000 * MiB)
-    assert unlimited.headroom.hold("app.t") is None
+    assert unlimited.headroom.hold("app.t", 50 * MiB) is None
     off = Container(tmp_path / "b")
     off.headroom.configure(None, 30.0)
     off.set(990 * MiB)
-    assert off.headroom.hold("app.t") is None
+    assert off.headroom.hold("app.t", 50 * MiB) is None
 
 
 def test_far_under_the_line_the_usage_is_not_read_before_task(tmp_path: Path) -> None:
     """700 MiB under the line: a container growing 16 GiB/s needs 43 ms to get there."""
     box = Container(tmp_path)
     box.headroom.configure(0.85, 30.0)
-    assert box.headroom.hold("app.t") is None
+    assert box.headroom.hold("app.t", 50 * MiB) is None
     box.set(990 * MiB)  # not seen: too soon to look again
     box.now = 0.02
-    assert box.headroom.hold("app.t") is None
+    assert box.headroom.hold("app.t", 50 * MiB) is None
     box.now = 0.05
-    assert box.headroom.hold("app.t") is not None
+    assert box.headroom.hold("app.t", 50 * MiB) is not None
+
+
+def test_a_task_another_child_just_started_counts_until_it_has_allocated(tmp_path: Path) -> None:
+    """Children that read their jobs together all see the same usage: each reserves its need
+    in the worker's room file, and the others count what is not yet allocated of it."""
+    sock = str(tmp_path / "agent.sock")
+    worker = (4242, 1)
+    path = paths.room_path(sock, 4242)
+    assert room.create(path, worker)
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+        box.headroom.configure(0.85, 30.0)
+        box.headroom.learn("app.big", 150 * MiB)
+        sibling_rss = box.headroom._rss(sibling.pid)
+        assert sibling_rss is not None
+        assert room.update(path, worker, lambda r: r.starting.append(
+            (sibling.pid, 150 * MiB, sibling_rss))) is None
+        box.set(600 * MiB)  # 600 + 150 not yet allocated by the sibling + 150 >= 850
+        box.frees.append((0.3, 500 * MiB))
+        held = box.headroom.hold("app.big", 50 * MiB)
+        assert held is not None
+        assert 0.3 <= held.seconds < 0.3 + 2 * STEP
+        shared = room.read(path, worker)
+        assert shared is not None
+        assert (os.getpid(), 150 * MiB, 50 * MiB) in shared.starting
+        assert shared.needs == {"app.big": 150 * MiB}  # learnt before: told to the worker
+        box.headroom.learn("app.big", 180 * MiB)  # the task ends: reservation gone, need grown
+        shared = room.read(path, worker)
+        assert shared is not None
+        assert [s[0] for s in shared.starting] == [sibling.pid]
+        assert shared.needs == {"app.big": 180 * MiB}
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
+def test_a_reservation_of_a_child_that_is_gone_is_dropped(tmp_path: Path) -> None:
+    sock = str(tmp_path / "agent.sock")
+    worker = (4242, 1)
+    path = paths.room_path(sock, 4242)
+    assert room.create(path, worker)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    room.update(path, worker, lambda r: r.starting.append((gone.pid, 500 * MiB, 0)))
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 30.0)
+    box.headroom.learn("app.big", 150 * MiB)
+    box.set(600 * MiB)
+    assert box.headroom.hold("app.big", 50 * MiB) is None  # 600 + 150 < 850: no wait
+    shared = room.read(path, worker)
+    assert shared is not None
+    assert [s[0] for s in shared.starting] == [os.getpid()]

@@ -56,6 +56,7 @@ COMING = {
     "oom_kills_total", "interrupted_tasks_total", "worker_restarts_total",
     "task_memory_growth_bytes_bucket", "task_memory_growth_bytes_sum",
     "task_memory_growth_bytes_count", "task_holds_total", "task_hold_seconds_total",
+    "task_peak_growth_bytes",
     # the worker's container, where the daemon can read its memory cgroup
     "container_memory_usage_bytes", "container_memory_working_set_bytes",
     "container_memory_limit_bytes", "container_memory_high_bytes",
