@@ -133,7 +133,8 @@ class Worker:
                  extra_args: tuple[str, ...] = (), name: str | None = None,
                  queue: str | None = None, restart: bool = False,
                  global_args: tuple[str, ...] = (), user: User | None = None,
-                 cgroup: MemoryCgroup | None = None, env: dict[str, str] | None = None) -> None:
+                 cgroup: MemoryCgroup | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.queue = queue or f"q{os.getpid()}_{free_port()}"
         self.name = name or f"{self.queue}@memguard-test"
         self.concurrency = concurrency
@@ -161,8 +162,8 @@ class Worker:
                 *global_args, "worker",
                 "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args]
-        if env:
-            self.env.update(env)
+        if extra_env:
+            self.env.update(extra_env)
         self.proc = subprocess.Popen(
             cgroup.command(argv) if cgroup is not None else argv,
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,

@@ -32,3 +32,5 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
                                     dispatch_uid=uid + ".shutdown")
     signals.worker_process_init.connect(pool_child.on_process_init, weak=False,
                                         dispatch_uid=uid + ".init")
+    signals.task_received.connect(main_process.on_task_received, weak=False,
+                                  dispatch_uid=uid + ".received")

@@ -29,6 +29,7 @@ from typing import Any
 from celery_memguard.agent import main_process
 from celery_memguard.agent.child_agent import ChildAgent
 from celery_memguard.agent.context import CONTEXT, pool_size
+from celery_memguard.agent.quarantine import MARK
 from celery_memguard.protocol import messages
 from celery_memguard.protocol.signals import CONTAINER_SIGNAL, RECYCLE_SIGNAL
 
@@ -80,12 +81,22 @@ def on_process_init(sender: Any = None, **_: Any) -> None:
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         signal.signal(CONTAINER_SIGNAL, agent.on_container_signal)
         agent.watch.install()
-        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe)
+        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe,
+                                                           refusal)
         pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
         _child = agent
         agent.hello()
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
+
+
+def refusal(job: Any) -> str | None:
+    """Why the main process marked this job's request as quarantined (agent/quarantine.py)."""
+    try:
+        why = job[1][3][2].get(MARK)
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return None
+    return why if isinstance(why, str) else None
 
 
 def describe(job: Any) -> tuple[str, str, CodeType | None]:

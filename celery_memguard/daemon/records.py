@@ -71,8 +71,10 @@ class WorkerRec:
 
     @property
     def container_key(self) -> str:
-        """Whose OOM kill counter its readings are: its cgroup, else the worker itself."""
-        return self.container if self.container is not None else f"pid:{self.proc.pid}"
+        """Whose OOM kill counter its readings are: the worker's (its agent's readings and the
+        daemon's of its cgroup are the same counter; a key that changed when the daemon first
+        read the cgroup would lose the baseline)."""
+        return f"{self.proc.pid}:{self.proc.start}"
 
 
 class BoundedNames:

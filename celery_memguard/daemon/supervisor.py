@@ -87,8 +87,9 @@ class Supervisor:
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
         self.state.quarantine_after = new.quarantine.after
-        if publish:  # the agents re-read the file within seconds
+        if publish:  # the agents re-read the files within seconds
             self.publisher.settings(new)
+            self.publisher.write_quarantine(self.state.quarantined, new.quarantine.after)
         self.decide(self.clock(), None)  # the grants at once: a dry run, lower caps
         self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
                       dry_run=new.recycle.dry_run)
