@@ -23,7 +23,7 @@ from celery_memguard.daemon.metrics import Metrics
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.publisher import Publisher
 from celery_memguard.daemon.records import Rejected, WorkerRec
-from celery_memguard.daemon.snapshot import Snapshot
+from celery_memguard.daemon.snapshot import Snapshot, Worker
 from celery_memguard.daemon.state import State
 from celery_memguard.daemon.view import View
 from celery_memguard.protocol import messages
@@ -318,6 +318,16 @@ class Supervisor:
             name, fields = events.pop(0)
             getattr(self.log, _EVENT_LEVELS.get(name, "warning"))(name, **fields)
 
+    def _limits_shown(self, worker: Worker) -> dict[str, int]:
+        """A worker's limits in bytes by level, with its container's lines where it has one."""
+        limits = self.limits_for(worker.name)
+        shown = {"soft": limits.soft, "hard": limits.hard}
+        if worker.container is not None:
+            soft, hard = container_policy.lines(worker.container, limits)
+            shown.update({k: v for k, v in (("container_soft", soft), ("container_hard", hard))
+                          if v is not None})
+        return shown
+
     def _make_view(self, now: float, snapshot: Snapshot | None = None) -> View:
         state = self.state
         if snapshot is None:
@@ -325,9 +335,7 @@ class Supervisor:
         return View(
             snapshot=snapshot,
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
-            worker_limits={w.name: {"soft": self.limits_for(w.name).soft,
-                                    "hard": self.limits_for(w.name).hard}
-                           for w in snapshot.workers},
+            worker_limits={w.name: self._limits_shown(w) for w in snapshot.workers},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),

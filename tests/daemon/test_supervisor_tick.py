@@ -265,7 +265,10 @@ def test_the_workers_container_is_exported_and_its_oom_counter_tells_oom_from_si
     for line in ('celery_memguard_container_memory_working_set_bytes{worker="w@h"} 2.62144e+08',
                  'celery_memguard_container_memory_limit_bytes{worker="w@h"} 5.36870912e+08',
                  'celery_memguard_container_memory_events_total{event="oom_kill",worker="w@h"} 7.0',
-                 'celery_memguard_container_memory_pressure{kind="some",worker="w@h"} 0.05'):
+                 'celery_memguard_container_memory_pressure{kind="some",worker="w@h"} 0.05',
+                 # the lines, at 85% and 95% of the limit by default
+                 'celery_memguard_limit_bytes{level="container_soft",worker="w@h"} 4.56340275e+08',
+                 'celery_memguard_limit_bytes{level="container_hard",worker="w@h"} 5.10027366e+08'):
         assert line in text
     assert "container_memory_high_bytes{" not in text  # unset: no series
     procs.containers[MAIN] = dataclasses.replace(
