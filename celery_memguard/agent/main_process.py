@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Literal
 
 from celery_memguard._version import __version__
 from celery_memguard.agent import prompt_join
@@ -20,13 +20,14 @@ from celery_memguard.agent.context import CONTEXT, pool_size
 from celery_memguard.agent.quarantine import MARK, Guard
 from celery_memguard.agent.sender import Sender
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.cgroups import Cgroups
+from celery_memguard.protocol.cgroups import Cgroups, Container
 from celery_memguard.protocol.signals import RECYCLE_SIGNAL
 
 HEARTBEAT_SECONDS = 2.0
 
 _sender: Sender | None = None  # this process's connection
 _cgroups = Cgroups()
+_own_container: Container | Literal[False] | None = None  # False: looked, found none
 _guard: Guard | None = None  # quarantined task ids, made at worker_init
 _lost: dict[int, tuple[str | None, str | None]] = {}  # child pid -> the task it ran when lost
 
@@ -108,7 +109,23 @@ def worker_hello(consumer: Any) -> messages.WorkerHello:
         max_memory_kib=int(max_mem) if max_mem else None,
         recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: messages.MAX_KIDS]),
         agent=__version__, restart=CONTEXT.restart_worker, oom_kills=_oom_kills(),
+        **_container(),
     )
+
+
+def _container() -> dict[str, int | None]:
+    """This worker's container as the kernel judges it, for the hello (empty: none found)."""
+    global _own_container
+    try:
+        if _own_container is None:
+            _own_container = _cgroups.find("self") or False
+        reading = _cgroups.read(_own_container) if _own_container else None
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return {}
+    if reading is None:
+        return {}
+    return {"container_usage": reading.usage, "container_working_set": reading.working_set,
+            "container_limit": reading.limit}
 
 
 def _oom_kills() -> int | None:

@@ -67,6 +67,7 @@ class WorkerRec:
     total_over_since: float | None = None
     container: str | None = None  # its memory cgroup's path, where the daemon sees it
     container_reading: ContainerReading | None = None  # as of the last read
+    reported_container: ContainerReading | None = None  # as its agent read it (its hello)
     container_over_since: float | None = None  # past its soft line, or under pressure, since
 
     @property

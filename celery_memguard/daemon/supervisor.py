@@ -184,6 +184,8 @@ class Supervisor:
         container = self._containers[pid]
         rec.container = container.path if container is not None else None
         reading = self.procs.read_container(container) if container is not None else None
+        if reading is None:  # not visible from here: as the worker's agent read it (its hello)
+            reading = rec.reported_container
         rec.container_reading = reading
         if reading is None:
             rec.container_over_since = None
@@ -204,7 +206,7 @@ class Supervisor:
             container = self._containers.get(rec.proc.pid)
             limits = self.limits_for(rec.name or "")
             if container is None or limits.container_hard is None:
-                continue
+                continue  # unseen, or known from the worker's hellos only: the tick will do
             self._read_container(rec, now)
             reading = rec.container_reading
             if reading is None or reading.limit is None:

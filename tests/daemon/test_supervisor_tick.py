@@ -279,3 +279,16 @@ def test_the_workers_container_is_exported_and_its_oom_counter_tells_oom_from_si
     sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=-9,
                                          task="app.t", id="u")), 2.2)
     assert sup.state.interrupted == {("w@h", "app.t", "oom"): 1, ("w@h", "app.t", "killed"): 1}
+
+
+def test_a_container_the_daemon_cannot_see_is_known_from_the_workers_hello(
+        procs: FakeProcs) -> None:
+    """A sidecar with a cgroup namespace of its own cannot read the worker's cgroup; the
+    worker's agent reads its own and says it in its hello, every 2 s."""
+    sup = make(procs)
+    sup.receive(dgram(hello(oom_kills=0, container_usage=700 * MiB,
+                            container_working_set=650 * MiB, container_limit=1024 * MiB)), 0.0)
+    sup.tick(1.0)
+    text = sup.metrics.render().decode()
+    assert 'celery_memguard_container_memory_working_set_bytes{worker="w@h"} 6.815744e+08' in text
+    assert 'celery_memguard_limit_bytes{level="container_soft",worker="w@h"}' in text
