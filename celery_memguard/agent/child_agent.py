@@ -121,7 +121,9 @@ class ChildAgent:
         self.ahead, self.dry_run = published.ahead, published.dry_run
         self.min_lifetime, self.skip_within_tasks = published.min_lifetime, published.skip_within_tasks
         self.watch.configure(limits.hard, published.watch_interval)
-        self.headroom.configure(limits.container_soft, published.container_hold)
+        # A dry run acts on nothing: a child does not wait either.
+        self.headroom.configure(limits.container_soft,
+                                0.0 if published.dry_run else published.container_hold)
         self.soft_threshold = (rules.child_threshold(limits.soft, published.jitter,
                                                      published.max_share, self.pool, self.pid,
                                                      self.start_ticks)
