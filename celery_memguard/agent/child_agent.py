@@ -42,6 +42,9 @@ from celery_memguard.protocol.signals import EX_RECYCLE
 CHILD_HELLO_SECONDS = 5.0
 ANNOUNCE_AFTER = 0.05  # a task running this long is announced (TaskRunning)
 RETAKE_SECONDS = 0.1  # a child over its threshold but held tries its grant at most this often
+LEFT_RUNS = 32  # runs per task name whose growth a child remembers
+MIN_RUNS = 5  # runs of a name before its growth predicts anything
+MAX_NAMES = 256
 LEAVE_LOCK_SECONDS = 0.5  # leaving never waits longer than this for the report lock
 
 
@@ -76,6 +79,8 @@ class ChildAgent:
         self.worker = (self.ppid, start_ticks(self.ppid))  # the identity its grants are for
         self.grant_path = paths.grant_path(socket_path, self.ppid)
         self.growth: deque[int] = deque(maxlen=8)  # RSS each recent task left behind
+        self.left: dict[str, deque[int]] = {}  # per task name: what its recent runs left behind
+        self.most_left = 0  # the most any run here left behind: is a name's quantile worth it?
         self.rang: set[str] = set()  # reasons the daemon was rung for already
         self.retake_at = 0.0
         self._settings_mtime = 0.0
@@ -132,9 +137,10 @@ class ChildAgent:
     # -- tasks (main thread) ----------------------------------------------------------------
 
     def begin(self, name: str, task_id: str, run_code: CodeType | None,
-              refused: str | None = None) -> None:
-        """A job begins. ``refused``: why the main process found its task id quarantined."""
-        self.rss_before = self.statm.rss()
+              refused: str | None = None, rss: int | None = None) -> None:
+        """A job begins. ``refused``: why the main process found its task id quarantined;
+        ``rss``: this process's RSS, when just read."""
+        self.rss_before = self.statm.rss() if rss is None else rss
         self.task_name, self.task_id = name, task_id
         self.task_started = time.monotonic()
         if self.headroom.line:  # the watch may miss a peak between two reads; this cannot
@@ -165,6 +171,7 @@ class ChildAgent:
                 id=self.task_id, rss=used, limit=line, reason="container"))
         rss = self.statm.rss()
         self.growth.append(rss - self.rss_before)
+        self._left(self.task_name, rss - self.rss_before)
         now = time.monotonic()
         with self._lock:  # the watch thread announces under it: never with a half-ended task
             if self.headroom.line:
@@ -188,6 +195,45 @@ class ChildAgent:
         if maxrss > self.maxrss_before:
             peak = max(peak, maxrss * 1024)
         return peak
+
+    def _left(self, name: str, grew: int) -> None:
+        runs = self.left.get(name)
+        if runs is None:
+            if len(self.left) >= MAX_NAMES:
+                return
+            runs = self.left[name] = deque(maxlen=LEFT_RUNS)
+        runs.append(max(grew, 0))
+        self.most_left = max(self.most_left, grew)
+
+    def would_cross(self, name: str, rss: int) -> bool:
+        """Whether a run of ``name`` would likely take this child past its soft threshold:
+        by the 90th percentile of what its recent runs here left behind (not the mean: a task
+        that keeps memory one call in ten still crosses), once it ran ``MIN_RUNS`` times; a
+        name with fewer runs is left to the end of its task. Memory a task frees before it
+        returns leaves nothing behind, so spikes never count."""
+        threshold = self.soft_threshold
+        if threshold <= 0 or rss + self.most_left < threshold:
+            return False  # far from it whatever the task: the common case, no sorting
+        runs = self.left.get(name)
+        if runs is None or len(runs) < MIN_RUNS:
+            return False
+        ordered = sorted(runs)
+        return rss + ordered[-(-9 * len(ordered) // 10) - 1] >= threshold  # nearest rank
+
+    def leave_before(self, name: str, rss: int) -> bool:
+        """Leave before running the job just read, when its task would take this child past
+        its soft threshold and a unit of the grant is there; the job is not acknowledged yet
+        and the pool gives it to another child. False: run it (the end of the task decides)."""
+        now = time.monotonic()
+        if (self.measure != "rss" or self.dry_run or not self.would_cross(name, rss)
+                or rules.max_tasks_soon(self.tasks, self.max_tasks, self.skip_within_tasks)
+                or rules.too_young(now - self.born, self.min_lifetime, rss, self.hard)):
+            return False
+        if not grants.take(self.grant_path, self.pid, self.worker, "soft"):
+            return False  # no unit: the task runs, and its end rings the daemon as usual
+        self.recycle_requested = True
+        self.exit_reason = "soft"
+        return True
 
     def verdict(self, rss: int, now: float) -> str | None:
         """What a task that left ``rss`` calls for: None (nothing), "self" (this child took a
@@ -333,16 +379,19 @@ class ChildAgent:
                 try:
                     name, task_id, run_code = describe(job)
                     refused = refusal(job)
+                    rss = self.statm.rss()
+                    if refused is None and self.leave_before(name, rss):
+                        self.leave()  # the job goes back to the pool
                     if refused is None:
                         self._hold(name, task_id)
-                    self.begin(name, task_id, run_code, refused)
+                    self.begin(name, task_id, run_code, refused, rss)
                 except Exception:  # noqa: BLE001 - the agent never raises into the worker
                     self.running = False
             return job
 
         return wait_for_job
 
-    def _hold(self, name: str, task_id: str) -> None:
+    def _hold(self, name: str, task_id: str) -> bool:
         """Wait for the container to have room before the task starts (headroom.py). Asked to
         leave meanwhile, the child leaves at once: the job is not acknowledged yet, and the pool
         gives it to another child."""
@@ -354,11 +403,13 @@ class ChildAgent:
             held = self.headroom.hold(name, self.statm.rss())
         finally:
             self.waiting = False
-        if held is not None:
-            self._send(messages.TaskHeld(
-                pid=self.pid, ppid=self.ppid, index=self.index, task=name, id=task_id,
-                waited_ms=int(held.seconds * 1000), working_set=held.working_set,
-                line=held.line, gave_up=held.gave_up))
+        if held is None:
+            return False
+        self._send(messages.TaskHeld(
+            pid=self.pid, ppid=self.ppid, index=self.index, task=name, id=task_id,
+            waited_ms=int(held.seconds * 1000), working_set=held.working_set,
+            line=held.line, gave_up=held.gave_up))
+        return True
 
     def wrap_prepare_result(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """billiard's hook on a job's return value: the task has ended, its result not yet

@@ -339,3 +339,39 @@ def test_without_a_daemon_a_due_batch_is_dropped_unbuilt(tmp_path: Path,
     agent.begin("app.a", "t3", None)
     agent.end(True)
     assert agent._batch.first == 4
+
+
+def test_a_child_leaves_before_a_task_that_would_take_it_past_its_threshold(
+        tmp_path: Path) -> None:
+    """By what that task name left behind in its recent runs here (9 in 10 runs of it kept
+    2 MiB): at 99 MiB of 100, it leaves before the task, under a unit of the grant."""
+    agent = _agent(tmp_path)
+    for n in range(10):
+        agent._left("app.keep", 2 * MiB if n else 0)
+    assert not agent.would_cross("app.keep", 97 * MiB)
+    assert agent.would_cross("app.keep", 99 * MiB)
+    assert agent.leave_before("app.keep", 99 * MiB)
+    assert (agent.recycle_requested, agent.exit_reason) == (True, "soft")
+    assert _taken(agent) == [(os.getpid(), "soft")]
+
+
+@pytest.mark.parametrize(("runs", "why"), [
+    ([2 * MiB] * 4, "four runs predict nothing yet"),
+    ([0] * 9 + [50 * MiB], "one run in ten that kept memory is not the 90th percentile"),
+    ([-(300 * MiB)] * 10, "a spike given back leaves nothing"),
+])
+def test_no_leave_before_a_task_whose_growth_does_not_predict_a_crossing(
+        tmp_path: Path, runs: list[int], why: str) -> None:
+    agent = _agent(tmp_path)
+    for grew in runs:
+        agent._left("app.t", grew)
+    assert not agent.leave_before("app.t", 99 * MiB), why
+    assert not agent.recycle_requested
+
+
+def test_without_a_unit_of_the_grant_the_task_runs(tmp_path: Path) -> None:
+    agent = _agent(tmp_path, grant=0)
+    for _ in range(10):
+        agent._left("app.keep", 2 * MiB)
+    assert not agent.leave_before("app.keep", 99 * MiB)
+    assert not agent.recycle_requested
