@@ -21,12 +21,15 @@ if TYPE_CHECKING:
 __all__ = ["MemoryLimitExceeded", "__version__", "install"]
 
 
-def install(app: Celery, socket: str | None = None, restart_worker: bool = False) -> None:
+def install(app: Celery, socket: str | None = None, restart_worker: bool = False,
+            freeze: bool = False) -> None:
     """Hook the agent into ``app`` (see celery_memguard.agent); safe to call more than once.
 
     ``restart_worker=True`` opts a worker whose pool has no children (solo, threads, gevent,
-    eventlet) in to whole-worker restarts by the daemon.
+    eventlet) in to whole-worker restarts by the daemon. ``freeze=True`` freezes the main
+    process's objects (``gc.freeze()``) just before the pool forks its first child, so that
+    the children's cycle collections do not copy the pages they share with it.
     """
     from celery_memguard.agent import install as install_agent  # noqa: PLC0415 - keeps Celery out of the daemon
 
-    install_agent(app, socket=socket, restart_worker=restart_worker)
+    install_agent(app, socket=socket, restart_worker=restart_worker, freeze=freeze)

@@ -16,6 +16,8 @@ from celery_memguard.protocol.paths import DEFAULT_SOCKET
 class AgentContext:
     socket: str = DEFAULT_SOCKET
     restart_worker: bool = False  # opted in to whole-worker restarts (pools without children)
+    freeze: bool = False  # gc.freeze() before the pool's first fork
+    frozen: bool = False
     apps: list[Any] = field(default_factory=list)  # the Celery apps installed into
     controller: Any = None  # the WorkController, kept at worker_init: its children inherit it
 

@@ -9,17 +9,20 @@ from celery_memguard.agent.context import CONTEXT
 from celery_memguard.protocol import paths
 
 
-def install(app: Celery, socket: str | None = None, restart_worker: bool = False) -> None:
+def install(app: Celery, socket: str | None = None, restart_worker: bool = False,
+            freeze: bool = False) -> None:
     """Hook celery-memguard into a Celery app; call once in the module that defines ``app``.
 
     The socket path is taken from ``CELERY_MEMGUARD_SOCKET`` when set, else ``socket``, else
     the documented default. ``restart_worker`` lets the daemon restart a worker whose pool
     has no children (solo, threads, gevent, eventlet) as a whole: a warm shutdown past the
     soft limit, a cold one past the hard limit; its process manager must start it again.
-    Installing twice is harmless.
+    ``freeze`` has the main process call ``gc.freeze()`` once, just before its pool forks the
+    first child (main_process.freeze_before_fork). Installing twice is harmless.
     """
     CONTEXT.socket = paths.socket_path(socket)
     CONTEXT.restart_worker = restart_worker
+    CONTEXT.freeze = freeze
     if any(known is app for known in CONTEXT.apps):
         return
     CONTEXT.apps.append(app)
@@ -34,3 +37,5 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
                                         dispatch_uid=uid + ".init")
     signals.task_received.connect(main_process.on_task_received, weak=False,
                                   dispatch_uid=uid + ".received")
+    signals.worker_before_create_process.connect(main_process.freeze_before_fork, weak=False,
+                                                 dispatch_uid=uid + ".freeze")

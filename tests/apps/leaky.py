@@ -26,7 +26,8 @@ app.conf.update(
     result_expires=600,
 )
 if os.environ.get("MEMGUARD_TEST_NO_AGENT") != "1":
-    celery_memguard.install(app, restart_worker=os.environ.get("MEMGUARD_TEST_RESTART") == "1")
+    celery_memguard.install(app, restart_worker=os.environ.get("MEMGUARD_TEST_RESTART") == "1",
+                            freeze=os.environ.get("MEMGUARD_TEST_FREEZE") == "1")
 
 _kept: list[bytes] = []
 _RUN_LOG = os.environ.get("MEMGUARD_TEST_RUN_LOG")
@@ -170,3 +171,12 @@ def hold(self, mib: float = 150, seconds: float = 1.5, step_mib: float = 0) -> i
     time.sleep(seconds)
     del blocks
     return os.getpid()
+
+
+@app.task(bind=True)
+def frozen(self) -> int:
+    """How many objects this child's cycle collector skips (gc.freeze in its parent)."""
+    import gc  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    return gc.get_freeze_count()

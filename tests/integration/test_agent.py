@@ -217,3 +217,17 @@ def test_children_take_the_jitter_only_where_two_may_recycle_at_once(
             assert threshold == rules.jittered(soft, 0.2, pid, stat.proc.start)
     if concurrency == 4:
         assert len(set(thresholds.values())) == 4  # spread: no two children in lock-step
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_is_the_users_choice_and_reaches_every_child(
+        inbox: Inbox, start_worker: Callable[..., Worker], freeze: bool) -> None:
+    """install(app, freeze=True) freezes the main process's objects before the first fork:
+    the children's collector skips them. Without it nothing is frozen."""
+    worker = start_worker(socket_path=inbox.path,
+                          extra_env={"MEMGUARD_TEST_FREEZE": "1" if freeze else "0"})
+    counts = {worker.send("frozen").get(timeout=20) for _ in range(4)}
+    if freeze:
+        assert min(counts) > 10_000  # Celery, kombu, the app: everything loaded by then
+    else:
+        assert counts == {0}
