@@ -18,7 +18,7 @@ app = Celery("bench", broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6
 app.conf.update(worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True,
                 result_expires=600)
 if os.environ.get("BENCH_AGENT") == "1":
-    celery_memguard.install(app)
+    celery_memguard.install(app, freeze=os.environ.get("BENCH_FREEZE") == "1")
 
 MiB = 1024 * 1024
 _kept: list[bytes] = []
@@ -28,8 +28,11 @@ _cache: dict[str, bytes] = {}
 @app.task
 def work(kind: str) -> tuple[int, float]:
     """keep: 2 MiB for the life of the process; cache: 4 MiB once per process; spike: 300 MiB
-    allocated and freed within the task; runaway: 16 MiB every 20 ms up to 640 MiB; noop."""
-    if kind == "keep":
+    allocated and freed within the task; runaway: 16 MiB every 20 ms up to 640 MiB; sleep:
+    100 ms doing nothing; sleepkeep: 100 ms, then keep; noop."""
+    if kind in ("sleep", "sleepkeep"):
+        time.sleep(0.1)
+    if kind in ("keep", "sleepkeep"):
         _kept.append(b"\x01" * (2 * MiB))
     elif kind == "cache":
         if "c" not in _cache:
@@ -38,7 +41,7 @@ def work(kind: str) -> tuple[int, float]:
         block = b"\x03" * (300 * MiB)
         del block
     elif kind == "runaway":
-        held = []
+        held: list[bytes] = []
         while len(held) < 40:
             held.append(b"\x04" * (16 * MiB))
             time.sleep(0.02)

@@ -18,8 +18,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,10 @@ from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group,
 from tests.support import Daemon as DaemonProc
 
 MiB = 1024 * 1024
-PARTS = ("sampling", "workload", "spikes", "runaway", "agent")
+PARTS = ("sampling", "workload", "spikes", "runaway", "agent", "fleet")
 
 
-def median(values: list[float]) -> float:
+def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
@@ -223,6 +224,41 @@ def bench_daemon_cpu(quick: bool) -> None:
 # -- Celery workloads ----------------------------------------------------------------------
 
 @dataclass
+class TotalSampler:
+    """The worker's total memory as the container sees it, sampled every ``period``: the sum
+    of PSS (shared pages divided among the processes sharing them) over the main process and
+    its children. Peak and mean."""
+
+    def __init__(self, worker_pid: int, period: float = 0.1) -> None:
+        self.worker_pid, self.period = worker_pid, period
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TotalSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        procs = Procs()
+        while not self._stop.wait(self.period):
+            pids = [self.worker_pid, *(c.pid for c in procs.children(self.worker_pid))]
+            self.samples.append(sum((procs.uss_pss(pid) or (0, 0))[1] for pid in pids))
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+
+@dataclass
 class Run:
     guard: str
     peak_rss: int = 0
@@ -254,13 +290,16 @@ class Bench:
 
     @contextlib.contextmanager
     def worker(self, args: list[str], agent: bool, daemon_config: dict[str, Any] | None,
+               extra_env: dict[str, str] | None = None,
                ) -> Iterator[tuple[subprocess.Popen[bytes], str, DaemonProc | None]]:
         queue = f"bench{free_port()}"
         daemon = None
         env = dict(os.environ, BENCH_BROKER=self.broker, BENCH_BACKEND=self.backend,
-                   BENCH_AGENT="1" if agent else "0")
-        env.pop("CELERY_MEMGUARD_SOCKET", None)
+                   BENCH_AGENT="1" if agent else "0", **(extra_env or {}))
         run_dir = Path(tempfile.mkdtemp(dir=self.tmp))
+        # Never the default socket, which every daemon on a shared host may be listening on:
+        # an agent without a daemon gets a path where nothing listens.
+        env["CELERY_MEMGUARD_SOCKET"] = str(run_dir / "nobody" / "agent.sock")
         if daemon_config is not None:
             daemon = DaemonProc(run_dir, daemon_config)
             env["CELERY_MEMGUARD_SOCKET"] = str(daemon.socket_path)
@@ -284,10 +323,12 @@ class Bench:
                 daemon.stop()
 
     def run(self, guard: str, args: list[str], agent: bool, daemon_config: dict[str, Any] | None,
-            kinds: list[str], thresholds: tuple[int, ...] = (), period: float = 0.05) -> Run:
+            kinds: list[str], thresholds: tuple[int, ...] = (), period: float = 0.05,
+            extra_env: dict[str, str] | None = None) -> Run:
         run = Run(guard)
-        with self.worker(args, agent, daemon_config) as (proc, queue, daemon), \
-                RssSampler(proc.pid, period, thresholds, series=True) as sampler:
+        with self.worker(args, agent, daemon_config, extra_env) as (proc, queue, daemon), \
+                RssSampler(proc.pid, period, thresholds, series=True) as sampler, \
+                TotalSampler(proc.pid) as total:
             cpu_before = cpu_split(proc.pid, daemon)
             start = time.time()
             results = [self.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
@@ -323,6 +364,7 @@ class Bench:
             run.recycles = max(0, len(sampler.peak) - 2)  # every guard counted alike: children seen
             run.peak_rss = max(sampler.peak.values(), default=0)
             run.extra["sampler"] = sampler
+            run.extra["total"] = (total.peak, total.mean)
         return run
 
 
@@ -348,14 +390,15 @@ def workload_w(n: int = 600) -> list[str]:
     return rng.choices(["keep", "cache", "noop"], weights=[30, 10, 60], k=n)
 
 
-GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None]] = [
-    ("none", [], False, None),
-    ("--max-tasks-per-child 80", ["--max-tasks-per-child", "80"], False, None),
-    ("--max-tasks-per-child 140", ["--max-tasks-per-child", "140"], False, None),
-    ("--max-memory-per-child 153600", ["--max-memory-per-child", "153600"], False, None),
-    ("celery-memguard soft 150MiB", [], True,
-     {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
-      "log": {"level": "info"}}),
+MEMGUARD_W = {"limits": {"soft": "150MiB", "hard": "1GiB"}, "sampling": {"interval": "250ms"},
+              "log": {"level": "info"}}
+GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None, dict[str, str]]] = [
+    ("none", [], False, None, {}),
+    ("--max-tasks-per-child 80", ["--max-tasks-per-child", "80"], False, None, {}),
+    ("--max-tasks-per-child 140", ["--max-tasks-per-child", "140"], False, None, {}),
+    ("--max-memory-per-child 153600", ["--max-memory-per-child", "153600"], False, None, {}),
+    ("celery-memguard soft 150MiB", [], True, MEMGUARD_W, {}),
+    ("celery-memguard soft 150MiB, freeze", [], True, MEMGUARD_W, {"BENCH_FREEZE": "1"}),
 ]
 
 
@@ -365,17 +408,23 @@ POOL = 2  # prefork concurrency of every benchmark worker
 
 def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
     kinds = workload_w(150 if quick else 600)
-    guards = GUARDS[3:5] if quick else GUARDS
+    guards = GUARDS[3:6] if quick else GUARDS
     results: dict[str, list[Run]] = {g[0]: [] for g in guards}
     for _ in range(runs):  # interleaved: one run of every guard, then the next round
-        for name, args, agent, daemon_config in guards:
+        for name, args, agent, daemon_config, env in guards:
             results[name].append(bench.run(name, args, agent, daemon_config, kinds,
-                                           thresholds=(150 * MiB,)))
+                                           thresholds=(150 * MiB,), extra_env=env))
     rows, per_run = [], []
     base = median([r.tasks_per_second for r in results[guards[0][0]]])
     builtin = median([r.tasks_per_second for r in results[BUILTIN]])
-    for name, _args, agent, daemon_config in guards:
+    totals = []
+    for name, _args, agent, daemon_config, _env in guards:
         runs_ = results[name]
+        peaks_total = [r.extra["total"][0] / MiB for r in runs_]
+        means_total = [r.extra["total"][1] / MiB for r in runs_]
+        totals.append([name, f"{median(peaks_total):.1f} ({min(peaks_total):.1f}-{max(peaks_total):.1f})",
+                       f"{median(means_total):.1f} ({min(means_total):.1f}-{max(means_total):.1f})",
+                       f"{median([r.tasks_per_second for r in runs_]):.0f}"])
         jitter = pool_jitter(daemon_config) if agent else None
         spans = [span for r in runs_ for span in soft_to_exit(r, 150 * MiB, jitter)]
         peaks = [r.peak_rss / MiB for r in runs_]
@@ -399,6 +448,9 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
                   "keep tasks a child that left had run (children)"], rows)
     table("Workload W, run by run (in the order they ran)",
           ["guard", "tasks/s", "recycles", "longest gap (s)"], per_run)
+    table("Workload W: the worker's total memory (PSS of the main process and its children, "
+          "summed, every 100 ms), median (range)",
+          ["guard", "peak total (MiB)", "mean total (MiB)", "tasks/s (median)"], totals)
 
 
 def pool_jitter(daemon_config: dict[str, Any] | None) -> float:
@@ -425,7 +477,7 @@ def soft_to_exit(run: Run, soft: int, jitter: float | None) -> list[float]:
         if sampler.last_seen[pid] >= end - 2 * sampler.period:
             continue  # still there when the run ended
         limit = (soft if jitter is None
-                 else rules.soft_threshold(soft, jitter, pid, sampler.start[pid]))
+                 else rules.jittered(soft, jitter, pid, sampler.start[pid]))
         crossed = next((at for at, rss in readings if rss >= limit), None)
         if crossed is not None:
             spans.append(sampler.last_seen[pid] - crossed)
@@ -435,7 +487,7 @@ def soft_to_exit(run: Run, soft: int, jitter: float | None) -> list[float]:
 def bench_spikes(bench: Bench, quick: bool) -> None:
     kinds = ["spike" if i % 20 == 10 else "noop" for i in range(60 if quick else 200)]
     rows = []
-    for name, args, agent, daemon_config in (GUARDS[3], GUARDS[4]):
+    for name, args, agent, daemon_config, _env in (GUARDS[3], GUARDS[4]):
         run = bench.run(name, args, agent, daemon_config, kinds)
         rows.append([name, str(kinds.count("spike")), str(run.recycles),
                      f"{run.peak_rss / MiB:.0f}", str(run.lost)])
@@ -474,54 +526,64 @@ def bench_runaway(bench: Bench, quick: bool) -> None:
 
 
 def bench_agent(bench: Bench, rounds: int, quick: bool) -> None:
-    """Throughput with and without the agent, and where the CPU goes.
+    """Throughput with and without the agent (with its daemon, and with no daemon at all),
+    and where the CPU goes.
 
-    Each round starts three fresh workers in turn, without the agent, with it (and its
-    daemon), and without it again: the agent's run is compared with the mean of the two that
-    bracket it, which cancels a host that speeds up or slows down through the round, and the
-    two runs without it are compared with each other, which shows how far two identical
-    workers differ here (the resolution of the first ratio). Both ratios are medians over the
-    rounds, with a bootstrap 95 % interval.
+    Each round starts four fresh workers in turn: without the agent, with it and its daemon,
+    with it and no daemon (its socket path has no listener), and without it again. Each
+    agent run is compared with the mean of the two that bracket the round, which cancels a
+    host that speeds up or slows down through it, and the two runs without it are compared
+    with each other, which shows how far two identical workers differ here (the resolution
+    of the other ratios). Ratios are medians over the rounds, with a bootstrap 95 % interval.
     """
     kinds = ["noop"] * (300 if quick else 2000)
     config = {"limits": {"soft": "1GiB", "hard": "2GiB"}, "log": {"level": "warning"}}
     without: list[Run] = []
-    with_agent: list[Run] = []
+    with_daemon: list[Run] = []
+    no_daemon: list[Run] = []
     ratio: list[float] = []
+    ratio_alone: list[float] = []
     control: list[float] = []
     for _ in range(rounds):
         first = bench.run("no agent", [], False, None, kinds)
         middle = bench.run("agent", [], True, config, kinds)
+        alone = bench.run("agent, no daemon", [], True, None, kinds)
         last = bench.run("no agent", [], False, None, kinds)
         without += [first, last]
-        with_agent.append(middle)
+        with_daemon.append(middle)
+        no_daemon.append(alone)
         bracket = (first.tasks_per_second + last.tasks_per_second) / 2
         ratio.append(middle.tasks_per_second / bracket)
+        ratio_alone.append(alone.tasks_per_second / bracket)
         control.append(last.tasks_per_second / first.tasks_per_second)
     base, added = agent_task_cost(500, 10 if quick else 60)
-    rate = [median([r.tasks_per_second for r in runs_]) for runs_ in (without, with_agent)]
+    groups = (without, with_daemon, no_daemon)
+    rate = [median([r.tasks_per_second for r in runs_]) for runs_ in groups]
     cpu = [[median([r.extra["cpu_us"][part] for r in runs_]) for part in range(3)]
-           for runs_ in (without, with_agent)]
+           for runs_ in groups]
     total = [sum(parts) for parts in cpu]
-    table(f"Agent overhead: {len(kinds)} no-op tasks, prefork -c 2, {rounds} rounds of three "
-          "fresh workers (without, with, without)",
-          ["what", "without the agent", "with the agent and daemon", "ratio / added"],
-          [["tasks/s (median)", f"{rate[0]:.0f}", f"{rate[1]:.0f}", ""],
-           ["with / mean of the two bracketing runs without (median, 95 % interval)", "", "",
-            f"{median(ratio):.3f} ({interval(ratio)})"],
-           ["control: second run without / first (median, 95 % interval)", "", "",
+    table(f"Agent overhead: {len(kinds)} no-op tasks, prefork -c 2, {rounds} rounds of four "
+          "fresh workers (without, with the daemon, with no daemon, without)",
+          ["what", "without the agent", "agent and daemon", "agent, no daemon", "ratios"],
+          [["tasks/s (median)", f"{rate[0]:.0f}", f"{rate[1]:.0f}", f"{rate[2]:.0f}", ""],
+           ["agent and daemon / mean of the two bracketing runs without (median, 95 %)",
+            "", "", "", f"{median(ratio):.3f} ({interval(ratio)})"],
+           ["agent, no daemon / the same bracket (median, 95 %)", "", "", "",
+            f"{median(ratio_alone):.3f} ({interval(ratio_alone)})"],
+           ["control: second run without / first (median, 95 %)", "", "", "",
             f"{median(control):.3f} ({interval(control)})"],
            ["CPU per task, worker main process (µs, median)", f"{cpu[0][0]:.0f}",
-            f"{cpu[1][0]:.0f}", f"{cpu[1][0] - cpu[0][0]:+.0f}"],
+            f"{cpu[1][0]:.0f}", f"{cpu[2][0]:.0f}", ""],
            ["CPU per task, pool children (µs, median)", f"{cpu[0][1]:.0f}", f"{cpu[1][1]:.0f}",
-            f"{cpu[1][1] - cpu[0][1]:+.0f}"],
-           ["CPU per task, daemon (µs, median)", "-", f"{cpu[1][2]:.0f}", f"{cpu[1][2]:+.0f}"],
-           ["CPU per task, all (µs)", f"{total[0]:.0f}", f"{total[1]:.0f}",
-            f"{total[1] / total[0]:.3f}"],
+            f"{cpu[2][1]:.0f}", ""],
+           ["CPU per task, daemon (µs, median)", "-", f"{cpu[1][2]:.0f}", "-", ""],
+           ["CPU per task, all (µs)", f"{total[0]:.0f}", f"{total[1]:.0f}", f"{total[2]:.0f}",
+            f"{total[1] / total[0]:.3f} / {total[2] / total[0]:.3f}"],
            ["a child's own work per no-op task, in-process (µs, median)", f"{base * 1e6:.1f}",
-            f"{(base + added) * 1e6:.1f}", f"{added * 1e6:+.1f}"]])
-    print("\nper round, with / bracket: " + " ".join(f"{r:.3f}" for r in ratio)
-          + "\nper round, control:        " + " ".join(f"{r:.3f}" for r in control))
+            f"{(base + added) * 1e6:.1f}", "", f"{added * 1e6:+.1f}"]])
+    print("\nper round, with daemon / bracket: " + " ".join(f"{r:.3f}" for r in ratio)
+          + "\nper round, no daemon / bracket:   " + " ".join(f"{r:.3f}" for r in ratio_alone)
+          + "\nper round, control:               " + " ".join(f"{r:.3f}" for r in control))
 
 
 def interval(values: list[float], draws: int = 2000) -> str:
@@ -554,7 +616,7 @@ def agent_task_cost(n: int, rounds: int) -> tuple[float, float]:
     celery_memguard.install(app, socket="/nonexistent/agent.sock")
     trace.setup_worker_optimizations(app, "bench")
     noop.__trace__ = trace.build_tracer(noop.name, noop, app.loader, "bench", app=app)
-    jobs = [(2, (i, 0, trace.fast_trace_task,
+    jobs: list[Any] = [(2, (i, 0, trace.fast_trace_task,
                  (noop.name, f"id-{i}", {"id": f"id-{i}", "task": noop.name, "delivery_info": {}},
                   ((), {}, None), None, None), {})) for i in range(n)]
     pending: Iterator[Any] = iter(())
@@ -607,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     if "sampling" in parts:
         bench_sampling(args.quick)
-    if parts & {"workload", "spikes", "runaway", "agent"}:
+    if parts & {"workload", "spikes", "runaway", "agent", "fleet"}:
         with tempfile.TemporaryDirectory() as tmp:
             bench = Bench(Path(tmp))
             try:
@@ -619,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
                     bench_runaway(bench, args.quick)
                 if "agent" in parts:
                     bench_agent(bench, args.agent_rounds or runs, args.quick)
+                if "fleet" in parts:
+                    from benchmarks.fleet import bench_fleet  # noqa: PLC0415 - it imports this module
+
+                    bench_fleet(bench, args.quick)
             finally:
                 bench.close()
     return 0

@@ -1,0 +1,187 @@
+"""Many workers on one host under one daemon: its cost, its tick, and a recycle storm.
+
+Eight workers of eight children (quick: two of two), tasks that mostly sleep so that two
+cores suffice. First a steady phase: the daemon's CPU per second and per task, its tick.
+Then a storm: every task keeps 2 MiB, so all 64 children climb to their soft limit at once;
+for each recycle, the time from the child's crossing (sampled every 50 ms) to the request
+(the daemon's event, or the child's own exit under its grant), and how recycles of
+different workers spread in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.run import Bench, MiB, median, table
+from tests.support import ROOT, RssSampler, free_port, kill_group
+from tests.support import Daemon as DaemonProc
+
+SOFT = 120 * MiB
+TICK = 1.0
+
+
+@contextlib.contextmanager
+def fleet(bench: Bench, workers: int, children: int, config: dict[str, Any],
+          ) -> Iterator[tuple[DaemonProc, list[tuple[subprocess.Popen[bytes], str]]]]:
+    run_dir = Path(tempfile.mkdtemp(dir=bench.tmp))
+    daemon = DaemonProc(run_dir, config)
+    started: list[tuple[subprocess.Popen[bytes], str]] = []
+    logs = []
+    try:
+        env = dict(os.environ, BENCH_BROKER=bench.broker, BENCH_BACKEND=bench.backend,
+                   BENCH_AGENT="1", CELERY_MEMGUARD_SOCKET=str(daemon.socket_path))
+        for n in range(workers):
+            queue = f"fleet{free_port()}x{n}"
+            log = (run_dir / f"{queue}.log").open("wb")
+            logs.append(log)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker",
+                 "-c", str(children), "-Q", queue, "-n", f"{queue}@bench", "--loglevel",
+                 "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            started.append((proc, queue))
+        deadline = time.monotonic() + 120
+        names = [f"{queue}@bench" for _, queue in started]
+        while len(bench.client.control.ping(destination=names, timeout=1.0)) < len(names):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fleet's workers did not all start")
+        while True:  # every child known to the daemon, with its hello
+            status = json.loads(daemon.get("/status"))
+            mine = [w for w in status["workers"] if w["name"] in names]
+            if len(mine) == workers and all(len(w["children"]) == children for w in mine):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon does not see the whole fleet")
+            time.sleep(0.5)
+        yield daemon, started
+    finally:
+        for proc, _ in started:
+            kill_group(proc)
+        for log in logs:
+            log.close()
+        daemon.stop()
+
+
+def _tick_seconds(daemon: DaemonProc) -> tuple[float, float, float]:
+    """(sum, count, the bucket bound under which 99 % of ticks fell) of the tick histogram."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    buckets: list[tuple[float, float]] = []
+    total = count = 0.0
+    for family in text_string_to_metric_families(daemon.get("/metrics")):
+        if family.name != "celery_memguard_tick_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    p99 = next((le for le, n in sorted(buckets) if count and n >= 0.99 * count), float("nan"))
+    return total, count, p99
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _send(bench: Bench, queues: list[str], kind: str, per_queue: int) -> list[Any]:
+    return [bench.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
+            for _ in range(per_queue) for queue in queues]
+
+
+def bench_fleet(bench: Bench, quick: bool) -> None:
+    workers, children = (2, 2) if quick else (8, 8)
+    seconds = 5.0 if quick else 30.0
+    config = {"limits": {"soft": f"{SOFT // MiB}MiB", "hard": "1GiB"},
+              "sampling": {"interval": f"{TICK}s"}, "log": {"level": "info"}}
+    with fleet(bench, workers, children, config) as (daemon, started):
+        queues = [queue for _, queue in started]
+        # -- steady: sleeping tasks, a few per child and second --------------------------------
+        rate = workers * children * 5  # tasks a second: each child busy half of its time
+        cpu0, tick0, wall0 = _cpu(daemon.proc.pid), _tick_seconds(daemon), time.monotonic()
+        pending: list[Any] = []
+        while time.monotonic() - wall0 < seconds:
+            pending += _send(bench, queues, "sleep", max(1, rate // (10 * workers)))
+            time.sleep(0.1)
+        for result in pending:
+            result.get(timeout=120)
+        wall = time.monotonic() - wall0
+        cpu = _cpu(daemon.proc.pid) - cpu0
+        tick1 = _tick_seconds(daemon)
+        ticks = tick1[1] - tick0[1]
+        tick_mean = (tick1[0] - tick0[0]) / ticks if ticks else float("nan")
+        # -- storm: every child climbs to its soft limit at the same pace ------------------------
+        offset = time.time() - time.monotonic()
+        samplers = [RssSampler(proc.pid, 0.05, (SOFT,), series=True) for proc, _ in started]
+        storm_started = time.time()
+        with contextlib.ExitStack() as stack:
+            for sampler in samplers:
+                stack.enter_context(sampler)
+            climb = _send(bench, queues, "sleepkeep", children * 50)
+            for result in climb:
+                result.get(timeout=300)
+            time.sleep(2 * TICK)
+        events = daemon.events()
+    names = {f"{queue}@bench" for queue in queues}
+    requests = [e for e in events if e.get("event") == "recycle_requested"
+                and e.get("worker") in names
+                and datetime.fromisoformat(e["timestamp"]).timestamp() >= storm_started]
+    at = {e["pid"]: datetime.fromisoformat(e["timestamp"]).timestamp() for e in requests}
+    latencies, crossed = [], 0
+    for sampler in samplers:
+        for (pid, limit), first in sampler.crossed.items():
+            if limit == SOFT and pid in at:
+                crossed += 1
+                latencies.append(at[pid] - (first + offset))
+    peaks = [max(s.peak.values(), default=0) for s in samplers]
+    times = sorted(at.values())
+    window = max((sum(1 for u in times if t <= u < t + 0.1) for t in times), default=0)
+    by_agent = sum(1 for e in requests if e.get("by") == "agent")
+    table(f"Many workers: {workers} workers of {children} children, one daemon, tick {TICK:g} s",
+          ["what", "figure"],
+          [["steady phase", f"{wall:.0f} s, {len(pending)} sleeping tasks"],
+           ["daemon CPU, share of one core", f"{100 * cpu / wall:.2f} %"],
+           ["daemon CPU per task (µs)", f"{cpu / len(pending) * 1e6:.0f}"],
+           ["tick, mean (ms)", f"{tick_mean * 1e3:.2f}"],
+           ["tick, 99 % under (ms, histogram bucket)", f"{tick1[2] * 1e3:g}"],
+           ["storm: recycles requested", f"{len(requests)} ({by_agent} by a child under its "
+                                         "grant, before or right after its task)"],
+           ["storm: children sampled past the soft limit before their recycle",
+            f"{crossed} of {len(at)}"],
+           ["storm: crossing → request (s), median / max",
+            f"{median(latencies):.3f} / {max(latencies, default=float('nan')):.3f}"
+            if latencies else "- (none crossed: all left before)"],
+           ["storm: highest child peak (MiB)", f"{max(peaks) / MiB:.1f} (soft {SOFT / MiB:.0f})"],
+           ["storm: most recycles requested within any 100 ms, all workers", str(window)],
+           ["storm: workers", str(len({e['worker'] for e in requests}))]])
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(Path(tmp))
+        try:
+            bench_fleet(bench, quick)
+        finally:
+            bench.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
