@@ -13,7 +13,9 @@ import yaml
 
 from celery_memguard.cli.fleet_queries import grouped
 from tests.deploy.test_deploy import (
+    DASHBOARD,
     DEPLOY,
+    METRIC,
     SCRAPE,
     SCRAPE_K8S,
     _run,
@@ -78,6 +80,16 @@ def test_rules_group_workers_as_the_report_does() -> None:
     for rule in _rules():
         if "worker_group" in rule["record"] or "label_replace" in rule["expr"]:
             assert _squash(rule["expr"]).count(made_by_the_report) == 1, rule["record"]
+
+
+def test_the_dashboard_reads_only_recorded_series_that_are_recorded() -> None:
+    recorded = {rule["record"] for rule in _rules()}
+    used = set(RECORDED.findall(DASHBOARD.read_text()))
+    assert used, "the dashboard's fleet row reads the recorded series"
+    assert used <= recorded, used - recorded
+    # ... and the allow-list check of the dashboard still sees a known metric in each name.
+    for name in used:
+        assert METRIC.search(name)
 
 
 def test_the_example_prometheus_configs_load_the_rules() -> None:
