@@ -95,3 +95,13 @@ def test_the_dashboard_reads_only_recorded_series_that_are_recorded() -> None:
 def test_the_example_prometheus_configs_load_the_rules() -> None:
     for config in (SCRAPE, SCRAPE_K8S):
         assert RULES.name in yaml.safe_load(config.read_text())["rule_files"], config.name
+
+
+def test_the_example_manifest_names_its_workers_for_a_worker_group() -> None:
+    """Without --hostname every worker is celery@<pod>: one group for the whole namespace."""
+    doc = next(d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "worker-with-memguard.yaml")
+                                             .read_text()) if d and d["kind"] == "Deployment")
+    worker = next(c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == "worker")
+    names = [arg.split("=", 1)[1] for arg in worker["command"] if arg.startswith("--hostname=")]
+    assert len(names) == 1
+    assert re.fullmatch(r"[a-z0-9-]+@%h", names[0]), names
