@@ -185,7 +185,7 @@ def fold(answers: Mapping[str, list[Sample]], *, prometheus: str, selector: str,
     for sample in answers["oom_kills"]:
         oom.setdefault(Group.of(sample.labels), []).append(
             (sample.labels.get("task", ""), _count(sample.value)))
-    names = set(workers) | set(children) | set(recycles) | set(interrupted) | set(oom)
+    names = {*workers, *children, *leaking, *advice, *recycles, *interrupted, *oom}
     groups = tuple(
         FleetGroup(
             group=group, workers=tuple(sorted(workers.get(group, ()))),

@@ -54,8 +54,8 @@ def _tasks(report: FleetReport, console: Console) -> None:
 def _groups(report: FleetReport, console: Console) -> None:
     table = Table(title="Worker groups (nodename before the @; namespace and cluster where labelled)",
                   title_justify="left")
-    for column in ("worker group", "workers", "children", "leaking", "fastest leak per task",
-                   "--max-tasks-per-child", "recycles", "OOM kills"):
+    for column in ("worker group", "workers", "children", "leaking", "fastest leak",
+                   "max-tasks advice", "recycles", "OOM kills"):
         table.add_column(column, justify="left" if column in ("worker group", "recycles") else "right")
     for group in report.groups:
         fastest = group.fastest_leak_bytes_per_task
