@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
                              help="read metrics.listen from this config")
         command.add_argument("--url", help="the daemon's base URL (default: from metrics.listen)")
         command.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    report.add_argument("--prometheus", metavar="URL",
+                        help="report on every sidecar this Prometheus scrapes instead of one daemon")
+    report.add_argument("--selector", metavar="MATCHERS",
+                        help='with --prometheus: PromQL label matchers, e.g. \'namespace="prod"\'')
+    report.add_argument("--window", metavar="DURATION",
+                        help="with --prometheus: the time range to report on (default 1h)")
     demo = sub.add_parser("demo", help="run a leaking worker under supervision, no broker needed")
     demo.add_argument("--duration", type=float, default=25.0, help="seconds of workload (default 25)")
     demo.add_argument("--no-live", action="store_true", help="plain output instead of a live view")
@@ -154,6 +160,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.prometheus is not None:
+        return _fleet_report(args)
+    if args.selector is not None or args.window is not None:
+        print("--selector and --window go with --prometheus URL", file=sys.stderr)
+        return EX_CONFIG
     code, document = _fetch_status(args)
     if document is None:
         return code
@@ -163,6 +174,24 @@ def _report(args: argparse.Namespace) -> int:
     from celery_memguard.cli.render import report_tables  # noqa: PLC0415
 
     report_tables(document)
+    return EX_OK
+
+
+def _fleet_report(args: argparse.Namespace) -> int:
+    """The report over every sidecar a Prometheus scrapes (cli/fleet.py)."""
+    from celery_memguard.cli import fleet  # noqa: PLC0415
+
+    try:
+        report = fleet.collect(args.prometheus, args.selector, args.window or "1h")
+    except fleet.FleetError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG if isinstance(exc, fleet.Refused) else EX_FAILURE
+    if args.json:
+        print(json.dumps(fleet.document(report), indent=1))
+        return EX_OK
+    from celery_memguard.cli.fleet_render import fleet_tables  # noqa: PLC0415
+
+    fleet_tables(report)
     return EX_OK
 
 

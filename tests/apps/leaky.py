@@ -49,6 +49,14 @@ def keep(self, mib: float = 2.0) -> int:
 
 
 @app.task(bind=True)
+def hoard(self, mib: float = 2.0) -> int:
+    """Keep ``mib`` MiB for the life of the process, under a second task name than keep's."""
+    _log_run(self.request.id)
+    _kept.append(b"\x02" * int(mib * 1024 * 1024))
+    return os.getpid()
+
+
+@app.task(bind=True)
 def noop(self) -> int:
     _log_run(self.request.id)
     return os.getpid()

@@ -256,7 +256,8 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
     """Each query, Grafana's variables filled in, is checked by promtool as a recording rule."""
     promtool = _tool("promtool")
     fill = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "6h",
-            "$worker": ".*", "$instance": ".*"}
+            "$worker_group": ".*",  # before $worker, which it starts with
+            "$worker": ".*", "$instance": ".*", "$cluster": ".*", "$namespace": ".*", "$pod": ".*"}
     rules = []
     for number, query in enumerate(_exprs(_dashboard())):
         expr = query
