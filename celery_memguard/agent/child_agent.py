@@ -14,7 +14,8 @@ no-op tasks they described.
 A task that leaves the child past its own soft threshold (the daemon's exact figure: the same
 limit and jitter, from the published settings) is sent at once. Where the daemon has granted it
 in advance (protocol.grants), the child leaves right after that task on its own; otherwise it rings
-the daemon, which decides and signals.
+the daemon, which decides and signals. Before that, a child near its threshold leaves before
+reading the next job when what the tasks it runs likely leave behind would take it across.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class ChildAgent:
         self.running = False  # a job runs now (read by wait_for_job, not yet at prepare_result)
         self.announced = False  # the running task was announced
         self.rss_before = 0
+        self.last_rss = 0  # what the last task left: the next read's look ahead needs no read
         self.task_name = ""
         self.task_id = ""
         self.task_started = 0.0
@@ -81,6 +83,7 @@ class ChildAgent:
         self.growth: deque[int] = deque(maxlen=8)  # RSS each recent task left behind
         self.left: dict[str, deque[int]] = {}  # per task name: what its recent runs left behind
         self.most_left = 0  # the most any run here left behind: is a name's quantile worth it?
+        self._likely: int | None = None  # likely_left(), until the next task ends
         self.rang: set[str] = set()  # reasons the daemon was rung for already
         self.retake_at = 0.0
         self._settings_mtime = 0.0
@@ -169,7 +172,7 @@ class ChildAgent:
             self._send(messages.TaskInterrupted(
                 pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
                 id=self.task_id, rss=used, limit=line, reason="container"))
-        rss = self.statm.rss()
+        rss = self.last_rss = self.statm.rss()
         self.growth.append(rss - self.rss_before)
         self._left(self.task_name, rss - self.rss_before)
         now = time.monotonic()
@@ -204,28 +207,36 @@ class ChildAgent:
             runs = self.left[name] = deque(maxlen=LEFT_RUNS)
         runs.append(max(grew, 0))
         self.most_left = max(self.most_left, grew)
+        self._likely = None
 
-    def would_cross(self, name: str, rss: int) -> bool:
-        """Whether a run of ``name`` would likely take this child past its soft threshold:
-        by the 90th percentile of what its recent runs here left behind (not the mean: a task
-        that keeps memory one call in ten still crosses), once it ran ``MIN_RUNS`` times; a
-        name with fewer runs is left to the end of its task. Memory a task frees before it
-        returns leaves nothing behind, so spikes never count."""
+    def likely_left(self) -> int:
+        """What the next task, whichever it is, is likely to leave behind: the largest 90th
+        percentile (nearest rank) over the names that ran ``MIN_RUNS`` times here. Not the
+        mean: a task that keeps memory one call in ten still crosses. Names with fewer runs
+        predict nothing; memory a task frees before it returns leaves nothing, so spikes
+        never count. Kept until the next task ends."""
+        if self._likely is None:
+            self._likely = max((sorted(runs)[-(-9 * len(runs) // 10) - 1]
+                                for runs in self.left.values() if len(runs) >= MIN_RUNS),
+                               default=0)
+        return self._likely
+
+    def would_cross(self, rss: int) -> bool:
+        """Whether the next task would likely take this child past its soft threshold."""
         threshold = self.soft_threshold
         if threshold <= 0 or rss + self.most_left < threshold:
             return False  # far from it whatever the task: the common case, no sorting
-        runs = self.left.get(name)
-        if runs is None or len(runs) < MIN_RUNS:
-            return False
-        ordered = sorted(runs)
-        return rss + ordered[-(-9 * len(ordered) // 10) - 1] >= threshold  # nearest rank
+        likely = self.likely_left()
+        return likely > 0 and rss + likely >= threshold
 
-    def leave_before(self, name: str, rss: int) -> bool:
-        """Leave before running the job just read, when its task would take this child past
-        its soft threshold and a unit of the grant is there; the job is not acknowledged yet
-        and the pool gives it to another child. False: run it (the end of the task decides)."""
+    def leave_before(self, rss: int) -> bool:
+        """Leave before reading the next job, when the task it brings would likely take this
+        child past its soft threshold and a unit of the grant is there. Before the read, not
+        after it: nothing is read yet, so nothing is handed back (a child that exits between
+        billiard's read of a job and its acknowledgement leaves the prefork pool to recover a
+        half-delivered job, which can stall it). False: read and run it (its end decides)."""
         now = time.monotonic()
-        if (self.measure != "rss" or self.dry_run or not self.would_cross(name, rss)
+        if (self.measure != "rss" or self.dry_run or not self.would_cross(rss)
                 or rules.max_tasks_soon(self.tasks, self.max_tasks, self.skip_within_tasks)
                 or rules.too_young(now - self.born, self.min_lifetime, rss, self.hard)):
             return False
@@ -360,7 +371,7 @@ class ChildAgent:
         def wait_for_job(*args: Any, **kwargs: Any) -> Any:
             if self.running:
                 self._end_quietly(False)
-            if self.recycle_requested:
+            if self.recycle_requested or self._leave_before_next():
                 self.leave()
             if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
                 try:
@@ -379,17 +390,21 @@ class ChildAgent:
                 try:
                     name, task_id, run_code = describe(job)
                     refused = refusal(job)
-                    rss = self.statm.rss()
-                    if refused is None and self.leave_before(name, rss):
-                        self.leave()  # the job goes back to the pool
                     if refused is None:
                         self._hold(name, task_id)
-                    self.begin(name, task_id, run_code, refused, rss)
+                    self.begin(name, task_id, run_code, refused, self.statm.rss())
                 except Exception:  # noqa: BLE001 - the agent never raises into the worker
                     self.running = False
             return job
 
         return wait_for_job
+
+    def _leave_before_next(self) -> bool:
+        """At the read of the next job, by the RSS the last task left (nothing ran since)."""
+        try:
+            return self.leave_before(self.last_rss)
+        except Exception:  # noqa: BLE001 - the agent never raises into the worker
+            return False
 
     def _hold(self, name: str, task_id: str) -> bool:
         """Wait for the container to have room before the task starts (headroom.py). Asked to

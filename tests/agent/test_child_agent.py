@@ -343,16 +343,30 @@ def test_without_a_daemon_a_due_batch_is_dropped_unbuilt(tmp_path: Path,
 
 def test_a_child_leaves_before_a_task_that_would_take_it_past_its_threshold(
         tmp_path: Path) -> None:
-    """By what that task name left behind in its recent runs here (9 in 10 runs of it kept
-    2 MiB): at 99 MiB of 100, it leaves before the task, under a unit of the grant."""
+    """By what the task names it runs left behind in their recent runs here (9 in 10 runs of
+    one kept 2 MiB, the other kept nothing): at 99 MiB of 100 it leaves before reading the
+    next job, under a unit of the grant."""
     agent = _agent(tmp_path)
     for n in range(10):
         agent._left("app.keep", 2 * MiB if n else 0)
-    assert not agent.would_cross("app.keep", 97 * MiB)
-    assert agent.would_cross("app.keep", 99 * MiB)
-    assert agent.leave_before("app.keep", 99 * MiB)
+        agent._left("app.noop", 0)
+    assert agent.likely_left() == 2 * MiB
+    assert not agent.would_cross(97 * MiB)
+    assert agent.would_cross(99 * MiB)
+    assert agent.leave_before(99 * MiB)
     assert (agent.recycle_requested, agent.exit_reason) == (True, "soft")
     assert _taken(agent) == [(os.getpid(), "soft")]
+
+
+def test_what_runs_here_is_learnt_as_it_runs(tmp_path: Path) -> None:
+    """The prediction follows each run (kept until the next one ends)."""
+    agent = _agent(tmp_path)
+    for _ in range(5):
+        agent._left("app.a", 1 * MiB)
+    assert agent.likely_left() == 1 * MiB
+    for _ in range(5):
+        agent._left("app.b", 3 * MiB)
+    assert agent.likely_left() == 3 * MiB
 
 
 @pytest.mark.parametrize(("runs", "why"), [
@@ -365,7 +379,7 @@ def test_no_leave_before_a_task_whose_growth_does_not_predict_a_crossing(
     agent = _agent(tmp_path)
     for grew in runs:
         agent._left("app.t", grew)
-    assert not agent.leave_before("app.t", 99 * MiB), why
+    assert not agent.leave_before(99 * MiB), why
     assert not agent.recycle_requested
 
 
@@ -373,5 +387,5 @@ def test_without_a_unit_of_the_grant_the_task_runs(tmp_path: Path) -> None:
     agent = _agent(tmp_path, grant=0)
     for _ in range(10):
         agent._left("app.keep", 2 * MiB)
-    assert not agent.leave_before("app.keep", 99 * MiB)
+    assert not agent.leave_before(99 * MiB)
     assert not agent.recycle_requested
