@@ -221,6 +221,17 @@ class Procs:
 
     # -- acting ------------------------------------------------------------------------------
 
+    def may_signal(self, pid: int) -> bool | None:
+        """Whether this process may send ``pid`` signals (signal 0 checks and sends nothing);
+        None if it is gone."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return False
+        return True
+
     def send_signal(self, pid: int, signum: int) -> bool:
         """Deliver a signal; False if the process is gone, PermissionError if not ours to signal."""
         try:
