@@ -103,7 +103,7 @@ class ChildAgent:
         self.load_settings()
         self._send(messages.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
                                        tasks=self.tasks, rss=self.statm.rss(),
-                                       node=self.node[: messages.MAX_NAME], pool=self.pool,
+                                       node=self.node[: messages.MAX_NAME], jitter_pool=self.pool,
                                        missing=self.missing[: messages.MAX_HOOKS]))
 
     def load_settings(self) -> None:

@@ -80,7 +80,7 @@ def _child_hello(state: State, worker: WorkerRec, child: ChildRec,
     if not worker.announced:
         if worker.name is None and message.node:
             worker.name = state.unique_name(message.node, worker.proc.pid)
-        worker.jitter_pool = message.pool or worker.jitter_pool
+        worker.jitter_pool = message.jitter_pool or worker.jitter_pool
 
 
 def _task_interrupted(state: State, worker: WorkerRec, child: ChildRec,

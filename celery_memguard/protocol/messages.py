@@ -163,7 +163,7 @@ class ChildHello:
     tasks: Count
     rss: Count
     node: Name = ""  # its worker's nodename: names a worker whose main process never said hello
-    pool: Count = 0  # the pool size its jitter was computed for (0: unknown)
+    jitter_pool: Count = 0  # the pool size its jitter was computed for (0: unknown)
     missing: Hooks = ()  # hooks this child's agent could not join (protocol.hooks)
 
 

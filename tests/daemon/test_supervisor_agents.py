@@ -17,7 +17,7 @@ from tests.fakes import FakeProcs
 def child_hello(pid: int, node: str = "w@h", pool: int = 2,
                 missing: tuple[str, ...] = ()) -> messages.ChildHello:
     return messages.ChildHello(pid=pid, ppid=MAIN, index=pid - KID0, tasks=0, rss=40 * MiB,
-                               node=node, pool=pool, missing=missing)
+                               node=node, jitter_pool=pool, missing=missing)
 
 
 def info_line(sup: Any, worker: str = "w@h") -> str:
