@@ -32,8 +32,7 @@ HEARTBEAT_SECONDS = 2.0
 
 _sender: Sender | None = None  # this process's connection
 _cgroups = Cgroups()
-_hello_pid = 0  # the process that said hello (a forked child inherits the figure, not the role)
-_bye_pid = 0  # the process that said goodbye
+_hello_pid = 0  # the process that said hello since its last goodbye (not a forked child)
 _heartbeat: Any = None  # the consumer timer's entry
 
 
@@ -66,8 +65,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 def on_consumer_start(consumer: Any, loop_started: bool = False) -> None:
-    """Say hello once per process, and keep the heartbeat going: consumer steps start again
-    after a broker reconnect, when Celery 5.7 has cancelled the timer entries they made.
+    """Say hello (once, until a goodbye: a program may run one embedded worker after
+    another), and keep the heartbeat going: consumer steps start again after a broker
+    reconnect, when Celery 5.7 has cancelled the timer entries they made.
     ``loop_started``: the pool's event-loop handlers exist (worker_ready, the heartbeat)."""
     global _hello_pid, _heartbeat
     try:
@@ -120,9 +120,9 @@ def _bye_at_exit(pid: int) -> None:
 
 
 def _bye() -> None:
-    global _bye_pid
-    if _hello_pid == os.getpid() != _bye_pid:  # the daemon knows this worker, and only once
-        _bye_pid = os.getpid()
+    global _hello_pid
+    if _hello_pid == os.getpid():  # the daemon knows this worker; goodbye once
+        _hello_pid = 0
         with contextlib.suppress(Exception):
             send(messages.WorkerBye(pid=os.getpid()))
 
@@ -165,9 +165,11 @@ def _oom_kills() -> int | None:
 
 def _beat(consumer: Any) -> None:
     """The heartbeat: wrap the exit hook where the event loop has (re)set it, then hello."""
+    global _hello_pid
     with contextlib.suppress(Exception):
         if _watch_child_exits(getattr(consumer.pool, "_pool", None)) is False:
             hooks.report(hook_names.PROCESS_DOWN)
+        _hello_pid = os.getpid()
         send(worker_hello(consumer))
 
 
