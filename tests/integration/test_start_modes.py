@@ -122,3 +122,19 @@ def test_autoscale_grows_and_shrinks_under_the_daemons_eyes_and_both_sides_agree
         assert stat is not None
         assert threshold == rules.child_threshold(soft, jitter, share, 4, pid, stat.start)
     assert sorted(Counter(worker.runs()).values())[-1] == 1
+
+
+def test_children_started_by_spawn_are_supervised_and_agree_on_their_thresholds(
+        start_daemon: Callable[..., Daemon], start_worker: Callable[..., Worker]) -> None:
+    """--pool-start-method spawn (Celery 5.7): the children inherit no agent state, and take
+    the pool size their jitter is computed for from the environment their parent set."""
+    daemon = start_daemon(**(LIMITS | {"recycle": {"jitter": "20%"}}))
+    worker = start_worker(socket_path=daemon.socket_path, concurrency=4,
+                          extra_args=("--pool-start-method", "spawn"))
+    recycle_run(daemon, worker, worker.name, calls=80)
+    procs = Procs()
+    for pid, threshold in (r.get(timeout=20) for r in [worker.send("threshold", 0.3)
+                                                       for _ in range(8)]):
+        stat = procs.stat(pid)
+        assert stat is not None
+        assert threshold == rules.child_threshold(100 * MiB, 0.2, 0.5, 4, pid, stat.start)
