@@ -222,9 +222,12 @@ def _worker_hello(state: State, msg: messages.WorkerHello) -> WorkerRec:
     rec.agent, rec.recycle_signal = True, msg.recycle_signal
     rec.restartable = msg.restart
     rec.kid_index = dict(msg.kids)
-    for pid, index in rec.kid_index.items():
-        if pid in rec.children:
-            rec.children[pid].index = index
+    for pid, child in rec.children.items():
+        index = rec.kid_index.get(pid)
+        if index is not None:
+            child.index = index
+        elif not child.agent:  # not a pool slot: a slot the scan guessed before the hello,
+            child.index = None  # e.g. for billiard's semaphore tracker under spawn
     return rec
 
 

@@ -128,3 +128,17 @@ def test_a_message_no_worker_can_be_attached_to_is_counted_and_its_sender_logged
     assert (event["reason"], event["sender_pid"], event["message"]) == \
         (reason, message.pid, message.EVENT)
     assert status_document(sup.view)["workers"] == []
+
+
+def test_a_child_the_hello_does_not_list_as_a_pool_slot_is_not_shown(procs: FakeProcs) -> None:
+    """Under spawn billiard starts a semaphore tracker beside the pool: the scan, before any
+    hello, gave it a slot; the worker's hello, which lists the pool's slots, takes it back."""
+    procs.table[MAIN].name = "w@h"
+    procs.add(13, MAIN)  # the tracker
+    sup = make(procs)
+    sup.tick(0.0)
+    assert len(status_document(sup.view)["workers"][0]["children"]) == 3
+    sup.receive(dgram(hello()), 0.5)
+    sup.tick(1.0)
+    shown = status_document(sup.view)["workers"][0]["children"]
+    assert sorted((c["pid"], c["index"]) for c in shown) == [(KID0, 0), (KID1, 1)]
