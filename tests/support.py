@@ -136,7 +136,7 @@ class Worker:
                  extra_args: tuple[str, ...] = (), name: str | None = None,
                  queue: str | None = None, restart: bool = False,
                  global_args: tuple[str, ...] = (), user: User | None = None,
-                 cgroup: MemoryCgroup | None = None, env: dict[str, str] | None = None,
+                 cgroup: MemoryCgroup | None = None, extra_env: dict[str, str] | None = None,
                  mode: str = "cli", python: str | None = None) -> None:
         self.queue = queue or f"q{os.getpid()}_{free_port()}"
         self.mode = mode
@@ -149,7 +149,7 @@ class Worker:
         self.log_path = tmp / f"{self.queue}.{free_port()}.worker.log"
         self.client = Celery("client", broker=broker, backend=backend)
         self.client.conf.broker_connection_retry_on_startup = True
-        extra, env = env or {}, dict(os.environ)
+        env = dict(os.environ)
         env.update({
             "MEMGUARD_TEST_BROKER": broker, "MEMGUARD_TEST_BACKEND": backend,
             "MEMGUARD_TEST_ACKS_LATE": "1" if acks_late else "0",
@@ -164,7 +164,7 @@ class Worker:
             env["CELERY_MEMGUARD_SOCKET"] = str(socket_path)
         if user is not None:
             env.update(user.env)
-        for key, value in extra.items():  # a PYTHONPATH given is put first, the rest kept
+        for key, value in (extra_env or {}).items():  # a PYTHONPATH given goes first
             env[key] = value + os.pathsep + env[key] if key == "PYTHONPATH" else value
         self.env = env
         self.log = self.log_path.open("wb")

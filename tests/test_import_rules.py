@@ -24,7 +24,7 @@ AGENT_THIRD_PARTY = {"celery", "billiard"}
 DAEMON_FORBIDDEN_THIRD_PARTY = {"celery", "billiard", "kombu", "rich"}
 # The daemon's pure modules: a snapshot and the config in, values out; no OS, no loop.
 PURE = {"policy", "container_policy", "leak_trend", "task_growth", "state", "records", "reports",
-        "oom", "config", "units", "readings", "snapshot", "decision", "view"}
+        "config", "units", "readings", "snapshot", "decision", "view"}
 PURE_MAY_NOT_IMPORT = {"procs", "loop", "supervisor", "metrics", "http", "status", "actions",
                        "inbox", "publisher", "sampler"}
 # The demo's Celery app stands for a user's app: it calls the public API as users do.

@@ -20,6 +20,7 @@ the daemon, which decides and signals.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import threading
 import time
@@ -31,11 +32,11 @@ from typing import Any
 from celery_memguard.agent.batch import FLUSH_SECONDS, Batch
 from celery_memguard.agent.headroom import Headroom
 from celery_memguard.agent.procfs import StatmReader, start_ticks
-from celery_memguard.agent.quarantine import Quarantine, raise_in_body
+from celery_memguard.agent.quarantine import raise_in_body
 from celery_memguard.agent.sender import Sender
 from celery_memguard.agent.watch import Watch
 from celery_memguard.errors import MemoryLimitExceeded
-from celery_memguard.protocol import grants, hooks, messages, paths, quarantine, rules, settings
+from celery_memguard.protocol import grants, hooks, messages, paths, rules, settings
 from celery_memguard.protocol.signals import EX_RECYCLE
 
 CHILD_HELLO_SECONDS = 5.0
@@ -82,9 +83,9 @@ class ChildAgent:
         self.retake_at = 0.0
         self._settings_mtime = 0.0
         self._batch = Batch()
-        self.quarantine = Quarantine(socket_path)
         self.headroom = Headroom(paths.room_path(socket_path, self.ppid), self.worker, pool)
         self.container_hit: tuple[int, int] | None = None  # (working set, line) of an interrupt
+        self.maxrss_before = 0  # ru_maxrss when the task began (KiB)
         self._untrace: Callable[[], None] | None = None  # a refused task's trace, until it fires
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
         # from the published settings
@@ -125,7 +126,9 @@ class ChildAgent:
         self.ahead, self.dry_run = published.ahead, published.dry_run
         self.min_lifetime, self.skip_within_tasks = published.min_lifetime, published.skip_within_tasks
         self.watch.configure(limits.hard, published.watch_interval)
-        self.headroom.configure(limits.container_soft, published.container_hold)
+        # A dry run acts on nothing: a child does not wait either.
+        self.headroom.configure(limits.container_soft,
+                                0.0 if published.dry_run else published.container_hold)
         self.soft_threshold = (rules.child_threshold(limits.soft, published.jitter,
                                                      published.max_share, self.pool, self.pid,
                                                      self.start_ticks)
@@ -133,21 +136,22 @@ class ChildAgent:
 
     # -- tasks (main thread) ----------------------------------------------------------------
 
-    def begin(self, name: str, task_id: str, run_code: CodeType | None) -> None:
+    def begin(self, name: str, task_id: str, run_code: CodeType | None,
+              refused: str | None = None) -> None:
+        """A job begins. ``refused``: why the main process found its task id quarantined."""
         self.rss_before = self.statm.rss()
         self.task_name, self.task_id = name, task_id
-        self.task_started = now = time.monotonic()
+        self.task_started = time.monotonic()
+        if self.headroom.line:  # the watch may miss a peak between two reads; this cannot
+            self.maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.announced = False
         self.running = True
         self.watch.task_started(run_code)
-        entry = self.quarantine.lookup(task_id, now) if task_id else None
-        if entry is not None and run_code is not None:
-            self._refuse(entry, run_code)
+        if refused is not None and run_code is not None:
+            self._refuse(refused, run_code)
 
-    def _refuse(self, entry: quarantine.Entry, run_code: CodeType) -> None:
+    def _refuse(self, detail: str, run_code: CodeType) -> None:
         """A quarantined task id: it fails as its body starts, and the daemon hears of it."""
-        detail = (f"task {self.task_id} ({self.task_name}) is quarantined: "
-                  f"{entry.why(self.quarantine.after)}")
         self._untrace = raise_in_body(run_code, MemoryLimitExceeded(0, 0, "quarantined", detail))
         self._send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
                                             task=self.task_name, id=self.task_id,
@@ -168,7 +172,8 @@ class ChildAgent:
         self.growth.append(rss - self.rss_before)
         now = time.monotonic()
         with self._lock:  # the watch thread announces under it: never with a half-ended task
-            self.headroom.learn(self.task_name, max(rss, self.watch.peak) - self.rss_before)
+            if self.headroom.line:
+                self.headroom.learn(self.task_name, self._peak(rss) - self.rss_before)
             self.running = False
             self.tasks += 1
             self._batch.add(self.tasks, self.task_name, self.rss_before, rss, ok, now)
@@ -179,6 +184,15 @@ class ChildAgent:
                 self.sender.ring()
             # "self": leave() follows at once and sends the batch after the exit, so that the
             # daemon knows the child is leaving before it reads the report that crossed.
+
+    def _peak(self, rss: int) -> int:
+        """The most this task held as far as known: the watch's reads, the end, and the
+        process's lifetime peak when this task raised it (ru_maxrss, KiB on Linux)."""
+        peak = max(rss, self.watch.peak)
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if maxrss > self.maxrss_before:
+            peak = max(peak, maxrss * 1024)
+        return peak
 
     def verdict(self, rss: int, now: float) -> str | None:
         """What a task that left ``rss`` calls for: None (nothing), "self" (this child took a
@@ -221,7 +235,7 @@ class ChildAgent:
         now = time.monotonic()
         if self.running:
             rose = self.watch.peak - self.rss_before
-            if rose > 0 and self.headroom.news(self.task_name, rose):
+            if self.headroom.line and rose > 0 and self.headroom.news(self.task_name, rose):
                 with self._lock:  # the task may end meanwhile: then end() learns it
                     if self.running:
                         self.headroom.learn(self.task_name, rose, ended=False)
@@ -294,6 +308,7 @@ class ChildAgent:
 
     def wrap_wait_for_job(self, original: Callable[..., Any],
                           describe: Callable[[Any], tuple[str, str, CodeType | None]],
+                          refusal: Callable[[Any], str | None] = lambda job: None,
                           ) -> Callable[..., Any]:
         """billiard's read of the next job, wrapped: where a child leaves, and where a task
         begins. ``describe`` names the job (task name, task id, the body's code object).
@@ -322,8 +337,10 @@ class ChildAgent:
             if job:
                 try:
                     name, task_id, run_code = describe(job)
-                    self._hold(name, task_id)
-                    self.begin(name, task_id, run_code)
+                    refused = refusal(job)
+                    if refused is None:
+                        self._hold(name, task_id)
+                    self.begin(name, task_id, run_code, refused)
                 except Exception:  # noqa: BLE001 - the agent never raises into the worker
                     self.running = False
             return job

@@ -47,5 +47,6 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
             (signals.worker_shutting_down, main_process.on_worker_shutting_down, "shutting_down"),
             (signals.worker_before_create_process, main_process.on_before_create_process,
              "before_create"),
-            (signals.worker_process_init, pool_child.on_process_init, "init")):
+            (signals.worker_process_init, pool_child.on_process_init, "init"),
+            (signals.task_received, main_process.on_task_received, "received")):
         signal.connect(handler, weak=False, dispatch_uid=f"{uid}.{name}")

@@ -17,21 +17,27 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from typing import Any
+import signal
+import time
+from typing import Any, Literal
 
 from celery_memguard._version import __version__
 from celery_memguard.agent import hooks, prompt_join
 from celery_memguard.agent.context import CONTEXT, POOL_ENV, jitter_pool, pool_size
+from celery_memguard.agent.quarantine import MARK, Guard
 from celery_memguard.agent.sender import Sender
 from celery_memguard.protocol import hooks as hook_names
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.cgroups import Cgroups
+from celery_memguard.protocol.cgroups import Cgroups, Container
 from celery_memguard.protocol.signals import RECYCLE_SIGNAL
 
 HEARTBEAT_SECONDS = 2.0
 
 _sender: Sender | None = None  # this process's connection
 _cgroups = Cgroups()
+_own_container: Container | Literal[False] | None = None  # False: looked, found none
+_guard: Guard | None = None  # quarantined task ids, made at worker_init
+_lost: dict[int, tuple[str | None, str | None]] = {}  # child pid -> the task it ran when lost
 _hello_pid = 0  # the process that said hello since its last goodbye (not a forked child)
 _heartbeat: Any = None  # the consumer timer's entry
 
@@ -57,11 +63,26 @@ def forget_sender() -> None:
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _guard
     CONTEXT.controller = sender
+    _guard = Guard(CONTEXT.socket)
     with contextlib.suppress(Exception):
         hooks.check_classes()
         prompt_join.install()
         atexit.register(_bye_at_exit, os.getpid())
+
+
+def on_task_received(request: Any = None, **_: Any) -> None:
+    """Mark the request of a quarantined task id: its child refuses it (agent/quarantine.py)."""
+    try:
+        if _guard is None or request is None:
+            return
+        why = _guard.why(str(request.id), time.monotonic())
+        if why is not None:
+            request.request_dict[MARK] = (f"task {request.id} ({request.name}) is quarantined: "
+                                          f"{why}")
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return
 
 
 def on_consumer_start(consumer: Any, loop_started: bool = False) -> None:
@@ -151,16 +172,35 @@ def worker_hello(consumer: Any) -> messages.WorkerHello:
         max_concurrency=maximum if isinstance(maximum, int) and maximum > 0 else None,
         missing=hooks.missing()[: messages.MAX_HOOKS] if kind == "prefork" else (),
         celery=celery, billiard=billiard, python=python,
-        socket=CONTEXT.socket[: messages.MAX_NAME],
+        socket=CONTEXT.socket[: messages.MAX_NAME], **_container(),
     )
 
 
-def _oom_kills() -> int | None:
-    """The kernel's OOM kill counter for this worker's container, where it can be read."""
+def _container() -> dict[str, int | None]:
+    """This worker's container as the kernel judges it, for the hello (empty: none found)."""
+    global _own_container
     try:
-        return _cgroups.oom_kills()
+        if _own_container is None:
+            _own_container = _cgroups.find("self") or False
+        reading = _cgroups.read(_own_container) if _own_container else None
+    except Exception:  # noqa: BLE001 - the agent never raises into the worker
+        return {}
+    if reading is None:
+        return {}
+    return {"container_usage": reading.usage, "container_working_set": reading.working_set,
+            "container_limit": reading.limit}
+
+
+def _oom_kills() -> int | None:
+    """The kernel's OOM kill counter for this worker's container, where it can be read; each
+    reading is also the quarantine's baseline (a kill moves it)."""
+    try:
+        counter = _cgroups.oom_kills()
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return None
+    if _guard is not None:
+        _guard.oom.observe("self", counter, time.monotonic())
+    return counter
 
 
 def _beat(consumer: Any) -> None:
@@ -196,14 +236,39 @@ def _watch_child_exits(pool: Any) -> bool | None:
             with contextlib.suppress(Exception):
                 code, pid, index = proc.exitcode, proc.pid, getattr(proc, "index", None)
                 if isinstance(code, int) and isinstance(pid, int) and isinstance(index, int):
-                    task, task_id = _job_of(pool, pid)
+                    task, task_id = _lost.pop(pid, (None, None))
+                    if task_id is None:
+                        task, task_id = _job_of(pool, pid)
                     send(messages.ChildDied(pid=os.getpid(), child=pid, index=index,
                                             exitcode=code, task=task, id=task_id,
                                             oom_kills=_oom_kills() if code < 0 else None))
+                    if code < 0 and _sender is not None:
+                        _sender.ring()  # a kill: counted, and quarantined, at once
 
     on_process_down._memguard = True  # type: ignore[attr-defined]
     pool.on_process_down = on_process_down
+    _watch_lost_jobs(pool)
     return True
+
+
+def _watch_lost_jobs(pool: Any) -> None:
+    """Note the task of each job Celery gives up as lost with its child."""
+    lost = getattr(pool, "on_job_process_lost", None)
+    if lost is None or getattr(lost, "_memguard", False):
+        return
+
+    def on_job_process_lost(job: Any, pid: int, exitcode: int) -> Any:
+        """Celery fails (and may requeue) a lost job here, before the child is reported
+        down: note its task, and whether the kernel killed it, before anything else."""
+        with contextlib.suppress(Exception):
+            task, task_id = _job_task(job)
+            _lost[pid] = (task, task_id)
+            if exitcode == -signal.SIGKILL and _guard is not None:
+                _guard.killed(task_id, task, _cgroups.oom_kills(), time.monotonic())
+        return lost(job, pid, exitcode)
+
+    on_job_process_lost._memguard = True  # type: ignore[attr-defined]
+    pool.on_job_process_lost = on_job_process_lost
 
 
 def _job_of(pool: Any, pid: int) -> tuple[str | None, str | None]:
@@ -214,8 +279,14 @@ def _job_of(pool: Any, pid: int) -> tuple[str | None, str | None]:
     job's ``correlation_id`` and its ``Request.on_success`` as the callback."""
     for job in list(getattr(pool, "_cache", {}).values()):
         if pid in job.worker_pids() and not job.ready():
-            request = getattr(getattr(job, "_callback", None), "__self__", None)
-            name, task_id = getattr(request, "name", None), getattr(job, "correlation_id", None)
-            return (messages.clean_name(name) if isinstance(name, str) else None,
-                    task_id[: messages.MAX_NAME] if isinstance(task_id, str) else None)
+            return _job_task(job)
     return None, None
+
+
+def _job_task(job: Any) -> tuple[str | None, str | None]:
+    """(task name, task id) of a pool job: Celery passes the task id as the job's
+    ``correlation_id`` and its ``Request.on_success`` as the callback."""
+    request = getattr(getattr(job, "_callback", None), "__self__", None)
+    name, task_id = getattr(request, "name", None), getattr(job, "correlation_id", None)
+    return (messages.clean_name(name) if isinstance(name, str) else None,
+            task_id[: messages.MAX_NAME] if isinstance(task_id, str) else None)

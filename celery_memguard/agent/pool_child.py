@@ -32,6 +32,7 @@ from typing import Any
 from celery_memguard.agent import hooks, main_process, task_signals
 from celery_memguard.agent.child_agent import ChildAgent
 from celery_memguard.agent.context import CONTEXT, jitter_pool
+from celery_memguard.agent.quarantine import MARK
 from celery_memguard.protocol import hooks as protocol_hooks
 from celery_memguard.protocol import messages
 from celery_memguard.protocol.signals import CONTAINER_SIGNAL, RECYCLE_SIGNAL
@@ -92,7 +93,8 @@ def on_process_init(sender: Any = None, **_: Any) -> None:
         signal.signal(CONTAINER_SIGNAL, agent.on_container_signal)
         agent.watch.install()
         if begins:
-            pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe)
+            pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe,
+                                                               refusal)
         if ends:
             pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
         if not (begins and ends):
@@ -123,6 +125,15 @@ def _initargs_node(pool_worker: Any) -> str:
     if isinstance(initargs, tuple) and len(initargs) == 2 and isinstance(initargs[1], str):
         return initargs[1]
     return ""
+
+
+def refusal(job: Any) -> str | None:
+    """Why the main process marked this job's request as quarantined (agent/quarantine.py)."""
+    try:
+        why = job[1][3][2].get(MARK)
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return None
+    return why if isinstance(why, str) else None
 
 
 def describe(job: Any) -> tuple[str, str, CodeType | None]:

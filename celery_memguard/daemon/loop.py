@@ -74,6 +74,8 @@ class Daemon:
         supervisor.publisher.remove_grants()  # a previous daemon's: each is written anew
         supervisor.publisher.settings(self.config)
         supervisor.state.quarantined.update(supervisor.publisher.load_quarantine())
+        supervisor.publisher.write_quarantine(supervisor.state.quarantined,
+                                              self.config.quarantine.after)  # the after in force
         supervisor.publisher.prune_rooms(supervisor.alive)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:

@@ -145,7 +145,9 @@ class StateCollector(Collector):
             "agent could not join (celery-memguard doctor says what is lost and what to do).",
             labels=["worker", "hook"])
         limit = GaugeMetricFamily(
-            PREFIX + "limit_bytes", "The limits in force, in bytes, per worker and level.",
+            PREFIX + "limit_bytes", "The limits in force, in bytes, per worker and level: soft "
+            "and hard (each child), container_soft and container_hard (its container's lines, "
+            "where it has a memory limit).",
             labels=["worker", "level"])
         for worker in workers:
             info.add_metric([worker.name], {

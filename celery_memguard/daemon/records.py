@@ -68,6 +68,7 @@ class WorkerRec:
     total_over_since: float | None = None
     container: str | None = None  # its memory cgroup's path, where the daemon sees it
     container_reading: ContainerReading | None = None  # as of the last read
+    reported_container: ContainerReading | None = None  # as its agent read it (its hello)
     container_over_since: float | None = None  # past its soft line, or under pressure, since
     announced: bool = False  # its main process said hello (else it is known from its children)
     first_report: float | None = None  # when the first child report named it as a parent
@@ -80,8 +81,10 @@ class WorkerRec:
 
     @property
     def container_key(self) -> str:
-        """Whose OOM kill counter its readings are: its cgroup, else the worker itself."""
-        return self.container if self.container is not None else f"pid:{self.proc.pid}"
+        """Whose OOM kill counter its readings are: the worker's (its agent's readings and the
+        daemon's of its cgroup are the same counter; a key that changed when the daemon first
+        read the cgroup would lose the baseline)."""
+        return f"{self.proc.pid}:{self.proc.start}"
 
 
 class BoundedNames:

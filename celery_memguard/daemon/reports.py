@@ -15,6 +15,7 @@ from celery_memguard.daemon.records import ChildRec, Rejected, WorkerRec
 from celery_memguard.daemon.state import State
 from celery_memguard.daemon.task_growth import TaskGrowth
 from celery_memguard.protocol import grants, messages, signals
+from celery_memguard.protocol.cgroups import ContainerReading
 
 
 def fold(state: State, message: messages.Message, now: float) -> WorkerRec | None:
@@ -222,6 +223,11 @@ def _worker_hello(state: State, msg: messages.WorkerHello) -> WorkerRec:
     rec.agent, rec.recycle_signal = True, msg.recycle_signal
     rec.restartable = msg.restart
     rec.kid_index = dict(msg.kids)
+    if msg.container_usage is not None and msg.container_working_set is not None:
+        rec.reported_container = ContainerReading(
+            usage=msg.container_usage, working_set=msg.container_working_set,
+            limit=msg.container_limit, high=None,
+            events={} if msg.oom_kills is None else {"oom_kill": msg.oom_kills}, pressure=None)
     for pid, child in rec.children.items():
         index = rec.kid_index.get(pid)
         if index is not None:

@@ -14,12 +14,12 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable
 
 from celery_memguard.daemon.leak_trend import recommend_max_tasks, seconds_to_limit, tasks_to_limit
-from celery_memguard.daemon.oom import OomLedger
 from celery_memguard.daemon.readings import FoundWorker, ProcId, ProcStat
 from celery_memguard.daemon.records import BoundedNames, ChildRec, WorkerRec
 from celery_memguard.daemon.snapshot import Child, Leak, Snapshot, Worker
 from celery_memguard.daemon.task_growth import TaskGrowth
 from celery_memguard.protocol import hooks, quarantine, rules
+from celery_memguard.protocol.oom import OomLedger
 from celery_memguard.protocol.quarantine import Entry
 
 StatFn = Callable[[int], ProcStat | None]

@@ -24,7 +24,7 @@ from celery_memguard.daemon.metrics import Metrics
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.publisher import Publisher
 from celery_memguard.daemon.records import Rejected, WorkerRec
-from celery_memguard.daemon.snapshot import Snapshot
+from celery_memguard.daemon.snapshot import Snapshot, Worker
 from celery_memguard.daemon.state import State
 from celery_memguard.daemon.view import View
 from celery_memguard.protocol import messages
@@ -101,8 +101,9 @@ class Supervisor:
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
         self.state.quarantine_after = new.quarantine.after
-        if publish:  # the agents re-read the file within seconds
+        if publish:  # the agents re-read the files within seconds
             self.publisher.settings(new)
+            self.publisher.write_quarantine(self.state.quarantined, new.quarantine.after)
         self.decide(self.clock(), None)  # the grants at once: a dry run, lower caps
         self.log.info("config_reloaded", soft_bytes=new.limits.soft, hard_bytes=new.limits.hard,
                       dry_run=new.recycle.dry_run)
@@ -219,6 +220,8 @@ class Supervisor:
         container = self._containers[pid]
         rec.container = container.path if container is not None else None
         reading = self.procs.read_container(container) if container is not None else None
+        if reading is None:  # not visible from here: as the worker's agent read it (its hello)
+            reading = rec.reported_container
         rec.container_reading = reading
         if reading is None:
             rec.container_over_since = None
@@ -239,7 +242,7 @@ class Supervisor:
             container = self._containers.get(rec.proc.pid)
             limits = self.limits_for(rec.name or "")
             if container is None or limits.container_hard is None:
-                continue
+                continue  # unseen, or known from the worker's hellos only: the tick will do
             self._read_container(rec, now)
             reading = rec.container_reading
             if reading is None or reading.limit is None:
@@ -354,6 +357,16 @@ class Supervisor:
             name, fields = events.pop(0)
             getattr(self.log, _EVENT_LEVELS.get(name, "warning"))(name, **fields)
 
+    def _limits_shown(self, worker: Worker) -> dict[str, int]:
+        """A worker's limits in bytes by level, with its container's lines where it has one."""
+        limits = self.limits_for(worker.name)
+        shown = {"soft": limits.soft, "hard": limits.hard}
+        if worker.container is not None:
+            soft, hard = container_policy.lines(worker.container, limits)
+            shown.update({k: v for k, v in (("container_soft", soft), ("container_hard", hard))
+                          if v is not None})
+        return shown
+
     def _make_view(self, now: float, snapshot: Snapshot | None = None) -> View:
         state = self.state
         if snapshot is None:
@@ -361,9 +374,7 @@ class Supervisor:
         return View(
             snapshot=snapshot,
             limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
-            worker_limits={w.name: {"soft": self.limits_for(w.name).soft,
-                                    "hard": self.limits_for(w.name).hard}
-                           for w in snapshot.workers},
+            worker_limits={w.name: self._limits_shown(w) for w in snapshot.workers},
             measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
             recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
             interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),

@@ -132,6 +132,11 @@ class WorkerHello:
     agent: Name
     restart: Flag = False  # opted in to whole-worker restarts (pools without children)
     oom_kills: MaybeCount = None  # the kernel's OOM kill counter of the worker's container
+    # The worker's container as its main process reads it: for a daemon that cannot see the
+    # worker's cgroup (a sidecar with a cgroup namespace of its own).
+    container_usage: MaybeCount = None
+    container_working_set: MaybeCount = None
+    container_limit: MaybeCount = None
     max_concurrency: MaybeCount = None  # --autoscale's maximum: the pool size the jitter uses
     missing: Hooks = ()  # hooks the agent could not join (protocol.hooks)
     celery: Name = ""  # versions, for celery-memguard doctor

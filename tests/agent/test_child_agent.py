@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from celery_memguard.agent.child_agent import RETAKE_SECONDS, ChildAgent
+from celery_memguard.agent.quarantine import Guard
 from celery_memguard.errors import MemoryLimitExceeded
 from celery_memguard.protocol import grants, messages, paths, quarantine
 from tests.builders import MiB
@@ -267,12 +268,10 @@ def _task_body(x: int) -> int:
 def test_a_quarantined_task_fails_as_its_body_starts_and_others_run(tmp_path: Path) -> None:
     """The exception comes from inside the body, where autoretry_for and the result backend
     see it; the daemon hears of the refusal; the next task, not quarantined, runs."""
-    socket = str(tmp_path / "agent.sock")
-    Path(paths.quarantine_path(socket)).write_bytes(quarantine.encode(
-        {"bad-1": quarantine.Entry("app.huge", 2, 0, 0.0)}, 2))
-    agent = ChildAgent(0, socket)
+    agent = ChildAgent(0, str(tmp_path / "agent.sock"))
     sender = agent.sender = _Recorder()  # type: ignore[assignment]
-    agent.begin("app.huge", "bad-1", _task_body.__code__)
+    agent.begin("app.huge", "bad-1", _task_body.__code__,
+                refused="task bad-1 (app.huge) is quarantined: it was running at 2 OOM kills")
     with pytest.raises(MemoryLimitExceeded) as raised:
         _task_body(1)
     assert raised.value.reason == "quarantined"
@@ -287,16 +286,39 @@ def test_a_quarantined_task_fails_as_its_body_starts_and_others_run(tmp_path: Pa
 
 
 def test_a_refusal_whose_body_never_starts_leaves_no_trace_behind(tmp_path: Path) -> None:
-    socket = str(tmp_path / "agent.sock")
-    Path(paths.quarantine_path(socket)).write_bytes(quarantine.encode(
-        {"bad-1": quarantine.Entry("app.huge", 2, 0, 0.0)}, 2))
-    agent = ChildAgent(0, socket)
+    agent = ChildAgent(0, str(tmp_path / "agent.sock"))
     agent.sender = _Recorder()  # type: ignore[assignment]
     before = sys.gettrace()
-    agent.begin("app.huge", "bad-1", _task_body.__code__)
+    agent.begin("app.huge", "bad-1", _task_body.__code__, refused="quarantined")
     agent.end(False)  # Celery failed it before calling the body
     assert sys.gettrace() is before
     assert _task_body(1) == 2
+
+
+def test_the_main_process_quarantines_a_task_it_saw_oom_killed_twice(tmp_path: Path) -> None:
+    """Before the daemon hears of it: the kernel's counter moved at each death."""
+    socket = str(tmp_path / "agent.sock")
+    Path(paths.quarantine_path(socket)).write_bytes(quarantine.encode({}, 2))  # after: 2
+    guard = Guard(socket)
+    guard.oom.observe("self", 10, 0.0)
+    guard.killed("t-1", "app.huge", 11, 1.0)
+    assert guard.why("t-1", 1.0) is None
+    guard.killed("t-1", "app.huge", 11, 2.0)  # a kill the kernel did not count: by hand
+    assert guard.why("t-1", 2.0) is None
+    guard.killed("t-1", "app.huge", 12, 3.0)
+    assert guard.why("t-1", 3.0) == (
+        "it was running at 2 OOM kills of its worker process (quarantine.after: 2)")
+    assert guard.why("t-2", 3.0) is None
+
+
+def test_the_main_process_also_follows_the_daemons_list(tmp_path: Path) -> None:
+    socket = str(tmp_path / "agent.sock")
+    guard = Guard(socket)
+    assert guard.why("r-1", 0.0) is None
+    Path(paths.quarantine_path(socket)).write_bytes(quarantine.encode(
+        {"r-1": quarantine.Entry("app.runaway", 0, 3, 0.0)}, 3))
+    assert guard.why("r-1", 1.0) == (
+        "it was running at 3 memory interrupts of its worker process (quarantine.after: 3)")
 
 
 def test_without_a_daemon_a_due_batch_is_dropped_unbuilt(tmp_path: Path,

@@ -20,6 +20,7 @@ app = Celery(
 app.conf.update(
     task_acks_late=os.environ.get("MEMGUARD_TEST_ACKS_LATE") == "1",
     task_reject_on_worker_lost=os.environ.get("MEMGUARD_TEST_REJECT_ON_LOST") == "1",
+    worker_lost_wait=float(os.environ.get("MEMGUARD_TEST_LOST_WAIT", "10")),
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=600,

@@ -265,7 +265,10 @@ def test_the_workers_container_is_exported_and_its_oom_counter_tells_oom_from_si
     for line in ('celery_memguard_container_memory_working_set_bytes{worker="w@h"} 2.62144e+08',
                  'celery_memguard_container_memory_limit_bytes{worker="w@h"} 5.36870912e+08',
                  'celery_memguard_container_memory_events_total{event="oom_kill",worker="w@h"} 7.0',
-                 'celery_memguard_container_memory_pressure{kind="some",worker="w@h"} 0.05'):
+                 'celery_memguard_container_memory_pressure{kind="some",worker="w@h"} 0.05',
+                 # the lines, at 85% and 95% of the limit by default
+                 'celery_memguard_limit_bytes{level="container_soft",worker="w@h"} 4.56340275e+08',
+                 'celery_memguard_limit_bytes{level="container_hard",worker="w@h"} 5.10027366e+08'):
         assert line in text
     assert "container_memory_high_bytes{" not in text  # unset: no series
     procs.containers[MAIN] = dataclasses.replace(
@@ -276,3 +279,38 @@ def test_the_workers_container_is_exported_and_its_oom_counter_tells_oom_from_si
     sup.receive(dgram(messages.ChildDied(pid=MAIN, child=KID1, index=1, exitcode=-9,
                                          task="app.t", id="u")), 2.2)
     assert sup.state.interrupted == {("w@h", "app.t", "oom"): 1, ("w@h", "app.t", "killed"): 1}
+
+
+def test_a_container_the_daemon_cannot_see_is_known_from_the_workers_hello(
+        procs: FakeProcs) -> None:
+    """A sidecar with a cgroup namespace of its own cannot read the worker's cgroup; the
+    worker's agent reads its own and says it in its hello, every 2 s."""
+    sup = make(procs)
+    sup.receive(dgram(hello(oom_kills=0, container_usage=700 * MiB,
+                            container_working_set=650 * MiB, container_limit=1024 * MiB)), 0.0)
+    sup.tick(1.0)
+    text = sup.metrics.render().decode()
+    assert 'celery_memguard_container_memory_working_set_bytes{worker="w@h"} 6.815744e+08' in text
+    assert 'celery_memguard_limit_bytes{level="container_soft",worker="w@h"}' in text
+
+
+def test_two_workers_in_two_containers_are_each_judged_by_their_own(procs: FakeProcs) -> None:
+    """Past its soft line for recycle.grace, a container's fastest-growing child is recycled;
+    the other worker's children, in a container with room, are left alone."""
+    procs.add(20, 1, cmdline=("celery", "worker"))
+    procs.add(21, 20, rss=300 * MiB)
+    procs.table[KID0].rss = 300 * MiB
+    full = ContainerReading(usage=950 * MiB, working_set=900 * MiB, limit=1000 * MiB, high=None,
+                            events={}, pressure=None)
+    roomy = dataclasses.replace(full, usage=500 * MiB, working_set=450 * MiB)
+    procs.containers.update({MAIN: full, 20: roomy})
+    sup = make(procs, limits={"soft": "1GiB", "hard": "2GiB"})
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(hello(((21, 0),), pid=20, node="other@h")), 0.0)
+    for kid, parent, index, tasks in ((KID0, MAIN, 0, 5), (KID1, MAIN, 1, 0), (21, 20, 0, 5)):
+        sup.receive(dgram(messages.ChildHello(pid=kid, ppid=parent, index=index, tasks=tasks,
+                                              rss=50 * MiB)), 0.0)  # KID1: a fresh child
+    for now in (1.0, 2.0, 3.5):
+        sup.tick(now)
+    assert procs.signals == [(KID0, 38)]
+    assert sup.state.recycles == {("w@h", "container"): 1}

@@ -34,7 +34,7 @@ def test_a_billiard_without_the_method_the_agent_wraps_degrades_loudly_and_loses
     daemon = start_daemon(limits={"soft": "100MiB", "hard": "1GiB"},
                           sampling={"interval": "250ms"})
     worker = start_worker(socket_path=daemon.socket_path,
-                          env={"MEMGUARD_TEST_BREAK_HOOK": "prepare_result"})
+                          extra_env={"MEMGUARD_TEST_BREAK_HOOK": "prepare_result"})
     results = [worker.send("keep", 4) for _ in range(60)]
     for result in results:
         result.get(timeout=60)

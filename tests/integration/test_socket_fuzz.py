@@ -47,18 +47,35 @@ VALID: list[messages.Message] = [
     messages.ChildExit(pid=ME, ppid=PARENT, index=0, tasks=7, reason="requested"),
     messages.TaskInterrupted(pid=ME, ppid=PARENT, index=0, task="app.big", id="t-2", rss=900 * MiB,
                          limit=800 * MiB),
-    messages.ChildDied(pid=ME, child=PARENT, index=0, exitcode=-9),
+    messages.ChildDied(pid=ME, child=PARENT, index=0, exitcode=-9, task="app.big", id="t-2",
+                       oom_kills=3),
+    messages.TaskHeld(pid=ME, ppid=PARENT, index=0, task="app.big", id="t-3", waited_ms=1500,
+                      working_set=400 * MiB, line=440 * MiB, gave_up=False),
 ]
-TYPES = {"w", "b", "c", "s", "e", "r", "k", "x", "h", "d"}
+TYPES = {"w", "b", "c", "s", "e", "r", "k", "x", "h", "g", "d"}
 # The wire format, stated here independently of the decoder: each field's kind.
 KIND = {"pid": "pid", "ppid": "pid", "child": "pid", "index": "count", "tasks": "count",
         "rss": "count", "rss_before": "count", "concurrency": "count", "recycle_signal": "count",
         "limit": "count", "max_tasks": "count?", "max_memory_kib": "count?", "exitcode": "code",
         "node": "name", "pool": "name", "agent": "name", "task": "name", "id": "name",
         "reason": "name", "ok": "bool", "restart": "bool", "kids": "kids",
-        "oom_kills": "count?", "max_concurrency": "count?", "missing": "hooks",
+        "oom_kills": "count?", "container_usage": "count?", "container_working_set": "count?",
+        "container_limit": "count?", "waited_ms": "count", "working_set": "count",
+        "line": "count", "gave_up": "bool", "max_concurrency": "count?", "missing": "hooks",
         "celery": "name", "billiard": "name", "python": "name", "socket": "name",
         "jitter_pool": "count"}
+# Where a field's kind depends on the message: null is a valid task name only where none is known.
+KIND_IN = {("d", "task"): "name?", ("d", "id"): "name?"}
+# Fields added in later releases, with a default: a message of an older agent lacks them.
+MAY_LACK = {("w", "restart"), ("w", "oom_kills"), ("w", "container_usage"),
+            ("w", "container_working_set"), ("w", "container_limit"), ("d", "task"), ("d", "id"),
+            ("d", "oom_kills"), ("h", "reason"), ("w", "max_concurrency"), ("w", "missing"),
+            ("w", "celery"), ("w", "billiard"), ("w", "python"), ("w", "socket"), ("c", "node"),
+            ("c", "jitter_pool"), ("c", "missing")}
+
+
+def kind(body: dict[str, Any], name: str) -> str | None:
+    return KIND_IN.get((body.get("t"), name), KIND.get(name))
 DECODER_REASONS = {"empty", "oversized", "not_json", "not_object", "bad_version", "unknown_type",
                    "unknown_field", "missing_field", "bad_field"}
 
@@ -74,6 +91,7 @@ WRONG_TYPE = {
     "pid": _not_int | st.none(), "count": _not_int | st.none(), "count?": _not_int,
     "code": _not_int | st.none(),
     "name": _ints | _floats | st.booleans() | st.none() | _containers,
+    "name?": _ints | _floats | st.booleans() | _containers,
     "bool": _ints | st.text(max_size=5) | _floats | st.none() | _containers,
     "kids": _ints | st.text(max_size=5) | st.none()
     | st.dictionaries(st.text(max_size=3), _ints, max_size=2),
@@ -89,6 +107,7 @@ OUT_OF_RANGE = {
     "code": st.integers(-(2**80), -256) | st.integers(256, 2**80),
     "name": st.text(min_size=201, max_size=260)
     | st.tuples(st.text(max_size=5), _unprintable).map("".join),
+    "name?": st.text(min_size=201, max_size=260),
     "kids": st.sampled_from([[[0, 1]], [[1]], [[1, -1]], [[1, 2, 3]], [[True, 1]], [["1", 2]],
                              [[1, 2**31]], [[1, 1.0]], [7]]),
     "hooks": st.lists(st.just("a.hook"), min_size=messages.MAX_HOOKS + 1, max_size=40)
@@ -105,18 +124,18 @@ def _encode(body: object) -> bytes:
 
 def _wrong_type(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
     name = draw(st.sampled_from(sorted(set(body) - {"v", "t"})))
-    body[name] = draw(WRONG_TYPE[KIND[name]])
+    body[name] = draw(WRONG_TYPE[str(kind(body, name))])
     return _encode(body), "bad_field"
 
 
 def _out_of_range(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
-    name = draw(st.sampled_from(sorted(f for f in body if KIND.get(f) in OUT_OF_RANGE)))
-    body[name] = draw(OUT_OF_RANGE[KIND[name]])
+    name = draw(st.sampled_from(sorted(f for f in body if kind(body, f) in OUT_OF_RANGE)))
+    body[name] = draw(OUT_OF_RANGE[str(kind(body, name))])
     return _encode(body), "bad_field"
 
 
 def _missing(draw: st.DrawFn, body: dict[str, Any], data: bytes) -> Sample:
-    name = draw(st.sampled_from(sorted(body)))
+    name = draw(st.sampled_from(sorted(f for f in body if (body["t"], f) not in MAY_LACK)))
     del body[name]
     return _encode(body), {"v": "bad_version", "t": "unknown_type"}.get(name, "missing_field")
 

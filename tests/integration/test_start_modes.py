@@ -69,8 +69,8 @@ def test_setproctitle_titles_neither_hide_the_worker_nor_make_its_children_worke
     an embedded worker's titled children are not taken for workers either."""
     daemon = start_daemon(**LIMITS)
     env = {"PYTHONPATH": setproctitle_path()}
-    worker = start_worker(socket_path=daemon.socket_path, env=env)
-    embedded = start_worker(socket_path=daemon.socket_path, env=env, mode="workcontroller")
+    worker = start_worker(socket_path=daemon.socket_path, extra_env=env)
+    embedded = start_worker(socket_path=daemon.socket_path, extra_env=env, mode="workcontroller")
     for one in (worker, embedded):
         kids = Procs().children(one.pid)
         titles = [Procs().cmdline(kid.pid) for kid in kids]
@@ -104,7 +104,7 @@ def test_autoscale_grows_and_shrinks_under_the_daemons_eyes_and_both_sides_agree
     the daemon does; children past the soft limit are recycled, every task once."""
     daemon = start_daemon(**(LIMITS | {"recycle": {"jitter": "20%"}}))
     worker = start_worker(socket_path=daemon.socket_path, concurrency=1,
-                          extra_args=("--autoscale=4,1",), env={"AUTOSCALE_KEEPALIVE": "2"})
+                          extra_args=("--autoscale=4,1",), extra_env={"AUTOSCALE_KEEPALIVE": "2"})
     slow = [worker.send("sleep_then_keep", 1.5, 1) for _ in range(8)]
     wait_for(lambda: mine(daemon, worker)["concurrency"] == 4, 20, "the pool never grew to 4")
     assert mine(daemon, worker)["max_concurrency"] == 4

@@ -2,11 +2,14 @@
 
 A pool child killed by SIGKILL that the daemon did not send was killed by the kernel's OOM
 killer only if the kernel's ``oom_kill`` counter of its container moved; otherwise someone else
-killed it. The counter is read by the worker's agent (in its hello, and when it reaps a child)
-and by the daemon where it sees the worker's cgroup. Each increment is claimed by one child
-death; increments that no child claims within ``RETIRE_SECONDS`` were other processes of the
-container (the main process, a task's own subprocess) and are left to the container's
-counter. Pure: times and counter values are arguments.
+killed it. Each increment is claimed by one child death; increments that no child claims
+within ``RETIRE_SECONDS`` were other processes of the container (the main process, a task's
+own subprocess) and are left to the container's counter. Pure: times and counter values are
+arguments.
+
+Both sides apply it: the daemon to count OOM kills by task (the counter from the worker's
+agent and from its own reading of the cgroup), and the worker's main process, which sees a
+child die before the task is redelivered, to quarantine a task that keeps killing its child.
 """
 
 from __future__ import annotations
