@@ -75,6 +75,11 @@ class FakeProcs(Procs):
     def memory_limit(self) -> tuple[int, str]:
         return 16 * 1024 * MiB, "host"
 
+    def may_signal(self, pid: int) -> bool | None:
+        if pid not in self.table:
+            return None
+        return pid not in self.denied
+
     def send_signal(self, pid: int, signum: int) -> bool:
         if pid in self.denied:
             raise PermissionError(pid)

@@ -126,17 +126,24 @@ def kill_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
 
 
 class Worker:
-    """``celery -A tests.apps.leaky worker`` (prefork) with its own queue and nodename."""
+    """A prefork worker of ``tests.apps.leaky`` with its own queue and nodename, started by
+    ``celery worker`` or another ``mode``: ``multi`` (``celery multi start``, detached; its
+    pid is read from its pidfile), or one of the programs in tests/apps/hosts.py that run a
+    worker inside themselves. ``python``: another interpreter (another Celery's venv)."""
 
     def __init__(self, tmp: Path, broker: str, backend: str, *, socket_path: Path | None,
                  concurrency: int = 2, acks_late: bool = False, agent: bool = True,
                  extra_args: tuple[str, ...] = (), name: str | None = None,
                  queue: str | None = None, restart: bool = False,
                  global_args: tuple[str, ...] = (), user: User | None = None,
-                 cgroup: MemoryCgroup | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 cgroup: MemoryCgroup | None = None, extra_env: dict[str, str] | None = None,
+                 mode: str = "cli", python: str | None = None) -> None:
         self.queue = queue or f"q{os.getpid()}_{free_port()}"
-        self.name = name or f"{self.queue}@memguard-test"
+        self.mode = mode
+        self.pidfile = tmp / f"{self.queue}.pid" if mode == "multi" else None
+        host = socket.gethostname()
+        self.node_arg = name or f"{self.queue}@{host if mode == 'multi' else 'memguard-test'}"
+        self.name = self.node_arg.replace("%h", host).replace("%n", host.split(".")[0])
         self.concurrency = concurrency
         self.run_log = tmp / f"{self.queue}.runs"
         self.log_path = tmp / f"{self.queue}.{free_port()}.worker.log"
@@ -150,20 +157,31 @@ class Worker:
             "MEMGUARD_TEST_RESTART": "1" if restart else "0",
             "MEMGUARD_TEST_RUN_LOG": str(self.run_log),
             "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            "MEMGUARD_TEST_QUEUE": self.queue, "MEMGUARD_TEST_NAME": self.node_arg,
+            "MEMGUARD_TEST_CONCURRENCY": str(concurrency),
         })
         if socket_path is not None:
             env["CELERY_MEMGUARD_SOCKET"] = str(socket_path)
         if user is not None:
             env.update(user.env)
+        for key, value in (extra_env or {}).items():  # a PYTHONPATH given goes first
+            env[key] = value + os.pathsep + env[key] if key == "PYTHONPATH" else value
         self.env = env
         self.log = self.log_path.open("wb")
         self.args = extra_args
-        argv = [user.python if user else sys.executable, "-m", "celery", "-A", "tests.apps.leaky",
-                *global_args, "worker",
-                "-c", str(concurrency), "-Q", self.queue, "-n", self.name, "--loglevel", "warning",
-                "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args]
-        if extra_env:
-            self.env.update(extra_env)
+        python = python or (user.python if user else sys.executable)
+        options = ["--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args]
+        if mode == "cli":
+            argv = [python, "-m", "celery", "-A", "tests.apps.leaky", *global_args, "worker",
+                    "-c", str(concurrency), "-Q", self.queue, "-n", self.node_arg,
+                    "--loglevel", "warning", *options]
+        elif mode == "multi":  # it names the node NAME@host itself
+            argv = [python, "-m", "celery", "multi", "start", self.name.split("@")[0],
+                    "-A", "tests.apps.leaky", "-c", str(concurrency), "-Q", self.queue,
+                    f"--pidfile={self.pidfile}", f"--logfile={self.log_path}.multi",
+                    "--loglevel=warning", *options]
+        else:
+            argv = [python, "-m", "tests.apps.hosts", mode]
         self.proc = subprocess.Popen(
             cgroup.command(argv) if cgroup is not None else argv,
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -171,13 +189,21 @@ class Worker:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """The worker's main process (a detached one's from its pidfile; 0 until written)."""
+        if self.pidfile is None:
+            return self.proc.pid
+        with contextlib.suppress(OSError, ValueError):
+            return int(self.pidfile.read_text().strip())
+        return 0
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None and (self.pidfile is None or self.proc.returncode):
                 raise RuntimeError(f"worker exited {self.proc.returncode}: {self.output()}")
+            if not self.pid:
+                time.sleep(0.1)
+                continue
             children_ready = "-P" in self.args or len(Procs().children(self.pid)) >= self.concurrency
             if children_ready and self.client.control.ping(
                     destination=[self.name], timeout=0.5):
@@ -194,10 +220,26 @@ class Worker:
         return [line.split()[0] for line in self.run_log.read_text().splitlines() if line]
 
     def output(self) -> str:
-        return tail(self.log, self.log_path)
+        multi = Path(f"{self.log_path}.multi")
+        return tail(self.log, self.log_path) + (multi.read_text(errors="replace")[-3000:]
+                                                 if multi.exists() else "")
 
     def stop(self) -> None:
+        """Stop the worker; a detached one (multi) by the pid in its pidfile, then its process
+        group (the one its detaching made, never ours) while the pid is still that process."""
         kill_group(self.proc)
+        pid = self.pid if self.pidfile is not None else 0
+        stat = Procs().stat(pid) if pid else None
+        if stat is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while Procs().stat(pid) == stat and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                group = os.getpgid(pid)
+                if Procs().stat(pid) == stat and group != os.getpgid(0):
+                    os.killpg(group, signal.SIGKILL)
         self.log.close()
         self.client.close()
 

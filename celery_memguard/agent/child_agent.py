@@ -37,7 +37,7 @@ from celery_memguard.agent.quarantine import raise_in_body
 from celery_memguard.agent.sender import Sender
 from celery_memguard.agent.watch import Watch
 from celery_memguard.errors import MemoryLimitExceeded
-from celery_memguard.protocol import grants, messages, paths, rules, settings
+from celery_memguard.protocol import grants, hooks, messages, paths, rules, settings
 from celery_memguard.protocol.signals import EX_RECYCLE
 
 CHILD_HELLO_SECONDS = 5.0
@@ -53,9 +53,12 @@ class ChildAgent:
     """Per pool child: its slot, task count, batch of reports, the recycle flag, its watch."""
 
     def __init__(self, index: int, socket_path: str, node: str = "",
-                 max_tasks: int | None = None, pool: int = 0) -> None:
+                 max_tasks: int | None = None, pool: int = 0,
+                 missing: tuple[str, ...] = ()) -> None:
         self.node = node  # the worker's nodename: per-worker limits in the settings
-        self.pool = pool  # the pool's size as its worker reports it (0: unknown), for the jitter
+        self.pool = pool  # the pool size the jitter is computed for (0: unknown)
+        self.missing = missing  # hooks the agent could not join (protocol.hooks)
+        self.can_leave = not hooks.BLOCK_RECYCLE.intersection(missing)  # between two tasks
         self.socket_path = socket_path
         self.pid = os.getpid()
         self.ppid = os.getppid()
@@ -108,7 +111,9 @@ class ChildAgent:
         self.last_hello = time.monotonic()
         self.load_settings()
         self._send(messages.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
-                                   tasks=self.tasks, rss=self.statm.rss()))
+                                       tasks=self.tasks, rss=self.statm.rss(),
+                                       node=self.node[: messages.MAX_NAME], jitter_pool=self.pool,
+                                       missing=self.missing[: messages.MAX_HOOKS]))
 
     def load_settings(self) -> None:
         """Pick up the limits and rules the daemon publishes beside its socket, when changed."""
@@ -256,7 +261,7 @@ class ChildAgent:
         batches, and its tick looks at held children again.
         """
         threshold = self.soft_threshold
-        if threshold <= 0:
+        if threshold <= 0 or not self.can_leave:
             return None
         if rss >= threshold:
             reason = "soft"

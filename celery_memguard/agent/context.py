@@ -6,10 +6,13 @@ children across fork (a fork copies it, so the children see what the parent had 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery_memguard.protocol.paths import DEFAULT_SOCKET
+
+POOL_ENV = "CELERY_MEMGUARD_POOL_SIZE"  # set by the main process for children it spawns
 
 
 @dataclass
@@ -35,3 +38,18 @@ def pool_size(pool: Any) -> int:
         size = None
     size = size or getattr(pool, "limit", None)
     return size if isinstance(size, int) and size > 0 else 0
+
+
+def jitter_pool(controller: Any) -> int:
+    """The pool size a worker's jitter is computed for, the same figure on both sides:
+    --autoscale's maximum, which stays put while the pool grows and shrinks (a child keeps
+    the figure it saw when it started), else the pool's size. A spawned child, which
+    inherits no controller, takes it from the environment its parent set. 0 when unknown."""
+    maximum = getattr(controller, "max_concurrency", None)
+    if isinstance(maximum, int) and maximum > 0:
+        return maximum
+    size = pool_size(getattr(controller, "pool", None))
+    if size or controller is not None:
+        return size
+    inherited = os.environ.get(POOL_ENV, "")
+    return int(inherited) if inherited.isdigit() else 0

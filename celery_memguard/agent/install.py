@@ -1,12 +1,27 @@
-"""``install(app)``: connect the agent to a Celery app's signals, once per app."""
+"""``install(app)``: connect the agent to a Celery app's signals and steps, once per app."""
 
 from __future__ import annotations
 
-from celery import Celery, signals
+from typing import Any
+
+from celery import Celery, bootsteps, signals
 
 from celery_memguard.agent import main_process, pool_child
 from celery_memguard.agent.context import CONTEXT
 from celery_memguard.protocol import paths
+
+
+class Hello(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Announces the worker when its consumer starts, which every WorkController does: an
+    embedded one (``start_worker``, a program running its own) never sends worker_ready."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        main_process.on_consumer_start(parent)
+
+    def stop(self, parent: Any) -> None:
+        main_process.on_consumer_stop(parent)
 
 
 def install(app: Celery, socket: str | None = None, restart_worker: bool = False,
@@ -26,16 +41,16 @@ def install(app: Celery, socket: str | None = None, restart_worker: bool = False
     if any(known is app for known in CONTEXT.apps):
         return
     CONTEXT.apps.append(app)
+    app.steps["consumer"].add(Hello)
     uid = f"celery_memguard.{id(app)}"
-    signals.worker_init.connect(main_process.on_worker_init, weak=False,
-                                dispatch_uid=uid + ".init_worker")
-    signals.worker_ready.connect(main_process.on_worker_ready, weak=False,
-                                 dispatch_uid=uid + ".ready")
-    signals.worker_shutdown.connect(main_process.on_worker_shutdown, weak=False,
-                                    dispatch_uid=uid + ".shutdown")
-    signals.worker_process_init.connect(pool_child.on_process_init, weak=False,
-                                        dispatch_uid=uid + ".init")
-    signals.task_received.connect(main_process.on_task_received, weak=False,
-                                  dispatch_uid=uid + ".received")
-    signals.worker_before_create_process.connect(main_process.freeze_before_fork, weak=False,
-                                                 dispatch_uid=uid + ".freeze")
+    for signal, handler, name in (
+            (signals.worker_init, main_process.on_worker_init, "init_worker"),
+            (signals.worker_ready, main_process.on_worker_ready, "ready"),
+            (signals.worker_shutdown, main_process.on_worker_shutdown, "shutdown"),
+            (signals.worker_shutting_down, main_process.on_worker_shutting_down, "shutting_down"),
+            (signals.worker_before_create_process, main_process.on_before_create_process,
+             "before_create"),
+            (signals.worker_before_create_process, main_process.freeze_before_fork, "freeze"),
+            (signals.worker_process_init, pool_child.on_process_init, "init"),
+            (signals.task_received, main_process.on_task_received, "received")):
+        signal.connect(handler, weak=False, dispatch_uid=f"{uid}.{name}")

@@ -1,13 +1,20 @@
 """The agent in a worker's main process: announce the worker, report its reaped children.
 
-The hello (at worker_ready, then every ``HEARTBEAT_SECONDS``) tells the daemon the worker's
-nodename, pool, size, --max-tasks-per-child and --max-memory-per-child, and which pid holds
-which pool slot; a child billiard reaps is reported with its exit code, so that a SIGKILL the
-daemon did not send is recognised as an OOM kill.
+The hello (when the worker's consumer starts, then every ``HEARTBEAT_SECONDS``) tells the
+daemon the worker's nodename, pool, size, --max-tasks-per-child and --max-memory-per-child,
+which pid holds which pool slot, and which hooks the agent could not join; a child billiard
+reaps is reported with its exit code, so that a SIGKILL the daemon did not send is recognised
+as an OOM kill. The goodbye goes at a warm shutdown, a cold one, or the process's exit.
+
+The consumer's start comes from a bootstep (install.py), which every WorkController runs:
+worker_ready is sent only by ``celery.apps.worker.Worker`` (the CLI, ``worker_main``,
+``app.Worker``), never by an embedded WorkController or ``start_worker``. It stays connected
+as a fallback, and is where billiard's exit hook first exists.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -16,10 +23,11 @@ import time
 from typing import Any, Literal
 
 from celery_memguard._version import __version__
-from celery_memguard.agent import prompt_join
-from celery_memguard.agent.context import CONTEXT, pool_size
+from celery_memguard.agent import hooks, prompt_join
+from celery_memguard.agent.context import CONTEXT, POOL_ENV, jitter_pool, pool_size
 from celery_memguard.agent.quarantine import MARK, Guard
 from celery_memguard.agent.sender import Sender
+from celery_memguard.protocol import hooks as hook_names
 from celery_memguard.protocol import messages
 from celery_memguard.protocol.cgroups import Cgroups, Container
 from celery_memguard.protocol.signals import RECYCLE_SIGNAL
@@ -31,6 +39,8 @@ _cgroups = Cgroups()
 _own_container: Container | Literal[False] | None = None  # False: looked, found none
 _guard: Guard | None = None  # quarantined task ids, made at worker_init
 _lost: dict[int, tuple[str | None, str | None]] = {}  # child pid -> the task it ran when lost
+_hello_pid = 0  # the process that said hello since its last goodbye (not a forked child)
+_heartbeat: Any = None  # the consumer timer's entry
 
 
 def send(message: messages.Message) -> None:
@@ -58,7 +68,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     CONTEXT.controller = sender
     _guard = Guard(CONTEXT.socket)
     with contextlib.suppress(Exception):
+        hooks.check_classes()
         prompt_join.install()
+        atexit.register(_bye_at_exit, os.getpid())
 
 
 def freeze_before_fork(**_: Any) -> None:
@@ -88,21 +100,67 @@ def on_task_received(request: Any = None, **_: Any) -> None:
         return
 
 
-def on_worker_ready(sender: Any = None, **_: Any) -> None:
-    consumer = sender
+def on_consumer_start(consumer: Any, loop_started: bool = False) -> None:
+    """Say hello (once, until a goodbye: a program may run one embedded worker after
+    another), and keep the heartbeat going: consumer steps start again after a broker
+    reconnect, when Celery 5.7 has cancelled the timer entries they made.
+    ``loop_started``: the pool's event-loop handlers exist (worker_ready, the heartbeat)."""
+    global _hello_pid, _heartbeat
     try:
-        _watch_child_exits(getattr(consumer.pool, "_pool", None))
-        send(worker_hello(consumer))
+        if _watch_child_exits(getattr(consumer.pool, "_pool", None)) is False and loop_started:
+            hooks.report(hook_names.PROCESS_DOWN)
+        if _hello_pid != os.getpid():
+            _hello_pid = os.getpid()
+            send(worker_hello(consumer))
         timer = getattr(consumer, "timer", None)
-        if timer is not None:
-            timer.call_repeatedly(HEARTBEAT_SECONDS, _heartbeat, (consumer,))
+        if timer is not None and (_heartbeat is None or getattr(_heartbeat, "canceled", False)):
+            _heartbeat = timer.call_repeatedly(HEARTBEAT_SECONDS, _beat, (consumer,))
+            if not loop_started:  # the pool's exit hook is set as the event loop starts
+                timer.call_after(0.01, _beat, (consumer,))
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
 
 
-def on_worker_shutdown(**_: Any) -> None:
+def on_consumer_stop(_consumer: Any) -> None:
+    global _heartbeat
     with contextlib.suppress(Exception):
-        send(messages.WorkerBye(pid=os.getpid()))
+        if _heartbeat is not None:
+            _heartbeat.cancel()
+    _heartbeat = None
+
+
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    on_consumer_start(sender, loop_started=True)
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    _bye()
+
+
+def on_worker_shutting_down(how: str = "", **_: Any) -> None:
+    """A cold shutdown (SIGQUIT, a second Ctrl-C) never sends worker_shutdown."""
+    if how == "Cold":
+        _bye()
+
+
+def on_before_create_process(**_: Any) -> None:
+    """Just before the pool starts a child: a spawned one inherits no agent state, only the
+    environment, from which it takes the pool size its jitter is computed for."""
+    with contextlib.suppress(Exception):
+        os.environ[POOL_ENV] = str(jitter_pool(CONTEXT.controller))
+
+
+def _bye_at_exit(pid: int) -> None:
+    if os.getpid() == pid:
+        _bye()
+
+
+def _bye() -> None:
+    global _hello_pid
+    if _hello_pid == os.getpid():  # the daemon knows this worker; goodbye once
+        _hello_pid = 0
+        with contextlib.suppress(Exception):
+            send(messages.WorkerBye(pid=os.getpid()))
 
 
 def worker_hello(consumer: Any) -> messages.WorkerHello:
@@ -117,14 +175,19 @@ def worker_hello(consumer: Any) -> messages.WorkerHello:
         pid, index = getattr(proc, "pid", None), getattr(proc, "index", None)
         if isinstance(pid, int) and isinstance(index, int):
             kids.append((pid, index))
+    kind = type(pool).__module__.rsplit(".", 1)[-1][:40]
+    maximum = getattr(controller, "max_concurrency", None)
+    celery, billiard, python = hooks.versions()
     return messages.WorkerHello(
-        pid=os.getpid(), node=str(consumer.hostname)[: messages.MAX_NAME],
-        pool=type(pool).__module__.rsplit(".", 1)[-1][:40],
+        pid=os.getpid(), node=str(consumer.hostname)[: messages.MAX_NAME], pool=kind,
         concurrency=pool_size(pool) or 1, max_tasks=int(max_tasks) if max_tasks else None,
         max_memory_kib=int(max_mem) if max_mem else None,
         recycle_signal=int(RECYCLE_SIGNAL), kids=tuple(kids[: messages.MAX_KIDS]),
         agent=__version__, restart=CONTEXT.restart_worker, oom_kills=_oom_kills(),
-        **_container(),
+        max_concurrency=maximum if isinstance(maximum, int) and maximum > 0 else None,
+        missing=hooks.missing()[: messages.MAX_HOOKS] if kind == "prefork" else (),
+        celery=celery, billiard=billiard, python=python,
+        socket=CONTEXT.socket[: messages.MAX_NAME], **_container(),
     )
 
 
@@ -155,20 +218,31 @@ def _oom_kills() -> int | None:
     return counter
 
 
-def _heartbeat(consumer: Any) -> None:
+def _beat(consumer: Any) -> None:
+    """The heartbeat: wrap the exit hook where the event loop has (re)set it, then hello."""
+    global _hello_pid
     with contextlib.suppress(Exception):
+        if _watch_child_exits(getattr(consumer.pool, "_pool", None)) is False:
+            hooks.report(hook_names.PROCESS_DOWN)
+        _hello_pid = os.getpid()
         send(worker_hello(consumer))
 
 
-def _watch_child_exits(pool: Any) -> None:
+def _watch_child_exits(pool: Any) -> bool | None:
     """Report each reaped pool child with its exit code (a SIGKILL we did not send is an OOM kill).
 
     billiard calls ``pool.on_process_down(process)`` after joining an exited child; Celery's
-    AsynPool sets it once at start, before worker_ready. The wrapper calls it unchanged.
+    AsynPool sets it when it joins the event loop, before worker_ready, and again after a
+    broker reconnect. The wrapper calls it unchanged. True: wrapped; False: a prefork pool
+    without the hook; None: no prefork pool.
     """
+    if pool is None or not type(pool).__module__.startswith(("billiard", "celery.concurrency")):
+        return None
     original = getattr(pool, "on_process_down", None)
-    if original is None or getattr(original, "_memguard", False):
-        return
+    if original is None:
+        return False
+    if getattr(original, "_memguard", False):
+        return True
 
     def on_process_down(proc: Any) -> Any:
         try:
@@ -188,6 +262,12 @@ def _watch_child_exits(pool: Any) -> None:
 
     on_process_down._memguard = True  # type: ignore[attr-defined]
     pool.on_process_down = on_process_down
+    _watch_lost_jobs(pool)
+    return True
+
+
+def _watch_lost_jobs(pool: Any) -> None:
+    """Note the task of each job Celery gives up as lost with its child."""
     lost = getattr(pool, "on_job_process_lost", None)
     if lost is None or getattr(lost, "_memguard", False):
         return

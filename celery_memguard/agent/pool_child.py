@@ -16,6 +16,9 @@ run twice. Celery's pool children block in that read with no timeout, so a child
 when the signal comes leaves from the handler itself: it has acknowledged no job, and the
 parent puts back a job written to a child that exits before acknowledging it
 (celery/concurrency/asynpool.py ``on_job_process_down``).
+
+Where billiard's loop cannot be joined (hooks.py names what is missing), the child takes its
+task boundaries from Celery's task signals (task_signals.py) and does not recycle itself.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import sys
 from types import CodeType, FrameType
 from typing import Any
 
-from celery_memguard.agent import main_process
+from celery_memguard.agent import hooks, main_process, task_signals
 from celery_memguard.agent.child_agent import ChildAgent
-from celery_memguard.agent.context import CONTEXT, pool_size
+from celery_memguard.agent.context import CONTEXT, jitter_pool
 from celery_memguard.agent.quarantine import MARK
+from celery_memguard.protocol import hooks as protocol_hooks
 from celery_memguard.protocol import messages
 from celery_memguard.protocol.signals import CONTAINER_SIGNAL, RECYCLE_SIGNAL
 
@@ -65,29 +69,62 @@ def _find_pool_worker() -> Any:
 def on_process_init(sender: Any = None, **_: Any) -> None:
     global _child
     try:
-        pool_worker = _find_pool_worker()
-        if pool_worker is None or not all(hasattr(pool_worker, attr)
-                                          for attr in ("wait_for_job", "prepare_result")):
-            return
         from billiard.process import current_process  # noqa: PLC0415
 
+        pool_worker = _find_pool_worker()
+        if pool_worker is None and current_process().name == "MainProcess":
+            return  # the solo pool sends worker_process_init from the main process
+        hooks.check_classes()  # a spawned child: its parent's findings were not inherited
+        if pool_worker is None:
+            hooks.report(protocol_hooks.POOL_WORKER)
+        begins = _joinable(pool_worker, "wait_for_job", protocol_hooks.WAIT_FOR_JOB)
+        ends = _joinable(pool_worker, "prepare_result", protocol_hooks.PREPARE_RESULT)
         main_process.forget_sender()  # the parent's connection, inherited across fork
         index = getattr(current_process(), "index", None)
         maxtasks = getattr(pool_worker, "maxtasks", None)
-        agent = ChildAgent(index if isinstance(index, int) else 0, CONTEXT.socket,
-                           node=sender if isinstance(sender, str) else "",
+        node = sender if isinstance(sender, str) else _initargs_node(pool_worker)
+        node = node or str(getattr(CONTEXT.controller, "hostname", "") or "")
+        if not node:
+            hooks.report(protocol_hooks.NODENAME)
+        agent = ChildAgent(index if isinstance(index, int) else 0, CONTEXT.socket, node=node,
                            max_tasks=maxtasks if isinstance(maxtasks, int) else None,
-                           pool=pool_size(getattr(CONTEXT.controller, "pool", None)))
+                           pool=jitter_pool(CONTEXT.controller), missing=hooks.missing())
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         signal.signal(CONTAINER_SIGNAL, agent.on_container_signal)
         agent.watch.install()
-        pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe,
-                                                           refusal)
-        pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
+        if begins:
+            pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe,
+                                                               refusal)
+        if ends:
+            pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
+        if not (begins and ends):
+            task_signals.connect(agent, begins=not begins, ends=not ends, run_code=_run_code)
         _child = agent
         agent.hello()
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return
+
+
+def _joinable(pool_worker: Any, method: str, hook: str) -> bool:
+    """Whether the agent can wrap this method of the pool worker (and billiard's loop still
+    calls it); a missing one is reported."""
+    if pool_worker is None:
+        return False
+    if hook in hooks.missing():
+        return False
+    if not callable(getattr(pool_worker, method, None)):
+        hooks.report(hook)
+        return False
+    return True
+
+
+def _initargs_node(pool_worker: Any) -> str:
+    """The nodename Celery passes the pool initializer: ``initargs == (app, hostname)`` in
+    every Celery from 5.3 to 5.7. Before 5.7 worker_process_init is sent with no sender."""
+    initargs = getattr(pool_worker, "initargs", None)
+    if isinstance(initargs, tuple) and len(initargs) == 2 and isinstance(initargs[1], str):
+        return initargs[1]
+    return ""
 
 
 def refusal(job: Any) -> str | None:

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EX_CONFIG
     handler = {"run": _run, "check-config": _check_config, "status": _status,
-               "report": _report, "demo": _demo}[args.command]
+               "report": _report, "demo": _demo, "doctor": _doctor}[args.command]
     code: int = handler(args)
     return code
 
@@ -40,11 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     status = sub.add_parser("status", help="show the workers and children a running daemon sees")
     report = sub.add_parser("report", help="which tasks leak, each child's trend, max-tasks advice")
-    for command in (status, report):
+    doctor = sub.add_parser("doctor", help="check the daemon, the socket and every worker's agent: "
+                                           "ok/warn/fail with the fix; exit 1 on any fail")
+    for command in (status, report, doctor):
         command.add_argument("--config", "-c", metavar="FILE",
-                             help="read metrics.listen from this config")
+                             help="read metrics.listen (and agent.socket) from this config")
         command.add_argument("--url", help="the daemon's base URL (default: from metrics.listen)")
-        command.add_argument("--json", action="store_true", help="print the raw /status JSON")
+        command.add_argument("--json", action="store_true",
+                             help="print JSON" if command is doctor else "print the raw /status JSON")
     report.add_argument("--prometheus", metavar="URL",
                         help="report on every sidecar this Prometheus scrapes instead of one daemon")
     report.add_argument("--selector", metavar="MATCHERS",
@@ -121,20 +124,30 @@ def _run(args: argparse.Namespace) -> int:
         return EX_FAILURE
 
 
-def _fetch_status(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
-    """The daemon's /status document, or an exit code and a message saying what to do."""
+def _daemon_url(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """The daemon's base URL (--url, else the config's metrics.listen) and the config, if read;
+    None when the config is invalid (said on stderr)."""
     from celery_memguard.daemon.config import ConfigError, split_listen  # noqa: PLC0415
 
+    try:
+        cfg = _load(args.config) if args.url is None or args.config else None
+    except ConfigError as exc:
+        print(f"{args.config}: invalid: {exc.key}: {exc.reason}", file=sys.stderr)
+        return None, None
     url = args.url
     if url is None:
-        try:
-            cfg = _load(args.config)
-        except ConfigError as exc:
-            print(f"{args.config}: invalid: {exc.key}: {exc.reason}", file=sys.stderr)
-            return EX_CONFIG, None
+        assert cfg is not None
         host, port = split_listen(cfg.metrics.listen)
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return url, cfg
+
+
+def _fetch_status(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
+    """The daemon's /status document, or an exit code and a message saying what to do."""
+    url, _cfg = _daemon_url(args)
+    if url is None:
+        return EX_CONFIG, None
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as response:  # noqa: S310 - the user's own daemon
             return EX_OK, dict(json.load(response))
@@ -193,6 +206,16 @@ def _fleet_report(args: argparse.Namespace) -> int:
 
     fleet_tables(report)
     return EX_OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from celery_memguard.cli import doctor  # noqa: PLC0415
+
+    url, cfg = _daemon_url(args)
+    if url is None:
+        return EX_CONFIG
+    path = str(cfg.agent.socket) if cfg is not None and args.config else None
+    return doctor.run(url, path, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ def status_table(document: dict[str, Any], console: Console | None = None) -> No
         return
     for worker in document["workers"]:
         recycles = ", ".join(f"{k}={v}" for k, v in sorted(worker["recycles"].items())) or "none"
-        agent = "agent" if worker["agent"] else "[yellow]no agent: observe-only[/yellow]"
+        agent = _agent(worker)
         table = Table(title=f"{worker['name']} (pid {worker['pid']}, {worker['pool']}, "
                             f"concurrency {worker['concurrency']}, {agent}; recycles: {recycles})",
                       title_justify="left")
@@ -35,6 +35,20 @@ def status_table(document: dict[str, Any], console: Console | None = None) -> No
             table.add_row(str(child["index"]), str(child["pid"]), format_bytes(child["rss_bytes"]),
                           share, str(child["tasks"]), child["state"], child["task"] or "")
         console.print(table)
+        if worker.get("missing_hooks"):
+            console.print(f"[red]{worker['name']}: agent degraded: "
+                          f"{', '.join(worker['missing_hooks'])} missing; run "
+                          f"celery-memguard doctor for what is lost and the fix[/red]")
+
+
+def _agent(worker: dict[str, Any]) -> str:
+    """The worker's agent as the title says it: full, degraded (naming what is missing), none."""
+    state = worker.get("agent_state") or ("full" if worker["agent"] else "none")
+    if state == "none":
+        return "[yellow]no agent: observe-only[/yellow]"
+    if state == "degraded":
+        return "[red]agent degraded[/red]"
+    return "agent"
 
 
 def _duration(seconds: float | None) -> str:

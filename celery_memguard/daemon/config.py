@@ -18,12 +18,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
 
-from celery_memguard.daemon.units import parse_duration, parse_percent, parse_size
+from celery_memguard.daemon.units import format_bytes, parse_duration, parse_percent, parse_size
 from celery_memguard.protocol.paths import DEFAULT_SOCKET, SOCKET_ENV
 
 DEFAULT_LISTEN = "127.0.0.1:9808"
@@ -354,13 +355,62 @@ class Config(_Section):
     recycle: RecycleConfig = Field(default_factory=RecycleConfig)
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    _document: dict[str, Any] = PrivateAttr(default_factory=dict)  # as written: limit_sources
+    _socket_source: str = PrivateAttr(default="default")  # where agent.socket came from
+
+    def __eq__(self, other: object) -> bool:
+        """The same settings, however they were written (where they came from is not compared)."""
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(self.model_dump_json())
+
+    @property
+    def socket_source(self) -> str:
+        """Where agent.socket came from: the environment, the file, or the default."""
+        return self._socket_source
 
     def limits_for(self, worker: str) -> LimitsConfig:
         """The limits of the first ``workers`` entry whose pattern matches, else the top level."""
-        for entry in self.workers:
+        entry = self._entry_for(worker)
+        return self.workers[entry].limits if entry is not None else self.limits
+
+    def _entry_for(self, worker: str) -> int | None:
+        for n, entry in enumerate(self.workers):
             if fnmatch.fnmatchcase(worker, entry.match):
-                return entry.limits
-        return self.limits
+                return n
+        return None
+
+    def limit_sources(self, worker: str, memory: tuple[int, str]) -> dict[str, str]:
+        """Where each limit in force for ``worker`` comes from, for ``doctor``: the key that set
+        it (its ``workers`` entry, the top level) or the default, and what a percentage was
+        taken of (``memory``: the total and its source, as the daemon found them)."""
+        n = self._entry_for(worker)
+        entries = self._document.get("workers")
+        entry = entries[n] if n is not None and isinstance(entries, list) else {}
+        own = entry.get("limits") if n is not None and isinstance(entry, dict) else None
+        top = self._document.get("limits")
+        sources = {}
+        for key in _SOURCED_LIMITS:
+            if isinstance(own, dict) and key in own:
+                pattern = self.workers[n or 0].match
+                where, raw = f"workers[{n}] (match {pattern!r}) limits.{key}", own[key]
+            elif isinstance(top, dict) and key in top:
+                where, raw = f"limits.{key}", top[key]
+            else:
+                sources[key] = "default"
+                continue
+            if isinstance(raw, str) and raw.strip().endswith("%"):
+                where += (f" = {raw.strip()} of the container's limit" if key.startswith("container")
+                          else f" = {raw.strip()} of {format_bytes(memory[0])} ({memory[1]} memory "
+                               f"as the daemon sees it)")
+            sources[key] = where
+        return sources
+
+
+_SOURCED_LIMITS = ("soft", "hard", "worker_total", "container_soft", "container_hard")
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -391,16 +441,20 @@ def parse(data: object, memory_total: int | None = None, env: dict[str, str] | N
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("<top>", f"expected a mapping of sections, got {type(data).__name__}")
+    written = data
     data = _inherit_limits(data)
     try:
         config = Config.model_validate(data, context={"memory_total": memory_total})
     except ValidationError as exc:
         raise _first_error(exc) from None
+    config._document = written
     override = (os.environ if env is None else env).get(SOCKET_ENV)
+    config._socket_source = "agent.socket" if "socket" in (data.get("agent") or {}) else "default"
     if override:
         config = config.model_copy(
             update={"agent": config.agent.model_copy(update={"socket": Path(override)})}
         )
+        config._socket_source = f"the environment variable {SOCKET_ENV}"
     return config
 
 

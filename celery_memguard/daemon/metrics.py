@@ -137,8 +137,14 @@ class StateCollector(Collector):
                     family.add_metric([worker.name], value)
             yield family
         info = InfoMetricFamily(
-            PREFIX + "worker", "A supervised worker: its pool and whether its agent reports.",
+            PREFIX + "worker", "A supervised worker: its pool; agent, true where an agent "
+            "reports for it (false: observe-only); agent_state, full (every hook joined), "
+            "degraded (running with hooks missing: agent_hook_missing names them) or none.",
             labels=["worker"])
+        missing = GaugeMetricFamily(
+            PREFIX + "agent_hook_missing", "1 for each Celery or billiard internal a worker's "
+            "agent could not join (celery-memguard doctor says what is lost and what to do).",
+            labels=["worker", "hook"])
         limit = GaugeMetricFamily(
             PREFIX + "limit_bytes", "The limits in force, in bytes, per worker and level: soft "
             "and hard (each child), container_soft and container_hard (its container's lines, "
@@ -146,13 +152,16 @@ class StateCollector(Collector):
             labels=["worker", "level"])
         for worker in workers:
             info.add_metric([worker.name], {
-                "pool": worker.pool, "agent": "true" if worker.agent else "false",
+                "pool": worker.pool, "agent": str(worker.agent_state != "none").lower(),
+                "agent_state": worker.agent_state,
                 "concurrency": str(worker.concurrency),
                 "max_tasks_per_child": str(worker.max_tasks or 0),
             })
             for level, size in view.worker_limits.get(worker.name, view.limits).items():
                 limit.add_metric([worker.name, level], size)
-        yield from (info, limit)
+            for hook in worker.missing:
+                missing.add_metric([worker.name, hook], 1)
+        yield from (info, missing, limit)
         yield from _containers(workers)
         yield from self._counters(view)
 

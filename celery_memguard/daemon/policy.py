@@ -22,7 +22,7 @@ _GRACED_BY_THEIR_OWN = (Reason.WORKER_TOTAL, Reason.CONTAINER)  # their clocks, 
 
 def threshold_of(limits: LimitsConfig, recycle: RecycleConfig, proc: ProcId, pool: int) -> int:
     """The soft limit lowered by this child's stable share of its pool's jitter (``pool``: the
-    worker's concurrency, 0 when unknown), never raised above it: rules.child_threshold,
+    worker's Worker.threshold_pool, 0 when unknown), never raised above it: rules.child_threshold,
     which the child's agent computes too."""
     return rules.child_threshold(limits.soft, recycle.jitter, recycle.max_share, pool,
                                  proc.pid, proc.start)
@@ -236,7 +236,7 @@ def _over_soft(worker: Worker, limits: LimitsConfig,
             # A busy child is judged on the RSS its task leaves behind, reported at the task's
             # end: memory a task takes and frees before it returns is no reason to recycle.
             continue
-        threshold = threshold_of(limits, recycle, child.proc, worker.concurrency)
+        threshold = threshold_of(limits, recycle, child.proc, worker.threshold_pool)
         value = measured(child, limits.measure)
         if value >= threshold:
             over.append((child, value, threshold, Reason.SOFT))

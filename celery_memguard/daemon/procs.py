@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 import socket
 from collections.abc import Iterator
@@ -220,6 +221,17 @@ class Procs:
 
     # -- acting ------------------------------------------------------------------------------
 
+    def may_signal(self, pid: int) -> bool | None:
+        """Whether this process may send ``pid`` signals (signal 0 checks and sends nothing);
+        None if it is gone."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return False
+        return True
+
     def send_signal(self, pid: int, signum: int) -> bool:
         """Deliver a signal; False if the process is gone, PermissionError if not ours to signal."""
         try:
@@ -229,12 +241,24 @@ class Procs:
         return True
 
 
+_TITLE = re.compile(r"\[celeryd:(?: ([^\]]+):)?([^:\]]+)\]")  # [celeryd: NODE:PROCESS]
+
+
+def _title(cmdline: list[str]) -> tuple[str, str] | None:
+    """(nodename, process name) of a title Celery set with setproctitle, else None."""
+    match = _TITLE.match(cmdline[0]) if cmdline else None
+    return (match.group(1) or "", match.group(2)) if match else None
+
+
 def is_worker_cmdline(cmdline: list[str]) -> bool:
-    """True for ``celery ... worker`` command lines and Celery's own process titles."""
+    """True for ``celery ... worker`` command lines and the title Celery gives a worker's main
+    process (``[celeryd: w1@host:MainProcess]``); a pool child's title (``...:ForkPoolWorker-1]``)
+    is not a worker, also where its main process has no such title (an embedded worker)."""
     if not cmdline:
         return False
-    if cmdline[0].startswith("[celeryd:"):
-        return True
+    title = _title(cmdline)
+    if title is not None:
+        return title[1] == "MainProcess"
     program = os.path.basename(cmdline[0])
     if program == "celery":
         is_celery = True
@@ -247,11 +271,9 @@ def is_worker_cmdline(cmdline: list[str]) -> bool:
 
 def worker_name(cmdline: list[str], pid: int) -> str:
     """The nodename Celery would use: ``-n/--hostname`` with %h/%n/%d expanded, else celery@host."""
-    if cmdline and cmdline[0].startswith("[celeryd:"):
-        title = " ".join(cmdline)
-        name = title[len("[celeryd: "):].split(":")[0].strip()
-        if name:
-            return name
+    title = _title(cmdline)
+    if title is not None and title[0]:
+        return title[0]
     host = socket.gethostname()
     name = f"celery@{host}"
     args = iter(cmdline)

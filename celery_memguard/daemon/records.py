@@ -45,6 +45,7 @@ class ChildRec:
     reported_end: bool = False  # the last RSS reading came from a task-end report
     over_soft_since: float | None = None
     rest_rss: int | None = None  # RSS its last task left it at (a hello's at 0 tasks)
+    missing: tuple[str, ...] = ()  # hooks its agent could not join (protocol.hooks)
 
 
 @dataclass
@@ -69,6 +70,14 @@ class WorkerRec:
     container_reading: ContainerReading | None = None  # as of the last read
     reported_container: ContainerReading | None = None  # as its agent read it (its hello)
     container_over_since: float | None = None  # past its soft line, or under pressure, since
+    announced: bool = False  # its main process said hello (else it is known from its children)
+    first_report: float | None = None  # when the first child report named it as a parent
+    jitter_pool: int = 0  # the pool size its children's jitter is computed for (0: unknown)
+    max_concurrency: int | None = None  # --autoscale's maximum
+    missing: tuple[str, ...] = ()  # hooks its main process's agent could not join
+    versions: tuple[str, str, str] = ("", "", "")  # Celery, billiard, Python
+    socket: str = ""  # the agent socket's path as the worker sees it
+    may_signal: bool | None = None  # whether the daemon may signal its processes
 
     @property
     def container_key(self) -> str:

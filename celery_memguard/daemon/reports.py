@@ -25,7 +25,9 @@ def fold(state: State, message: messages.Message, now: float) -> WorkerRec | Non
         state.oom.observe(worker.container_key, message.oom_kills, now)
         return worker
     if isinstance(message, messages.WorkerBye):
-        return state.workers.pop(message.pid, None)
+        if message.pid not in state.workers:
+            raise Rejected("unknown_worker")
+        return state.workers.pop(message.pid)
     if isinstance(message, messages.ChildDied):
         return _child_died(state, message, now)
     worker, child = _child_of(state, message, now)
@@ -57,6 +59,7 @@ def _child_report(state: State, worker: WorkerRec, child: ChildRec, message: mes
         state.observe(worker, child, message.rss, now, end=True)
         child.rest_rss = message.rss
     elif isinstance(message, messages.ChildHello):
+        _child_hello(state, worker, child, message)
         child.tasks = message.tasks
         state.observe(worker, child, message.rss, now)
         child.rest_rss = message.rss  # sent between tasks
@@ -68,6 +71,17 @@ def _child_report(state: State, worker: WorkerRec, child: ChildRec, message: mes
         _child_exit(state, worker, child, message, now)
     elif isinstance(message, messages.TaskHeld):
         _task_held(state, worker, child, message)
+
+
+def _child_hello(state: State, worker: WorkerRec, child: ChildRec,
+                 message: messages.ChildHello) -> None:
+    """What a child knows of its worker stands in for the hello of a main process that never
+    said one (a worker embedded without the agent's consumer step): its nodename, its pool."""
+    child.missing = message.missing
+    if not worker.announced:
+        if worker.name is None and message.node:
+            worker.name = state.unique_name(message.node, worker.proc.pid)
+        worker.jitter_pool = message.jitter_pool or worker.jitter_pool
 
 
 def _task_interrupted(state: State, worker: WorkerRec, child: ChildRec,
@@ -200,7 +214,11 @@ def _worker_hello(state: State, msg: messages.WorkerHello) -> WorkerRec:
             raise Rejected("gone")
         rec = state.workers[msg.pid] = WorkerRec(proc=stat.proc, name=None)
     rec.name = state.unique_name(msg.node, msg.pid)
+    rec.announced = True
     rec.pool, rec.concurrency = msg.pool, msg.concurrency
+    rec.max_concurrency, rec.jitter_pool = msg.max_concurrency, msg.max_concurrency or msg.concurrency
+    rec.missing, rec.socket = msg.missing, msg.socket
+    rec.versions = (msg.celery, msg.billiard, msg.python)
     rec.max_tasks, rec.max_memory_kib = msg.max_tasks, msg.max_memory_kib
     rec.agent, rec.recycle_signal = True, msg.recycle_signal
     rec.restartable = msg.restart
@@ -210,9 +228,12 @@ def _worker_hello(state: State, msg: messages.WorkerHello) -> WorkerRec:
             usage=msg.container_usage, working_set=msg.container_working_set,
             limit=msg.container_limit, high=None,
             events={} if msg.oom_kills is None else {"oom_kill": msg.oom_kills}, pressure=None)
-    for pid, index in rec.kid_index.items():
-        if pid in rec.children:
-            rec.children[pid].index = index
+    for pid, child in rec.children.items():
+        index = rec.kid_index.get(pid)
+        if index is not None:
+            child.index = index
+        elif not child.agent:  # not a pool slot: a slot the scan guessed before the hello,
+            child.index = None  # e.g. for billiard's semaphore tracker under spawn
     return rec
 
 
@@ -233,7 +254,7 @@ def _child_of(state: State, msg: messages.ChildReport, now: float) -> tuple[Work
         parent = state.stat(msg.ppid)
         if parent is None:
             raise Rejected("gone")
-        worker = state.workers[msg.ppid] = WorkerRec(proc=parent.proc, name=None)
+        worker = state.workers[msg.ppid] = WorkerRec(proc=parent.proc, name=None, first_report=now)
     child = worker.children[msg.pid] = ChildRec(proc=stat.proc, ppid=msg.ppid, index=msg.index,
                                                 born=state.born(stat.proc, now))
     return worker, child

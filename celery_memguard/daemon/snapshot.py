@@ -72,6 +72,24 @@ class Worker:
     restart_at: float | None = None
     container: ContainerReading | None = None  # its memory cgroup, where the daemon sees it
     container_over_since: float | None = None  # past the container's soft line since
+    jitter_pool: int = 0  # the pool size its children's jitter is computed for (0: its size)
+    max_concurrency: int | None = None  # --autoscale's maximum
+    missing: tuple[str, ...] = ()  # hooks its agents could not join, main process and children
+    versions: tuple[str, str, str] = ("", "", "")  # Celery, billiard, Python, as its hello says
+    socket: str = ""  # the agent socket's path as the worker sees it
+    may_signal: bool | None = None  # whether the daemon may signal its processes
+
+    @property
+    def agent_state(self) -> str:
+        """full: every hook joined; degraded: the agent runs with some missing; none."""
+        if not self.agent:
+            return "none"
+        return "degraded" if self.missing else "full"
+
+    @property
+    def threshold_pool(self) -> int:
+        """The pool size both sides compute each child's jitter for (rules.child_threshold)."""
+        return self.jitter_pool or self.concurrency
 
     @property
     def has_children(self) -> bool:

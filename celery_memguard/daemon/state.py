@@ -18,7 +18,7 @@ from celery_memguard.daemon.readings import FoundWorker, ProcId, ProcStat
 from celery_memguard.daemon.records import BoundedNames, ChildRec, WorkerRec
 from celery_memguard.daemon.snapshot import Child, Leak, Snapshot, Worker
 from celery_memguard.daemon.task_growth import TaskGrowth
-from celery_memguard.protocol import quarantine, rules
+from celery_memguard.protocol import hooks, quarantine, rules
 from celery_memguard.protocol.oom import OomLedger
 from celery_memguard.protocol.quarantine import Entry
 
@@ -108,7 +108,8 @@ class State:
 
     def _threshold(self, worker: WorkerRec, child: ChildRec) -> int:
         soft = self.limits(worker.name or "")[0]
-        return rules.child_threshold(soft, self.jitter, self.max_share, worker.concurrency,
+        return rules.child_threshold(soft, self.jitter, self.max_share,
+                                     worker.jitter_pool or worker.concurrency,
                                      child.proc.pid, child.proc.start)
 
     def unique_name(self, name: str, pid: int) -> str:
@@ -178,6 +179,18 @@ class State:
         tells it (so a restarted daemon does not take old children for young), else now."""
         age = self._age(proc)
         return now if age is None else now - age
+
+    def name_unannounced(self, now: float, after: float) -> list[WorkerRec]:
+        """Name the workers known only from their children's reports, whose children gave no
+        nodename either, ``after`` seconds on (a hello would have named them): by their pid,
+        so that they are shown and supervised rather than hidden. Returns those named."""
+        named = []
+        for pid, rec in self.workers.items():
+            if (rec.name is None and rec.first_report is not None
+                    and now - rec.first_report >= after):
+                rec.name = self.unique_name(f"pid-{pid}", pid)
+                named.append(rec)
+        return named
 
     def drop_worker(self, pid: int) -> WorkerRec | None:
         return self.workers.pop(pid, None)
@@ -274,7 +287,9 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
                             seconds_to_soft=seconds_to_limit(trend, c.rss, soft))
         children.append(Child(
             worker=rec.name, index=c.index, proc=c.proc, ppid=c.ppid, rss=c.rss, uss=c.uss,
-            pss=c.pss, tasks=c.tasks, task=c.task, agent=c.agent, requested_at=c.requested_at,
+            pss=c.pss, tasks=c.tasks, task=c.task,
+            agent=c.agent and not hooks.BLOCK_RECYCLE.intersection(c.missing),
+            requested_at=c.requested_at,
             noted=c.noted, leaving=c.leaving, over_hard_since=c.over_hard_since,
             terminated_at=c.terminated_at, killed_at=c.killed_at,
             reported_end=c.reported_end, over_soft_since=c.over_soft_since, born=c.born,
@@ -293,4 +308,20 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
                   total_over_since=rec.total_over_since,
                   fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None,
                   container=rec.container_reading,
-                  container_over_since=rec.container_over_since)
+                  container_over_since=rec.container_over_since,
+                  jitter_pool=rec.jitter_pool, max_concurrency=rec.max_concurrency,
+                  missing=_missing(rec), versions=rec.versions, socket=rec.socket,
+                  may_signal=rec.may_signal)
+
+
+def _missing(rec: WorkerRec) -> tuple[str, ...]:
+    """The hooks a worker's agents could not join: its main process's, its children's, and the
+    hello itself where its children speak and its main process never did."""
+    if not rec.agent:
+        return ()
+    found = set(rec.missing)
+    for child in rec.children.values():
+        found.update(child.missing)
+    if not rec.announced:
+        found.add(hooks.HELLO)
+    return tuple(sorted(found))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from typing import Any
 
@@ -48,6 +50,12 @@ def status_document(view: View) -> dict[str, Any]:
             "restarts": {reason: n for (name, reason), n in view.restarts.items()
                          if name == worker.name},
             "restartable": worker.restartable,
+            "agent_state": worker.agent_state, "missing_hooks": list(worker.missing),
+            "max_concurrency": worker.max_concurrency,
+            "versions": dict(zip(("celery", "billiard", "python"), worker.versions, strict=True)),
+            "socket": worker.socket, "may_signal": worker.may_signal,
+            "limit_sources": view.limit_sources.get(worker.name, {}),
+            "container_limit_bytes": worker.container.limit if worker.container else None,
             "fresh_child_rss_bytes": worker.fresh_rss,
             "recommended_max_tasks_per_child": worker.recommended_max_tasks,
             "children": children,
@@ -59,7 +67,22 @@ def status_document(view: View) -> dict[str, Any]:
         "last_publish_seconds_ago": round(now - view.published_at, 3), "workers": workers,
         "messages": view.messages, "dropped": view.dropped,
         "agent_connections": view.connections,
+        "daemon": {"pid": os.getpid(), "uid": os.geteuid(), "gid": os.getegid(),
+                   "socket": socket_facts(view.socket) | {"source": view.socket_source}},
         "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,
                    "mean_growth_bytes": r.mean_bytes, "total_growth_bytes": r.total_bytes,
                    "leaky": r.leaky} for r in view.ranking],
     }
+
+
+def socket_facts(path: str) -> dict[str, Any]:
+    """The agents' socket file as this process sees it: whether it is there, and who may use it
+    (connecting needs write permission on the file)."""
+    facts: dict[str, Any] = {"path": path}
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return facts | {"exists": False, "error": exc.strerror}
+    return facts | {"exists": True, "is_socket": stat.S_ISSOCK(info.st_mode),
+                    "mode": f"{stat.S_IMODE(info.st_mode):04o}", "uid": info.st_uid,
+                    "gid": info.st_gid}

@@ -11,6 +11,7 @@ threads, no signals here: ``procs`` (the OS seam) and the clock are injected.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,8 @@ FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 FASTEST_CONTAINER_GROWTH = 4 << 30  # bytes a second a container's working set may grow
 CONTAINER_CHECK_MIN = 0.01  # seconds: the closest two looks at a container near its hard line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
+HELLO_GRACE = 4.0  # seconds a worker known only from its children waits for a hello to name it
+DROP_LOG_SENDERS = 4096  # senders whose dropped messages were logged (each once)
 _EVENT_LEVELS = {"recycle_requested": "info", "task_held": "info"}  # the others: warnings
 
 
@@ -43,6 +46,7 @@ class Supervisor:
         self.clock = clock
         self.log = log
         self._limits: dict[str, LimitsConfig] = {}  # limits_for, per worker name
+        self._sources: dict[str, dict[str, str]] = {}  # where each limit comes from, per name
         self.state = State(procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
                            max_share=config.recycle.max_share,
                            max_task_names=config.metrics.max_task_names,
@@ -62,6 +66,7 @@ class Supervisor:
         self._revision = 0  # the state's revision the published view shows
         self._containers: dict[int, Container | None] = {}  # worker pid -> its memory cgroup
         self._quarantine_published = 0
+        self._drop_logged: OrderedDict[int, None] = OrderedDict()  # sender pids, logged once
         self.view = self._make_view(clock())
 
     # -- config ---------------------------------------------------------------------------------
@@ -75,6 +80,14 @@ class Supervisor:
             limits = self._limits[worker] = self.config.limits_for(worker)
         return limits
 
+    def _limit_sources(self, worker: str) -> dict[str, str]:
+        sources = self._sources.get(worker)
+        if sources is None:
+            if len(self._sources) > 4096:
+                self._sources.clear()
+            sources = self._sources[worker] = self.config.limit_sources(worker, self.memory)
+        return sources
+
     def _soft_hard(self, worker: str) -> tuple[int, int]:
         limits = self.limits_for(worker)
         return limits.soft, limits.hard
@@ -84,6 +97,7 @@ class Supervisor:
         self.state.task_names.limit = new.metrics.max_task_names
         self.config = new
         self._limits.clear()
+        self._sources.clear()
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
         self.state.quarantine_after = new.quarantine.after
@@ -100,20 +114,20 @@ class Supervisor:
         """Fold one datagram in; a task-end report is decided on at once."""
         state = self.state
         if datagram.truncated:
-            state.dropped["oversized"] += 1
+            self._drop("oversized", datagram)
             return
         try:
             message = messages.decode(datagram.data)
         except messages.MessageError as exc:
-            state.dropped[exc.reason] += 1
+            self._drop(exc.reason, datagram)
             return
         if datagram.pid != message.pid:
-            state.dropped["forged_sender"] += 1  # the kernel says another process sent it
+            self._drop("forged_sender", datagram, message)  # the kernel says another sent it
             return
         try:
             worker = reports.fold(state, message, now)
         except Rejected as exc:
-            state.dropped[exc.reason] += 1
+            self._drop(exc.reason, datagram, message)
             return
         state.messages[message.EVENT] += 1
         self._log_events()
@@ -134,6 +148,22 @@ class Supervisor:
             self.sampler.sample(worker, limits, self.config.recycle, now)
             self.decide(now, worker)
 
+    def _drop(self, reason: str, datagram: Datagram, message: messages.Message | None = None,
+              ) -> None:
+        """Count a message the daemon cannot use, and say so once per sending process."""
+        self.state.dropped[reason] += 1
+        if datagram.pid in self._drop_logged:
+            return
+        self._drop_logged[datagram.pid] = None
+        if len(self._drop_logged) > DROP_LOG_SENDERS:
+            self._drop_logged.popitem(last=False)
+        claims = {"claimed_parent": message.ppid} if isinstance(message, messages.ChildReport) else {}
+        self.log.warning("message_dropped", reason=reason, sender_pid=datagram.pid,
+                         sender_uid=datagram.uid,
+                         message=message.EVENT if message is not None else None, **claims,
+                         advice="later messages from this process are counted, not logged: "
+                                "see celery_memguard_messages_dropped_total")
+
     # -- tick -----------------------------------------------------------------------------------
 
     def tick(self, now: float, drain: Callable[[], object] | None = None) -> None:
@@ -145,6 +175,11 @@ class Supervisor:
             self._scans += 1
             self._scan(full=self._scans % FULL_SCAN_EVERY == 1, now=now)
             self._next_scan = now + self.config.sampling.scan_interval
+        for rec in self.state.name_unannounced(now, HELLO_GRACE):
+            self.log.warning("worker_without_hello", worker=rec.name, pid=rec.proc.pid,
+                             children=len(rec.children),
+                             advice="its children speak but its main process never said hello "
+                                    "nor its children its nodename: shown under its pid")
         for pid, rec in list(self.state.workers.items()):
             if drain is not None:
                 drain()
@@ -156,6 +191,7 @@ class Supervisor:
                 self.log.info("worker_gone", worker=rec.name, pid=pid)
                 continue
             rec.rss = self.procs.rss(pid) or 0
+            rec.may_signal = self.procs.may_signal(pid)
             self._read_container(rec, now)
             self._refresh_children(rec, now)
             for n, child in enumerate(list(rec.children.values()), 1):
@@ -301,7 +337,8 @@ class Supervisor:
                 continue  # between recycles and their replacements: not a pool that calmed down
             limits = self.limits_for(worker.name)
             over = [c for c in worker.children if policy.measured(c, limits.measure)
-                    >= policy.threshold_of(limits, self.config.recycle, c.proc, worker.concurrency)]
+                    >= policy.threshold_of(limits, self.config.recycle, c.proc,
+                                                         worker.threshold_pool)]
             if len(over) < len(worker.children):
                 self._storms.discard(worker.name)
             elif worker.name not in self._storms:
@@ -348,5 +385,7 @@ class Supervisor:
             ranking=tuple(task_growth.rank(state.growth)),
             messages=dict(state.messages), dropped=dict(state.dropped),
             published_at=now, started_at=self.started_at, memory=self.memory,
-            connections=self.connections(),
+            connections=self.connections(), socket=str(self.config.agent.socket),
+            socket_source=self.config.socket_source,
+            limit_sources={w.name: self._limit_sources(w.name) for w in snapshot.workers},
         )

@@ -36,5 +36,9 @@ class View:
     dropped: dict[str, int] = field(default_factory=dict)
     memory: tuple[int, str] = (0, "host")  # the total percentages resolve against, its source
     connections: int = 0  # agent processes connected to the socket
+    socket: str = ""  # the agents' socket as the daemon binds it
+    socket_source: str = ""  # where that path came from (environment, file, default)
+    limit_sources: dict[str, dict[str, str]] = field(default_factory=dict)  # worker -> level ->
+    # where the limit in force comes from
     published_at: float = 0.0  # monotonic
     started_at: float = 0.0  # wall clock

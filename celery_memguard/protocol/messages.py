@@ -21,6 +21,7 @@ MAX_NAME = 200
 MAX_KIDS = 1024
 MAX_BATCH = 256  # task ends in one TaskBatch
 MAX_BATCH_NAMES = 64  # distinct task names in one TaskBatch
+MAX_HOOKS = 16  # names of missing hooks in one hello (protocol.hooks)
 
 
 class MessageError(ValueError):
@@ -69,6 +70,10 @@ def _ends(value: object) -> bool:
         for item in value)
 
 
+def _hooks(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_HOOKS and all(_name(v) for v in value)
+
+
 def _kids(value: object) -> bool:
     return isinstance(value, list) and len(value) <= MAX_KIDS and all(
         isinstance(item, list) and len(item) == 2
@@ -86,6 +91,7 @@ Flag = Annotated[bool, Kind(lambda v: isinstance(v, bool))]
 Kids = Annotated[tuple[tuple[int, int], ...],
                  Kind(_kids, lambda v: tuple((item[0], item[1]) for item in v))]
 Names = Annotated[tuple[str, ...], Kind(_names, tuple)]
+Hooks = Annotated[tuple[str, ...], Kind(_hooks, tuple)]
 Ends = Annotated[tuple[tuple[int, int, int, int, int], ...],
                  Kind(_ends, lambda v: tuple(tuple(item) for item in v))]
 
@@ -131,6 +137,12 @@ class WorkerHello:
     container_usage: MaybeCount = None
     container_working_set: MaybeCount = None
     container_limit: MaybeCount = None
+    max_concurrency: MaybeCount = None  # --autoscale's maximum: the pool size the jitter uses
+    missing: Hooks = ()  # hooks the agent could not join (protocol.hooks)
+    celery: Name = ""  # versions, for celery-memguard doctor
+    billiard: Name = ""
+    python: Name = ""
+    socket: Name = ""  # the socket path as the worker sees it
 
 
 @_message
@@ -155,6 +167,9 @@ class ChildHello:
     index: Count
     tasks: Count
     rss: Count
+    node: Name = ""  # its worker's nodename: names a worker whose main process never said hello
+    jitter_pool: Count = 0  # the pool size its jitter was computed for (0: unknown)
+    missing: Hooks = ()  # hooks this child's agent could not join (protocol.hooks)
 
 
 @_message

@@ -25,6 +25,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     result_expires=600,
 )
+if os.environ.get("MEMGUARD_TEST_BREAK_HOOK") == "prepare_result":
+    from tests.apps.broken_billiard import rename_prepare_result
+
+    rename_prepare_result()
 if os.environ.get("MEMGUARD_TEST_NO_AGENT") != "1":
     celery_memguard.install(app, restart_worker=os.environ.get("MEMGUARD_TEST_RESTART") == "1",
                             freeze=os.environ.get("MEMGUARD_TEST_FREEZE") == "1")

@@ -189,3 +189,38 @@ def test_bad_per_worker_limits_name_the_entry(workers: list[object], key: str) -
         config.parse({"limits": {"soft": "100MiB", "hard": "1GiB"}, "workers": workers},
                      memory_total=8 * GiB, env={})
     assert info.value.key == key
+
+
+SOURCED = {"limits": {"soft": "25%", "hard": "3GiB"},
+           "workers": [{"match": "big@*", "limits": {"hard": "2.5GiB", "container_soft": "80%"}}]}
+
+
+@pytest.mark.parametrize(("worker", "level", "source"), [
+    ("big@h", "hard", "workers[0] (match 'big@*') limits.hard"),
+    ("big@h", "soft", "limits.soft = 25% of 8.0 GiB (cgroup memory as the daemon sees it)"),
+    ("big@h", "container_soft", "workers[0] (match 'big@*') limits.container_soft = 80% of the "
+                                "container's limit"),
+    ("big@h", "container_hard", "default"),
+    ("small@h", "hard", "limits.hard"),
+    ("small@h", "container_soft", "default"),
+])
+def test_each_limit_in_force_says_where_it_comes_from(worker: str, level: str, source: str) -> None:
+    cfg = config.parse(SOURCED, memory_total=8 * GiB, env={})
+    assert cfg.limit_sources(worker, (8 * GiB, "cgroup"))[level] == source
+
+
+@pytest.mark.parametrize(("data", "env", "source"), [
+    ({}, {}, "default"),
+    ({"agent": {"socket": "/run/m/agent.sock"}}, {}, "agent.socket"),
+    ({"agent": {"socket": "/run/m/agent.sock"}}, {"CELERY_MEMGUARD_SOCKET": "/x.sock"},
+     "the environment variable CELERY_MEMGUARD_SOCKET"),
+])
+def test_the_socket_path_says_where_it_comes_from(data: dict[str, object], env: dict[str, str],
+                                                  source: str) -> None:
+    assert config.parse(data, env=env).socket_source == source
+
+
+def test_where_a_setting_came_from_does_not_make_two_configs_differ() -> None:
+    written = config.parse({"limits": {"soft": "512MiB"}}, env={})
+    assert written == config.parse({}, env={})
+    assert hash(written) == hash(config.parse({}, env={}))

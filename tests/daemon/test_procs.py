@@ -168,6 +168,10 @@ def test_scan_finds_a_worker_command_line_and_its_children(tmp_path: Path) -> No
     (["/usr/bin/python3", "-m", "celery", "-A", "app", "worker"], True),
     (["python3.11", "/venv/bin/celery", "-A", "app", "worker"], True),
     (["[celeryd: w1@host:MainProcess] -active- (worker)"], True),
+    (["[celeryd:MainProcess] -active- (worker)"], True),
+    (["[celeryd: w1@host:ForkPoolWorker-1]"], False),  # a pool child: its worker is its parent
+    (["[celeryd: w1@host:SpawnPoolWorker-2]"], False),
+    (["[celeryd: w1@host:ForkPoolWorker-1] tests.apps.leaky.keep(...)"], False),
     (["celery", "-A", "app", "beat"], False),
     (["timeout", "60", "celery", "-A", "app", "worker"], False),
     (["bash", "-c", "celery worker"], False),
@@ -184,6 +188,7 @@ def test_worker_command_lines(cmdline: list[str], expected: bool) -> None:
     (["celery", "worker", "-nw3@box"], "w3@box"),
     (["celery", "worker", "--hostname", "w4"], "celery@w4"),
     (["[celeryd: w5@box:MainProcess] -active-"], "w5@box"),
+    (["[celeryd: w6@box.example:MainProcess] -active- (-A app worker -n x:y)"], "w6@box.example"),
 ])
 def test_worker_names(cmdline: list[str], expected: str) -> None:
     assert worker_name(cmdline, 1) == expected

@@ -57,6 +57,8 @@ COMING = {
     "task_memory_growth_bytes_bucket", "task_memory_growth_bytes_sum",
     "task_memory_growth_bytes_count", "task_holds_total", "task_hold_seconds_total",
     "task_peak_growth_bytes",
+    # one series per hook a worker's agent could not join (none while every agent is full)
+    "agent_hook_missing",
     # the worker's container, where the daemon can read its memory cgroup
     "container_memory_usage_bytes", "container_memory_working_set_bytes",
     "container_memory_limit_bytes", "container_memory_high_bytes",

@@ -61,13 +61,17 @@ KIND = {"pid": "pid", "ppid": "pid", "child": "pid", "index": "count", "tasks": 
         "reason": "name", "ok": "bool", "restart": "bool", "kids": "kids",
         "oom_kills": "count?", "container_usage": "count?", "container_working_set": "count?",
         "container_limit": "count?", "waited_ms": "count", "working_set": "count",
-        "line": "count", "gave_up": "bool"}
+        "line": "count", "gave_up": "bool", "max_concurrency": "count?", "missing": "hooks",
+        "celery": "name", "billiard": "name", "python": "name", "socket": "name",
+        "jitter_pool": "count"}
 # Where a field's kind depends on the message: null is a valid task name only where none is known.
 KIND_IN = {("d", "task"): "name?", ("d", "id"): "name?"}
 # Fields added in later releases, with a default: a message of an older agent lacks them.
 MAY_LACK = {("w", "restart"), ("w", "oom_kills"), ("w", "container_usage"),
             ("w", "container_working_set"), ("w", "container_limit"), ("d", "task"), ("d", "id"),
-            ("d", "oom_kills"), ("h", "reason")}
+            ("d", "oom_kills"), ("h", "reason"), ("w", "max_concurrency"), ("w", "missing"),
+            ("w", "celery"), ("w", "billiard"), ("w", "python"), ("w", "socket"), ("c", "node"),
+            ("c", "jitter_pool"), ("c", "missing")}
 
 
 def kind(body: dict[str, Any], name: str) -> str | None:
@@ -91,6 +95,9 @@ WRONG_TYPE = {
     "bool": _ints | st.text(max_size=5) | _floats | st.none() | _containers,
     "kids": _ints | st.text(max_size=5) | st.none()
     | st.dictionaries(st.text(max_size=3), _ints, max_size=2),
+    "hooks": _ints | st.text(max_size=5) | st.none() | st.booleans()
+    | st.dictionaries(st.text(max_size=3), _ints, max_size=2)
+    | st.lists(_ints | st.none() | st.booleans(), min_size=1, max_size=2),
 }
 _unprintable = st.sampled_from(["\n", "\x00", "\t", "\x7f", "\u2028"])
 OUT_OF_RANGE = {
@@ -103,6 +110,9 @@ OUT_OF_RANGE = {
     "name?": st.text(min_size=201, max_size=260),
     "kids": st.sampled_from([[[0, 1]], [[1]], [[1, -1]], [[1, 2, 3]], [[True, 1]], [["1", 2]],
                              [[1, 2**31]], [[1, 1.0]], [7]]),
+    "hooks": st.lists(st.just("a.hook"), min_size=messages.MAX_HOOKS + 1, max_size=40)
+    | st.lists(st.text(min_size=201, max_size=260), min_size=1, max_size=2)
+    | st.lists(_unprintable, min_size=1, max_size=2),
 }
 
 Sample = tuple[bytes, str | None]  # a datagram, and the reason it is dropped for (None: any)
@@ -255,7 +265,9 @@ def test_generated_malformed_messages_are_each_dropped_and_counted_and_never_act
         sock.connect(running.socket_path)
         for data, _reason in sent:
             sock.send(data)
-        sock.send(messages.encode(messages.WorkerBye(pid=ME)))  # then a valid one: the daemon serves on
+        # then valid ones, a worker's hello and goodbye: the daemon serves on
+        sock.send(messages.encode(VALID[0]))
+        sock.send(messages.encode(messages.WorkerBye(pid=ME)))
     counts: list[tuple[Counter[str], Counter[str]]] = []
 
     def answered() -> bool:
@@ -265,7 +277,7 @@ def test_generated_malformed_messages_are_each_dropped_and_counted_and_never_act
     wait_for(answered, 10, "the valid message after the malformed ones was not accepted")
     dropped, accepted = counts[0]
     new_drops = dropped - dropped_before
-    assert accepted - accepted_before == Counter(worker_bye=1)
+    assert accepted - accepted_before == Counter(worker_hello=1, worker_bye=1)
     assert sum(new_drops.values()) == len(sent), (new_drops, sent)
     assert set(new_drops) <= DECODER_REASONS, new_drops
     expected = Counter(reason for _data, reason in sent if reason is not None)
