@@ -1,0 +1,288 @@
+"""Leak forensics in one pool child: which lines keep what a task's calls leave behind.
+
+The daemon asks one child (protocol.forensics) to trace the next ``calls`` calls of one task
+name. The tracer starts just before the first of them. Around each traced call it takes a
+snapshot of the allocations it holds; the difference is what that call left behind, by
+allocation traceback, with what the call freed of earlier calls' allocations counted against
+them. Those differences are summed over the calls and grouped by site: the innermost frame in
+the user's code (not the standard library, not Celery's own stack). Tasks of other names run
+between the traced calls outside any snapshot pair, so nothing they keep is counted. After the
+last call, when the child leaves, or when the request's time is up, the tracer stops and its
+memory is freed.
+
+tracemalloc sees Python's allocators only: what a task leaves in native memory (C extensions,
+libraries called through ctypes) raises RSS and not the traces, and is reported as untraced.
+memray, an optional extra, sees native allocations too (forensics_memray.py, imported only
+when a request names it).
+"""
+
+from __future__ import annotations
+
+import linecache
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from celery_memguard.agent.code_paths import AGENT_DIR, Frame, Key, where
+from celery_memguard.protocol import forensics, messages
+
+TOP_SITES = 10  # sites reported per trace
+SHOWN_FRAMES = 5  # frames of a site's traceback in a report
+KEPT_TRACEBACKS = 2000  # tracebacks the tracer remembers; the smallest go first
+
+
+class Tool(Protocol):
+    """What a tracer needs of a tool: differences around one call, its own memory, which
+    frames are the user's code."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def before_call(self) -> None: ...
+
+    def after_call(self) -> dict[Key, tuple[int, int]]:
+        """What the call left behind: traceback -> (bytes, blocks), either may be negative."""
+        ...
+
+    def overhead(self) -> int:
+        """Bytes the tool itself holds now (left out of the leak figures)."""
+        ...
+
+    def user(self, frame: Frame) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+class TracemallocTool:
+    """tracemalloc, started for the trace (or used as it is, when the process traces already)."""
+
+    name = "tracemalloc"
+
+    def __init__(self, frames: int) -> None:
+        self.frames = frames
+        self.owned = False
+        self._before: dict[tracemalloc.Traceback, tuple[int, int]] = {}
+        self._ours: dict[str, bool] = {}  # file name -> the agent's (or tracemalloc's) own
+
+    def start(self) -> None:
+        self.owned = not tracemalloc.is_tracing()
+        if self.owned:
+            tracemalloc.start(self.frames)
+
+    def before_call(self) -> None:
+        self._before = self._take()
+
+    def after_call(self) -> dict[Key, tuple[int, int]]:
+        after, before = self._take(), self._before
+        self._before = {}
+        left: dict[Key, tuple[int, int]] = {}
+        for traceback, (size, count) in after.items():
+            was = before.pop(traceback, (0, 0))
+            if size != was[0] or count != was[1]:
+                left[_key(traceback)] = (size - was[0], count - was[1])
+        for traceback, (size, count) in before.items():  # freed entirely during the call
+            left[_key(traceback)] = (-size, -count)
+        return left
+
+    def _take(self) -> dict[tracemalloc.Traceback, tuple[int, int]]:
+        """What tracemalloc holds by traceback, without the agent's own allocations."""
+        if not tracemalloc.is_tracing():
+            return {}
+        held = {}
+        for stat in tracemalloc.take_snapshot().statistics("traceback"):
+            if not any(self._mine(frame.filename) for frame in stat.traceback):
+                held[stat.traceback] = (stat.size, stat.count)
+        return held
+
+    def _mine(self, filename: str) -> bool:
+        mine = self._ours.get(filename)
+        if mine is None:
+            mine = filename.startswith(AGENT_DIR) or filename == _TRACEMALLOC
+            if len(self._ours) < 4096:
+                self._ours[filename] = mine
+        return mine
+
+    def overhead(self) -> int:
+        return tracemalloc.get_tracemalloc_memory() if tracemalloc.is_tracing() else 0
+
+    def user(self, frame: Frame) -> bool:
+        return where().user(frame[0])
+
+    def stop(self) -> None:
+        self._before, self._ours = {}, {}
+        if self.owned:
+            tracemalloc.stop()  # frees every trace
+
+
+_TRACEMALLOC = tracemalloc.__file__
+
+
+def _key(traceback: tracemalloc.Traceback) -> Key:
+    return tuple((frame.filename, frame.lineno, "") for frame in reversed(traceback))
+
+
+@dataclass(slots=True)
+class Left:
+    """What the traced calls left behind at one traceback, summed over the calls."""
+
+    size: int = 0
+    blocks: int = 0
+    grew: int = 0  # calls after which it held more than before
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    frame: Frame  # where the memory was allocated, in the user's code where possible
+    code: str
+    frames: Key  # a short traceback, innermost first
+    size: int
+    blocks: int
+    grew: int
+
+
+class Tracer:
+    """One trace request in this child: when to trace, what the calls left, the report."""
+
+    def __init__(self, request: forensics.Request, tool: Tool,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.request = request
+        self.tool = tool
+        self.wall = wall
+        self.calls = 0
+        self.rss_growth = 0
+        self.traced_growth = 0
+        self.left: dict[Key, Left] = {}
+        self.started = False
+        self.in_call = False
+        self.peak_overhead = 0
+        self.reason = "tracing"  # then done, leaving, expired, cancelled or error
+
+    @property
+    def finished(self) -> bool:
+        return self.reason != "tracing"
+
+    def begin(self, name: str) -> bool:
+        """A job begins: True when it is a call to trace (the tool has taken its 'before')."""
+        if self.finished:
+            return False
+        if self.wall() > self.request.until:
+            self.finish("expired")
+            return False
+        if name != self.request.task:
+            return False
+        if not self.started:
+            self.started = True
+            self.tool.start()
+        self.tool.before_call()
+        self.in_call = True
+        return True
+
+    def overhead(self) -> int:
+        """The tool's own memory now (0 before it starts and after it stops)."""
+        if not self.started or self.finished:
+            return 0
+        used = self.tool.overhead()
+        self.peak_overhead = max(self.peak_overhead, used)
+        return used
+
+    def end(self, rss_growth: int) -> None:
+        """The traced call ended; ``rss_growth``: its RSS growth, the tool's memory left out."""
+        if not self.in_call:
+            return
+        self.in_call = False
+        left = self.tool.after_call()
+        self.calls += 1
+        self.rss_growth += rss_growth
+        for key, (size, blocks) in left.items():
+            entry = self.left.get(key)
+            if entry is None:
+                entry = self.left[key] = Left()
+            entry.size += size
+            entry.blocks += blocks
+            entry.grew += size > 0
+            self.traced_growth += size
+        if len(self.left) > KEPT_TRACEBACKS:  # keep the largest: a site is what keeps most
+            ranked = sorted(self.left.items(), key=lambda item: item[1].size, reverse=True)
+            self.left = dict(ranked[: KEPT_TRACEBACKS // 2])
+        if self.calls >= self.request.calls:
+            self.finish("done")
+        elif self.wall() > self.request.until:
+            self.finish("expired")
+
+    def finish(self, reason: str) -> None:
+        """Stop tracing (at most once) and free the tool's memory; the figures stay."""
+        if self.finished:
+            return
+        self.reason = reason
+        self.in_call = False
+        if self.started:
+            self.peak_overhead = max(self.peak_overhead, self.tool.overhead())
+            self.tool.stop()
+
+    def sites(self, top: int = TOP_SITES) -> list[Site]:
+        """The sites that kept the most, largest first: tracebacks grouped by their innermost
+        frame in the user's code (else their innermost frame)."""
+        grouped: dict[tuple[str, int], list[tuple[Key, Left]]] = {}
+        for key, entry in self.left.items():
+            if key:
+                frame = next((f for f in key if self.tool.user(f)), key[0])
+                grouped.setdefault((frame[0], frame[1]), []).append((key, entry))
+        found = []
+        for entries in grouped.values():
+            size = sum(entry.size for _, entry in entries)
+            if size <= 0:
+                continue
+            best = max(entries, key=lambda item: item[1].size)[0]
+            frame = next((f for f in best if self.tool.user(f)), best[0])
+            inner = best[best.index(frame):]
+            shown = [f for f in inner if self.tool.user(f)] or list(best)
+            found.append(Site(frame=frame, code=_code(frame), frames=tuple(shown[:SHOWN_FRAMES]),
+                              size=size, blocks=sum(entry.blocks for _, entry in entries),
+                              grew=max(entry.grew for _, entry in entries)))
+        found.sort(key=lambda s: s.size, reverse=True)
+        return found[:top]
+
+    def report(self, pid: int, ppid: int, index: int) -> list[messages.Message]:
+        """The trace so far as messages: its sites, then its figures."""
+        sites = self.sites()
+        out: list[messages.Message] = [
+            messages.LeakSite(pid=pid, ppid=ppid, index=index, trace=self.request.id, rank=rank,
+                              filename=_text(s.frame[0], left=True), lineno=s.frame[1],
+                              function=_text(s.frame[2]), code=_text(s.code),
+                              frames=tuple((_text(f[0], left=True), f[1], _text(f[2]))
+                                           for f in s.frames),
+                              size=s.size, blocks=s.blocks, grew=s.grew)
+            for rank, s in enumerate(sites)]
+        out.append(messages.LeakTrace(
+            pid=pid, ppid=ppid, index=index, trace=self.request.id,
+            task=messages.clean_name(self.request.task), tool=self.tool.name, calls=self.calls,
+            wanted=self.request.calls, rss_growth=self.rss_growth,
+            traced_growth=self.traced_growth, sites=len(sites),
+            tracer_bytes=self.peak_overhead, done=self.finished, reason=self.reason))
+        return out
+
+
+def _code(frame: Frame) -> str:
+    """The source line of a frame, or its function where the source cannot be read."""
+    line = linecache.getline(frame[0], frame[1]).strip() if frame[0] else ""
+    return line or (f"{frame[2]}()" if frame[2] else "")
+
+
+def _text(value: str, left: bool = False) -> str:
+    """A string as a message may carry it: printable, and cut to fit (a path keeps its end)."""
+    clean = "".join(ch for ch in value if ch.isprintable())
+    if len(clean) <= messages.MAX_NAME:
+        return clean
+    return "…" + clean[-(messages.MAX_NAME - 1):] if left else clean[: messages.MAX_NAME - 1] + "…"
+
+
+def make_tool(request: forensics.Request) -> Tool:
+    """The tool a request names; memray is imported only here, and only when named."""
+    if request.tool == "memray":
+        from celery_memguard.agent.forensics_memray import MemrayTool  # noqa: PLC0415 - optional extra
+
+        return MemrayTool(request.frames)
+    return TracemallocTool(request.frames)
