@@ -188,10 +188,11 @@ class Tracer:
         self.peak_overhead = max(self.peak_overhead, used)
         return used
 
-    def end(self, rss_growth: int) -> None:
-        """The traced call ended; ``rss_growth``: its RSS growth, the tool's memory left out."""
+    def end(self, rss_growth: int) -> bool:
+        """A job ended; if it was a traced call, count it (``rss_growth``: its RSS growth, the
+        tool's memory left out) and return True."""
         if not self.in_call:
-            return
+            return False
         self.in_call = False
         left = self.tool.after_call()
         self.calls += 1
@@ -211,6 +212,7 @@ class Tracer:
             self.finish("done")
         elif self.wall() > self.request.until:
             self.finish("expired")
+        return True
 
     def finish(self, reason: str) -> None:
         """Stop tracing (at most once) and free the tool's memory; the figures stay."""

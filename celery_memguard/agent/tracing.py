@@ -1,0 +1,120 @@
+"""A pool child's side of trace requests: the signal, the request file, the tracer's life.
+
+The daemon writes a request (protocol.forensics) and sends ``TRACE_SIGNAL``, whose handler only
+sets ``due``. Before the child's next job the request is read: if it names this child, a Tracer
+(forensics.py) follows that job and the next ones; if it names none (withdrawn, or another
+child's), a trace running here stops. After each traced call the trace so far is sent, so that
+a child killed before its last call has told the daemon what it had; a child that leaves
+sends its last report before its exit. Nothing here raises into the worker: a tracer that
+fails stops and says why. With no request, a job costs one attribute test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import FrameType
+
+from celery_memguard.agent.forensics import Tracer, make_tool
+from celery_memguard.protocol import forensics, messages, paths
+
+
+class Tracing:
+    def __init__(self, socket_path: str, worker: tuple[int, int], me: tuple[int, int],
+                 send: Callable[[messages.Message], None]) -> None:
+        self.path = paths.trace_path(socket_path, worker[0])
+        self.worker = worker  # (pid, start ticks) the request must name
+        self.me = me  # this child's (pid, start ticks)
+        self.send = send
+        self.index = 0  # the child's pool slot, for its reports
+        self.due = False  # signalled: read the request before the next job
+        self.tracer: Tracer | None = None
+        self.bytes = 0  # the tracer's own memory, left out of every RSS the child reports
+
+    @property
+    def active(self) -> bool:
+        return self.due or self.tracer is not None
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.due = True
+
+    def begin(self, name: str) -> None:
+        """Before a job (and before its RSS is read): take up a signalled request, and let
+        the tracer see the job begin; a traced call's first snapshot is taken here."""
+        try:
+            if self.due:
+                self.due = False
+                self._take_request()
+            tracer = self.tracer
+            if tracer is not None:
+                tracer.begin(name)
+                self.bytes = tracer.overhead()
+                if tracer.finished:  # its time was up
+                    self._report(tracer)
+        except Exception as exc:  # noqa: BLE001 - the agent never raises into the worker
+            self._failed(exc)
+
+    def measure(self) -> None:
+        """After a job, before its RSS is read: the tracer's memory now."""
+        if self.tracer is not None:
+            try:
+                self.bytes = self.tracer.overhead()
+            except Exception as exc:  # noqa: BLE001 - the agent never raises into the worker
+                self._failed(exc)
+
+    def end(self, rss_growth: int) -> None:
+        """After a job: a traced call's second snapshot, and the trace so far."""
+        tracer = self.tracer
+        if tracer is None:
+            return
+        try:
+            if tracer.end(rss_growth) or tracer.finished:
+                self._report(tracer)
+        except Exception as exc:  # noqa: BLE001 - the agent never raises into the worker
+            self._failed(exc)
+
+    def leaving(self) -> list[messages.Message]:
+        """The child leaves: the trace stops, and its report goes before the exit."""
+        tracer, self.tracer, self.bytes = self.tracer, None, 0
+        if tracer is None:
+            return []
+        try:
+            tracer.finish("leaving")
+            return tracer.report(self.me[0], self.worker[0], self.index)
+        except Exception:  # noqa: BLE001 - the agent never raises into the worker
+            return []
+
+    def _take_request(self) -> None:
+        """The request file names this child (trace), or not (a trace running here stops)."""
+        try:
+            with open(self.path, "rb") as fh:
+                request = forensics.decode(fh.read(65536), self.worker)
+        except OSError:
+            request = None
+        if request is not None and request.child != self.me:
+            request = None
+        current = self.tracer
+        if current is not None and (request is None or request.id != current.request.id):
+            current.finish("cancelled")
+            self._report(current)
+        if request is not None and self.tracer is None:
+            self.tracer = Tracer(request, make_tool(request))
+
+    def _report(self, tracer: Tracer) -> None:
+        if tracer.finished and self.tracer is tracer:
+            self.tracer, self.bytes = None, 0
+        for message in tracer.report(self.me[0], self.worker[0], self.index):
+            self.send(message)
+
+    def _failed(self, exc: Exception) -> None:
+        tracer, self.tracer, self.bytes = self.tracer, None, 0
+        if tracer is None:
+            return
+        try:
+            tracer.finish(f"error: {type(exc).__name__}: {exc}"[: messages.MAX_NAME])
+        except Exception:  # noqa: BLE001 - the tool failed again as it stopped
+            tracer.reason = f"error: {type(exc).__name__}"
+        try:
+            for message in tracer.report(self.me[0], self.worker[0], self.index):
+                self.send(message)
+        except Exception:  # noqa: BLE001 - the agent never raises into the worker
+            return
