@@ -28,7 +28,8 @@ AGENT_OPTIONAL = {"memray": f"{PACKAGE}.agent.forensics_memray"}
 DAEMON_FORBIDDEN_THIRD_PARTY = {"celery", "billiard", "kombu", "rich"}
 # The daemon's pure modules: a snapshot and the config in, values out; no OS, no loop.
 PURE = {"policy", "container_policy", "leak_trend", "task_growth", "state", "records", "reports",
-        "config", "units", "readings", "snapshot", "decision", "view"}
+        "config", "units", "readings", "snapshot", "decision", "view", "leak_sites",
+        "forensics_plan"}
 PURE_MAY_NOT_IMPORT = {"procs", "loop", "supervisor", "metrics", "http", "status", "actions",
                        "inbox", "publisher", "sampler"}
 # The demo's Celery app stands for a user's app: it calls the public API as users do.

@@ -12,6 +12,7 @@ from celery_memguard.daemon.view import View
 def status_document(view: View) -> dict[str, Any]:
     """The /status document of a view."""
     now = time.monotonic()
+    traced = {result["task"]: result for result in view.leak_sites}
     workers = []
     for worker in view.snapshot.workers:
         children = []
@@ -61,5 +62,15 @@ def status_document(view: View) -> dict[str, Any]:
         "agent_connections": view.connections,
         "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,
                    "mean_growth_bytes": r.mean_bytes, "total_growth_bytes": r.total_bytes,
-                   "leaky": r.leaky} for r in view.ranking],
+                   "leaky": r.leaky, **_sites(traced.get(r.task))} for r in view.ranking],
+        "leak_sites": list(view.leak_sites),
+        "forensics": view.forensics,
     }
+
+
+def _sites(result: dict[str, Any] | None) -> dict[str, Any]:
+    """A ranked task's newest trace result: its sites, its untraced share, the rest of it."""
+    if result is None:
+        return {"sites": [], "untraced_share": None, "trace": None}
+    return {"sites": result["sites"], "untraced_share": result["untraced_share"],
+            "trace": {key: value for key, value in result.items() if key != "sites"}}
