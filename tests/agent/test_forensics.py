@@ -68,14 +68,38 @@ def test_other_task_names_between_traced_calls_are_not_counted(untraced: None) -
     assert abs(tracer.traced_growth) < 16 * KiB
 
 
-def test_what_a_call_keeps_and_the_next_frees_is_no_leak(untraced: None) -> None:
-    """Replacing a global: only the first call's block stays, once."""
+def test_tracing_runs_only_during_the_traced_calls(untraced: None) -> None:
+    tracer = Tracer(_request(calls=2), TracemallocTool(10))
+    assert tracer.begin("app.leak")
+    assert tracemalloc.is_tracing()
+    tracer.end(0)
+    assert not tracemalloc.is_tracing(), "stopped after the call, its traces freed"
+    assert not tracer.begin("app.other")
+    assert not tracemalloc.is_tracing(), "another task name runs untraced"
+    tracer.end(0)
+
+
+def test_a_block_a_call_keeps_counts_for_it_even_if_a_later_call_frees_it(
+        untraced: None) -> None:
+    """Each call is traced alone: what it left when it returned is what it kept, also a value
+    the next call replaces (the RSS growth beside it tells the two apart)."""
     tracer = Tracer(_request(calls=6), TracemallocTool(10))
     for _ in range(6):
         _run(tracer, "app.leak", leak_helpers.replace, 128 * KiB)
-    sites = tracer.sites()
-    assert len(sites) == 1
-    assert sites[0].size < 130 * KiB, "one block over six calls, not six"
+    [site] = tracer.sites()
+    assert 6 * 128 * KiB <= site.size < 6 * 130 * KiB
+    assert site.grew == 6
+
+
+def test_in_a_process_that_traces_already_a_replaced_block_counts_once(untraced: None) -> None:
+    """There each call is the difference of two snapshots: what it frees of an earlier call's
+    block counts against it."""
+    tracemalloc.start(10)
+    tracer = Tracer(_request(calls=6), TracemallocTool(10))
+    for _ in range(6):
+        _run(tracer, "app.leak", leak_helpers.replace, 128 * KiB)
+    [site] = tracer.sites()
+    assert site.size < 130 * KiB, "one block over six calls, not six"
 
 
 def test_a_time_limit_stops_the_trace_and_keeps_what_it_has(untraced: None) -> None:
@@ -190,6 +214,20 @@ def test_sites_are_ranked_by_what_they_kept_and_cut_to_the_top() -> None:
     tracer.end(0)
     assert [s.frame[1] for s in tracer.sites(top=3)] == [14, 13, 12]
     assert tracer.traced_growth == sum(i * 10 for i in range(1, 15))
+
+
+@pytest.mark.parametrize(("rss_growth", "kept"), [
+    (0, [1000]),  # 9 of 1009 traced: under 1 %
+    (100_000, [1000]),  # beside an RSS growth of 100 kB, 9 bytes is not where it went
+    (100_000_000, []),  # a native leak: no Python line kept a share of it
+])
+def test_a_site_that_kept_under_one_percent_of_the_growth_is_left_out(
+        rss_growth: int, kept: list[int]) -> None:
+    left = {(("app/a.py", 1, ""),): (1000, 1), (("app/b.py", 2, ""),): (9, 1)}
+    tracer = Tracer(_request(calls=1), Scripted([left]))
+    tracer.begin("app.leak")
+    tracer.end(rss_growth)
+    assert [s.size for s in tracer.sites()] == kept
 
 
 def test_the_tracer_keeps_the_largest_tracebacks_when_they_are_too_many() -> None:
