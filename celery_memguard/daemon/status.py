@@ -13,6 +13,9 @@ def status_document(view: View) -> dict[str, Any]:
     """The /status document of a view."""
     now = time.monotonic()
     traced = {result["task"]: result for result in view.leak_sites}
+    for trace in view.forensics.get("traces", ()):  # a trace under way shows what it has
+        if trace["state"] == "tracing" and trace["result"] is not None:
+            traced[trace["task"]] = trace["result"]
     workers = []
     for worker in view.snapshot.workers:
         children = []
@@ -69,7 +72,8 @@ def status_document(view: View) -> dict[str, Any]:
 
 
 def _sites(result: dict[str, Any] | None) -> dict[str, Any]:
-    """A ranked task's newest trace result: its sites, its untraced share, the rest of it."""
+    """A ranked task's newest trace result (or the one under way): its sites, its untraced
+    share, the rest of it."""
     if result is None:
         return {"sites": [], "untraced_share": None, "trace": None}
     return {"sites": result["sites"], "untraced_share": result["untraced_share"],

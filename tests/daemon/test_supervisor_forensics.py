@@ -97,6 +97,9 @@ def test_the_final_report_becomes_a_result_logged_kept_and_shown(
     sup.tick(clock())
     [trace] = _traces(sup)
     assert (trace["state"], trace["calls"]) == ("tracing", 3)
+    [under_way] = [t for t in status_document(sup.view)["tasks"] if t["task"] == "app.leak"]
+    assert (under_way["trace"]["reason"], under_way["sites"][0]["lineno"]) == ("tracing", 12)
+    assert status_document(sup.view)["leak_sites"] == [], "no result yet"
     _report(sup, request, calls=20, done=True)
     sup.tick(clock())
     [trace] = _traces(sup)
