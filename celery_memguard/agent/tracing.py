@@ -97,7 +97,16 @@ class Tracing:
             current.finish("cancelled")
             self._report(current)
         if request is not None and self.tracer is None:
-            self.tracer = Tracer(request, make_tool(request))
+            try:
+                tool = make_tool(request)
+            except Exception as exc:  # noqa: BLE001 - memray named, and not installed here
+                self.send(messages.LeakTrace(
+                    pid=self.me[0], ppid=self.worker[0], index=self.index, trace=request.id,
+                    task=messages.clean_name(request.task), tool=request.tool, calls=0,
+                    wanted=request.calls, rss_growth=0, traced_growth=0, sites=0,
+                    tracer_bytes=0, done=True, reason=_error(exc)))
+                return
+            self.tracer = Tracer(request, tool)
 
     def _report(self, tracer: Tracer) -> None:
         if tracer.finished and self.tracer is tracer:
@@ -110,7 +119,7 @@ class Tracing:
         if tracer is None:
             return
         try:
-            tracer.finish(f"error: {type(exc).__name__}: {exc}"[: messages.MAX_NAME])
+            tracer.finish(_error(exc))
         except Exception:  # noqa: BLE001 - the tool failed again as it stopped
             tracer.reason = f"error: {type(exc).__name__}"
         try:
@@ -118,3 +127,8 @@ class Tracing:
                 self.send(message)
         except Exception:  # noqa: BLE001 - the agent never raises into the worker
             return
+
+
+def _error(exc: Exception) -> str:
+    return "".join(ch for ch in f"error: {type(exc).__name__}: {exc}"
+                   if ch.isprintable())[: messages.MAX_NAME]

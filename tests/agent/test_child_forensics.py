@@ -224,3 +224,20 @@ def test_a_failing_tracer_changes_no_result_and_says_why(
     [final] = sender.of(messages.LeakTrace)
     assert (final.done, final.reason) == (True, "error: RuntimeError: no snapshot today")
     assert agent.tracing.tracer is None
+
+
+def test_a_tool_missing_in_the_worker_is_reported_as_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """memray named in the daemon's config, not installed beside the worker: the daemon hears why."""
+    agent, sender = _agent(tmp_path)
+
+    def missing(request: object) -> None:
+        raise ModuleNotFoundError("No module named 'memray'")
+
+    monkeypatch.setattr(tracing, "make_tool", missing)
+    _ask(agent, tool="memray")
+    _task(agent, "app.leak", leak_helpers.remember, 1000)
+    [final] = sender.of(messages.LeakTrace)
+    assert (final.calls, final.done, final.tool) == (0, True, "memray")
+    assert final.reason == "error: ModuleNotFoundError: No module named 'memray'"
+    assert agent.tracing.tracer is None
