@@ -138,8 +138,8 @@ class ChildAgent:
     def begin(self, name: str, task_id: str, run_code: CodeType | None,
               refused: str | None = None) -> None:
         """A job begins. ``refused``: why the main process found its task id quarantined."""
-        if self.tracing.active:  # leak forensics: its snapshot is not the task's growth
-            self.tracing.begin(name)
+        if self.tracing.active:  # leak forensics (tracing.py)
+            self.tracing.begin(name, run_code)
         self.rss_before = self.statm.rss() - self.tracing.bytes
         self.task_name, self.task_id = name, task_id
         self.task_started = time.monotonic()
@@ -169,7 +169,7 @@ class ChildAgent:
             self._send(messages.TaskInterrupted(
                 pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
                 id=self.task_id, rss=used, limit=line, reason="container"))
-        if self.tracing.tracer is not None:
+        if self.tracing.active:
             self.tracing.measure()
         rss = self.statm.rss() - self.tracing.bytes
         self.growth.append(rss - self.rss_before)

@@ -35,16 +35,21 @@ MIN_SHARE = 0.01  # a site that kept less than this share of the growth (RSS or 
 
 
 class Tool(Protocol):
-    """What a tracer needs of a tool: differences around one call, its own memory, which
-    frames are the user's code."""
+    """What a tracer needs of a tool: what one call left behind, its own memory, which frames
+    are the user's code. ``before_call`` and ``after_call`` run where the traced code starts
+    and returns (inside the task, for its body): they only take what they need, quickly;
+    ``left`` works it out afterwards."""
 
     name: str
+    in_body: bool  # may start inside the task's body (from a trace function)
 
     def start(self) -> None: ...
 
     def before_call(self) -> None: ...
 
-    def after_call(self) -> dict[Key, tuple[int, int]]:
+    def after_call(self) -> object: ...
+
+    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
         """What the call left behind: traceback -> (bytes, blocks), either may be negative."""
         ...
 
@@ -70,11 +75,12 @@ class TracemallocTool:
     them."""
 
     name = "tracemalloc"
+    in_body = True
 
     def __init__(self, frames: int) -> None:
         self.frames = frames
         self.shared = False  # the process traced before the trace began
-        self._before: dict[tracemalloc.Traceback, tuple[int, int]] = {}
+        self._before_snapshot: tracemalloc.Snapshot | None = None
         self._ours: dict[str, bool] = {}  # file name -> the agent's (or tracemalloc's) own
 
     def start(self) -> None:
@@ -82,15 +88,20 @@ class TracemallocTool:
 
     def before_call(self) -> None:
         if self.shared:
-            self._before = self._take()
+            self._before_snapshot = tracemalloc.take_snapshot()
         elif not tracemalloc.is_tracing():
             tracemalloc.start(self.frames)
 
-    def after_call(self) -> dict[Key, tuple[int, int]]:
-        after, before = self._take(), self._before
-        self._before = {}
-        if not self.shared:
+    def after_call(self) -> object:
+        snapshot = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+        if not self.shared and tracemalloc.is_tracing():
             tracemalloc.stop()
+        return snapshot
+
+    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
+        after = self._held(taken)
+        before = self._held(self._before_snapshot)
+        self._before_snapshot = None
         left: dict[Key, tuple[int, int]] = {}
         for traceback, (size, count) in after.items():
             was = before.pop(traceback, (0, 0))
@@ -100,12 +111,12 @@ class TracemallocTool:
             left[_key(traceback)] = (-size, -count)
         return left
 
-    def _take(self) -> dict[tracemalloc.Traceback, tuple[int, int]]:
-        """What tracemalloc holds by traceback, without the agent's own allocations."""
-        if not tracemalloc.is_tracing():
+    def _held(self, snapshot: object) -> dict[tracemalloc.Traceback, tuple[int, int]]:
+        """What a snapshot holds by traceback, without the agent's own allocations."""
+        if not isinstance(snapshot, tracemalloc.Snapshot):
             return {}
         held = {}
-        for stat in tracemalloc.take_snapshot().statistics("traceback"):
+        for stat in snapshot.statistics("traceback"):
             if not any(self._mine(frame.filename) for frame in stat.traceback):
                 held[stat.traceback] = (stat.size, stat.count)
         return held
@@ -119,13 +130,15 @@ class TracemallocTool:
         return mine
 
     def overhead(self) -> int:
-        return tracemalloc.get_tracemalloc_memory() if tracemalloc.is_tracing() else 0
+        """tracemalloc's memory while it traces a call (a process tracing anyway: its own)."""
+        return tracemalloc.get_tracemalloc_memory() if tracemalloc.is_tracing() and not (
+            self.shared) else 0
 
     def user(self, frame: Frame) -> bool:
         return where().user(frame[0])
 
     def stop(self) -> None:
-        self._before, self._ours = {}, {}
+        self._before_snapshot, self._ours = None, {}
         if not self.shared and tracemalloc.is_tracing():
             tracemalloc.stop()  # a call cut short (an error): frees its traces
 
@@ -169,7 +182,11 @@ class Tracer:
         self.traced_growth = 0
         self.left: dict[Key, Left] = {}
         self.started = False
-        self.in_call = False
+        self.in_call = False  # a job to trace has begun and not ended
+        self._opened = False  # its traced code started (the tool took its 'before')
+        self._taken: object = None  # the tool's 'after', once the traced code returned
+        self._closed = False
+        self._held = 0  # the tool's memory when the traced code returned
         self.peak_overhead = 0
         self.reason = "tracing"  # then done, leaving, expired, cancelled or error
 
@@ -178,7 +195,8 @@ class Tracer:
         return self.reason != "tracing"
 
     def begin(self, name: str) -> bool:
-        """A job begins: True when it is a call to trace (the tool has taken its 'before')."""
+        """A job begins: True when it is a call to trace; ``open`` and ``close`` then mark
+        where its traced code starts and returns."""
         if self.finished:
             return False
         if self.wall() > self.request.until:
@@ -189,25 +207,47 @@ class Tracer:
         if not self.started:
             self.started = True
             self.tool.start()
-        self.tool.before_call()
-        self.in_call = True
+        self.in_call, self._opened, self._closed, self._taken, self._held = (
+            True, False, False, None, 0)
         return True
 
+    def open(self) -> None:
+        """The traced code starts: the tool takes its 'before'."""
+        if self.in_call and not self._opened:
+            self._opened = True
+            self.tool.before_call()
+
+    def close(self) -> None:
+        """The traced code returned: the tool takes its 'after' (worked out at ``end``)."""
+        if self._opened and not self._closed:
+            self._closed = True
+            self._held = self.tool.overhead()
+            self.peak_overhead = max(self.peak_overhead, self._held)
+            self._taken = self.tool.after_call()
+
     def overhead(self) -> int:
-        """The tool's own memory now (0 before it starts and after it stops)."""
-        if not self.started or self.finished:
+        """The tool's own memory in the job under way: what it holds while the traced code
+        runs, what it held when that returned (allocated in the job, freed or not since)."""
+        if not self.in_call or not self._opened or self.finished:
             return 0
+        if self._closed:
+            return self._held
         used = self.tool.overhead()
         self.peak_overhead = max(self.peak_overhead, used)
         return used
 
     def end(self, rss_growth: int) -> bool:
         """A job ended; if it was a traced call, count it (``rss_growth``: its RSS growth, the
-        tool's memory left out) and return True."""
+        tool's memory left out) and return True. A job whose traced code never ran (refused,
+        failed before its body) is not a traced call."""
         if not self.in_call:
             return False
         self.in_call = False
-        left = self.tool.after_call()
+        if not self._opened:
+            return False
+        self.close()
+        taken, self._taken = self._taken, None
+        left = self.tool.left(taken)
         self.calls += 1
         self.rss_growth += rss_growth
         for key, (size, blocks) in left.items():

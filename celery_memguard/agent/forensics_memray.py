@@ -26,6 +26,7 @@ INTERPRETER_SOURCES = ("Objects/", "Python/", "Include/", "./Include/", "Modules
 
 class MemrayTool:
     name = "memray"
+    in_body = False  # a Tracker started from a trace function records nothing: the whole job
 
     def __init__(self, frames: int) -> None:
         self.frames = frames
@@ -45,13 +46,18 @@ class MemrayTool:
         tracker.__enter__()
         self._tracker = tracker
 
-    def after_call(self) -> dict[Key, tuple[int, int]]:
+    def after_call(self) -> object:
         tracker, self._tracker = self._tracker, None
         if tracker is None:
-            return {}
+            return None
         tracker.__exit__(None, None, None)
+        return self._path
+
+    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
+        if not isinstance(taken, str):
+            return {}
         left: dict[Key, tuple[int, int]] = {}
-        reader = memray.FileReader(self._path)
+        reader = memray.FileReader(taken)
         try:
             for record in reader.get_leaked_allocation_records(merge_threads=True):
                 stack = record.hybrid_stack_trace(max_stacks=3 * self.frames)
@@ -62,7 +68,7 @@ class MemrayTool:
                 left[key] = (size + record.size, blocks + record.n_allocations)
         finally:
             reader.close()
-            os.unlink(self._path)
+            os.unlink(taken)
         return left
 
     def overhead(self) -> int:

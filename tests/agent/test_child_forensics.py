@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -149,6 +150,7 @@ class _Growing:
     """A tool whose own memory grows by 1 MiB with every call it traces; it sees nothing."""
 
     name = "scripted"
+    in_body = True
 
     def __init__(self, statm: _Statm) -> None:
         self.statm, self.held = statm, 0
@@ -159,7 +161,10 @@ class _Growing:
     def before_call(self) -> None:
         pass
 
-    def after_call(self) -> dict[Key, tuple[int, int]]:
+    def after_call(self) -> object:
+        return None
+
+    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
         return {}
 
     def overhead(self) -> int:
@@ -199,7 +204,7 @@ def test_the_tracers_own_memory_is_left_out_of_what_the_child_reports(
 
 
 class _Broken(_Growing):
-    def after_call(self) -> dict[Key, tuple[int, int]]:
+    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
         raise RuntimeError("no snapshot today")
 
 
@@ -241,3 +246,84 @@ def test_a_tool_missing_in_the_worker_is_reported_as_the_reason(
     assert (final.calls, final.done, final.tool) == (0, True, "memray")
     assert final.reason == "error: ModuleNotFoundError: No module named 'memray'"
     assert agent.tracing.tracer is None
+
+
+_celerys: list[bytes] = []  # what Celery's machinery around a task keeps, in these tests
+
+
+def _body(size: int) -> None:
+    leak_helpers.remember(size)
+
+
+def _failing_body(size: int) -> None:
+    leak_helpers.remember(size)
+    raise ValueError("the task's own")
+
+
+def _celery_job(agent: ChildAgent, body: Any, *args: Any) -> None:
+    """A job as Celery runs it: its own work around the task's body."""
+    agent.begin("app.leak", "id", body.__code__)
+    try:
+        _celerys.append(b"\x09" * 100_000)
+        body(*args)
+    finally:
+        agent.end(True)
+
+
+def test_a_traced_call_is_the_tasks_body_not_celerys_work_around_it(
+        tmp_path: Path, untraced: None) -> None:
+    agent, sender = _agent(tmp_path)
+    _ask(agent, calls=2)
+    for _ in range(2):
+        _celery_job(agent, _body, 200_000)
+    sites = [s for s in sender.of(messages.LeakSite) if s.trace == "r1"]
+    final = sender.of(messages.LeakTrace)[-1]
+    assert (final.calls, final.reason) == (2, "done")
+    assert {s.filename for s in sites} == {HELPERS}, "Celery's 100 kB a call is not the task's"
+    assert 400_000 <= final.traced_growth < 410_000
+    assert sys.gettrace() is None
+
+
+def test_a_body_that_raises_is_traced_and_its_exception_is_untouched(
+        tmp_path: Path, untraced: None) -> None:
+    agent, sender = _agent(tmp_path)
+    _ask(agent, calls=1)
+    with pytest.raises(ValueError, match="the task's own"):
+        _celery_job(agent, _failing_body, 50_000)
+    final = sender.of(messages.LeakTrace)[-1]
+    assert (final.calls, final.reason) == (1, "done")
+    assert sender.of(messages.LeakSite)[0].filename == HELPERS
+    assert sys.gettrace() is None
+    assert not tracemalloc.is_tracing()
+
+
+def test_a_job_whose_body_never_runs_is_no_traced_call(tmp_path: Path, untraced: None) -> None:
+    """A refused (quarantined) task, or one Celery fails before its body: nothing to count, and
+    the trace function is gone at the job's end."""
+    agent, sender = _agent(tmp_path)
+    _ask(agent, calls=1)
+    agent.begin("app.leak", "id", _body.__code__)
+    assert sys.gettrace() is not None
+    agent.end(False)
+    assert sys.gettrace() is None
+    assert sender.of(messages.LeakTrace) == []
+    assert agent.tracing.tracer is not None, "still waiting for a call to trace"
+
+
+def test_a_thread_traced_already_is_traced_for_the_whole_job(
+        tmp_path: Path, untraced: None) -> None:
+    """A debugger or coverage owns the trace function: the job is the traced call."""
+    agent, sender = _agent(tmp_path)
+    _ask(agent, calls=1)
+
+    def theirs(frame: Any, event: str, arg: Any) -> None:
+        return None
+
+    sys.settrace(theirs)
+    try:
+        _celery_job(agent, _body, 200_000)
+        assert sys.gettrace() is theirs
+    finally:
+        sys.settrace(None)
+    final = sender.of(messages.LeakTrace)[-1]
+    assert final.traced_growth >= 300_000, "Celery's 100 kB counted with the body's 200 kB"

@@ -37,7 +37,9 @@ def untraced() -> Iterator[None]:
 
 
 def _run(tracer: Tracer, name: str, work: object, *args: int) -> bool:
+    """A job as a child runs it: begin, the traced code (opened, run, closed at the end)."""
     traced = tracer.begin(name)
+    tracer.open()
     work(*args)  # type: ignore[operator]
     tracer.end(0)
     return traced
@@ -71,12 +73,24 @@ def test_other_task_names_between_traced_calls_are_not_counted(untraced: None) -
 def test_tracing_runs_only_during_the_traced_calls(untraced: None) -> None:
     tracer = Tracer(_request(calls=2), TracemallocTool(10))
     assert tracer.begin("app.leak")
+    assert not tracemalloc.is_tracing(), "not before its traced code starts"
+    tracer.open()
     assert tracemalloc.is_tracing()
+    tracer.close()
+    assert not tracemalloc.is_tracing(), "stopped when it returned, its traces freed"
     tracer.end(0)
-    assert not tracemalloc.is_tracing(), "stopped after the call, its traces freed"
     assert not tracer.begin("app.other")
+    tracer.open()
     assert not tracemalloc.is_tracing(), "another task name runs untraced"
     tracer.end(0)
+    assert tracer.calls == 1
+
+
+def test_a_job_whose_traced_code_never_ran_is_not_a_traced_call(untraced: None) -> None:
+    tracer = Tracer(_request(calls=2), TracemallocTool(10))
+    assert tracer.begin("app.leak")
+    assert not tracer.end(0)
+    assert tracer.calls == 0
 
 
 def test_a_block_a_call_keeps_counts_for_it_even_if_a_later_call_frees_it(
@@ -127,10 +141,15 @@ def test_the_tracer_memory_is_measured_and_nothing_before_the_first_call(untrace
     tracer = Tracer(_request(calls=2), TracemallocTool(10))
     assert tracer.overhead() == 0
     tracer.begin("app.leak")
+    tracer.open()
     leak_helpers.remember(1000)
     assert tracer.overhead() > 0
+    tracer.close()
+    held = tracer.overhead()
+    assert held > 0, "what it held when the call returned, until the job ends"
     tracer.end(0)
-    assert tracer.peak_overhead > 0
+    assert tracer.overhead() == 0
+    assert tracer.peak_overhead == held
 
 
 def test_the_report_is_valid_messages_within_a_datagram(untraced: None) -> None:
@@ -154,6 +173,7 @@ class Scripted:
     """A tool whose calls leave what the test says; user code is any file under app/."""
 
     name = "scripted"
+    in_body = True
 
     def __init__(self, calls: list[dict[Key, tuple[int, int]]]) -> None:
         self.calls = calls
@@ -164,8 +184,12 @@ class Scripted:
     def before_call(self) -> None:
         pass
 
-    def after_call(self) -> dict[Key, tuple[int, int]]:
+    def after_call(self) -> object:
         return self.calls.pop(0)
+
+    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
+        assert isinstance(taken, dict)
+        return taken
 
     def overhead(self) -> int:
         return 0
@@ -203,6 +227,7 @@ def test_sites_group_tracebacks_by_their_innermost_user_frame(
     tracer = Tracer(_request(calls=len(calls)), Scripted(list(calls)))
     for _ in calls:
         tracer.begin("app.leak")
+        tracer.open()
         tracer.end(0)
     assert [(s.frame, s.size, s.grew, s.frames) for s in tracer.sites()] == expected
 
@@ -211,6 +236,7 @@ def test_sites_are_ranked_by_what_they_kept_and_cut_to_the_top() -> None:
     left = {((f"app/m{i}.py", i, ""),): (i * 10, 1) for i in range(1, 15)}
     tracer = Tracer(_request(calls=1), Scripted([left]))
     tracer.begin("app.leak")
+    tracer.open()
     tracer.end(0)
     assert [s.frame[1] for s in tracer.sites(top=3)] == [14, 13, 12]
     assert tracer.traced_growth == sum(i * 10 for i in range(1, 15))
@@ -226,6 +252,7 @@ def test_a_site_that_kept_under_one_percent_of_the_growth_is_left_out(
     left = {(("app/a.py", 1, ""),): (1000, 1), (("app/b.py", 2, ""),): (9, 1)}
     tracer = Tracer(_request(calls=1), Scripted([left]))
     tracer.begin("app.leak")
+    tracer.open()
     tracer.end(rss_growth)
     assert [s.size for s in tracer.sites()] == kept
 
@@ -234,6 +261,7 @@ def test_the_tracer_keeps_the_largest_tracebacks_when_they_are_too_many() -> Non
     left = {((f"app/m{i}.py", i, ""),): (i, 1) for i in range(agent_forensics.KEPT_TRACEBACKS + 1)}
     tracer = Tracer(_request(calls=1), Scripted([left]))
     tracer.begin("app.leak")
+    tracer.open()
     tracer.end(0)
     assert len(tracer.left) == agent_forensics.KEPT_TRACEBACKS // 2
     assert max(entry.size for entry in tracer.left.values()) == agent_forensics.KEPT_TRACEBACKS
@@ -265,3 +293,22 @@ def test_what_counts_as_the_users_code(filename: str, user: bool) -> None:
 def test_text_fits_a_message(value: str, left: bool, expected: str) -> None:
     assert agent_forensics._text(value, left=left) == expected
     assert len(expected) <= messages.MAX_NAME
+
+
+@pytest.mark.parametrize(("frame", "user"), [
+    (("/src/native_leak.c", 8, "native_keep"), True),  # a library's function: where it went
+    (("<unknown>", 0, "CRYPTO_malloc"), True),
+    (("Objects/obmalloc.c", 2003, "_PyObject_Malloc"), False),  # the interpreter
+    (("/tmp/build/Python-3.11.7/Modules/_ctypes/callproc.c", 923, "_call_function_pointer"),
+     False),
+    (("<unknown>", 0, "ffi_call"), False),
+    (("<unknown>", 0, "<unknown>"), False),
+    (("<unknown>", 0, "malloc"), False),
+    ((HELPERS, 11, "remember"), True),  # a Python frame: as for tracemalloc
+    ((sysconfig.get_paths()["stdlib"] + "/json/decoder.py", 353, "raw_decode"), False),
+])
+def test_what_counts_as_the_users_code_in_a_native_stack(frame: Frame, user: bool) -> None:
+    memray_tool = pytest.importorskip(
+        "celery_memguard.agent.forensics_memray",
+        reason="memray is not installed (pip install celery-memguard[memray])")
+    assert memray_tool.MemrayTool(10).user(frame) is user
