@@ -1,31 +1,28 @@
 """Leak forensics in one pool child: which lines keep what a task's calls leave behind.
 
 The daemon asks one child (protocol.forensics) to trace the next ``calls`` calls of one task
-name. The tool traces each of those calls only: started just before it, a snapshot after it
-gives what that call left allocated when it returned, by allocation traceback; then it stops
-and its memory is freed. Snapshots taken across the whole trace instead cost in proportion to
-every block traced since it began (about 15 µs a block, measured): a task that keeps many
-small objects made each one take most of a second, and every other task of the child ran
-traced in between. What the calls left is summed and grouped by site: the innermost frame in
-the user's code (not the standard library, not Celery's own stack). Tasks of other names run
-untraced, so nothing they keep is counted.
+name; tracing.py marks where each of them starts and returns (the task's body). A tool
+traces each call alone and says what it left allocated when it returned, by allocation
+traceback; the Tracer sums that over the calls, groups it by site (the innermost frame in the
+user's code: not the standard library, not Celery's own stack) and reports it. Tasks of other
+names run untraced, so nothing they keep is counted.
 
-tracemalloc sees Python's allocators only: what a task leaves in native memory (C extensions,
-libraries called through ctypes) raises RSS and not the traces, and is reported as untraced.
-memray, an optional extra, sees native allocations too (forensics_memray.py, imported only
-when a request names it).
+The tools: tracemalloc (forensics_tracemalloc.py) sees Python's allocators only: what a task
+leaves in native memory (C extensions, libraries called through ctypes) raises RSS and not
+the traces, and is reported as untraced. memray, an optional extra, sees native allocations
+too (forensics_memray.py, imported only when a request names it).
 """
 
 from __future__ import annotations
 
 import linecache
 import time
-import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from celery_memguard.agent.code_paths import AGENT_DIR, Frame, Key, where
+from celery_memguard.agent.code_paths import Frame, Key
+from celery_memguard.agent.forensics_tracemalloc import TracemallocTool
 from celery_memguard.protocol import forensics, messages
 
 TOP_SITES = 10  # sites reported per trace
@@ -60,94 +57,6 @@ class Tool(Protocol):
     def user(self, frame: Frame) -> bool: ...
 
     def stop(self) -> None: ...
-
-
-class TracemallocTool:
-    """tracemalloc, on only while a traced call runs: started just before it, a snapshot
-    after it (what it left allocated, by traceback), then stopped, which frees every trace.
-    Other tasks of the child run untraced, and a snapshot costs in proportion to what the
-    one call kept, not to everything allocated since the trace began. A block a call keeps
-    and a later call frees still counts for the first: the RSS growth beside it tells a
-    leak from a value replaced on every call.
-
-    A process that traces already (``PYTHONTRACEMALLOC``) is left tracing: each call is then
-    the difference of two snapshots, with what it freed of earlier blocks counted against
-    them."""
-
-    name = "tracemalloc"
-    in_body = True
-
-    def __init__(self, frames: int) -> None:
-        self.frames = frames
-        self.shared = False  # the process traced before the trace began
-        self._before_snapshot: tracemalloc.Snapshot | None = None
-        self._ours: dict[str, bool] = {}  # file name -> the agent's (or tracemalloc's) own
-
-    def start(self) -> None:
-        self.shared = tracemalloc.is_tracing()
-
-    def before_call(self) -> None:
-        if self.shared:
-            self._before_snapshot = tracemalloc.take_snapshot()
-        elif not tracemalloc.is_tracing():
-            tracemalloc.start(self.frames)
-
-    def after_call(self) -> object:
-        snapshot = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
-        if not self.shared and tracemalloc.is_tracing():
-            tracemalloc.stop()
-        return snapshot
-
-    def left(self, taken: object) -> dict[Key, tuple[int, int]]:
-        after = self._held(taken)
-        before = self._held(self._before_snapshot)
-        self._before_snapshot = None
-        left: dict[Key, tuple[int, int]] = {}
-        for traceback, (size, count) in after.items():
-            was = before.pop(traceback, (0, 0))
-            if size != was[0] or count != was[1]:
-                left[_key(traceback)] = (size - was[0], count - was[1])
-        for traceback, (size, count) in before.items():  # freed entirely during the call
-            left[_key(traceback)] = (-size, -count)
-        return left
-
-    def _held(self, snapshot: object) -> dict[tracemalloc.Traceback, tuple[int, int]]:
-        """What a snapshot holds by traceback, without the agent's own allocations."""
-        if not isinstance(snapshot, tracemalloc.Snapshot):
-            return {}
-        held = {}
-        for stat in snapshot.statistics("traceback"):
-            if not any(self._mine(frame.filename) for frame in stat.traceback):
-                held[stat.traceback] = (stat.size, stat.count)
-        return held
-
-    def _mine(self, filename: str) -> bool:
-        mine = self._ours.get(filename)
-        if mine is None:
-            mine = filename.startswith(AGENT_DIR) or filename == _TRACEMALLOC
-            if len(self._ours) < 4096:
-                self._ours[filename] = mine
-        return mine
-
-    def overhead(self) -> int:
-        """tracemalloc's memory while it traces a call (a process tracing anyway: its own)."""
-        return tracemalloc.get_tracemalloc_memory() if tracemalloc.is_tracing() and not (
-            self.shared) else 0
-
-    def user(self, frame: Frame) -> bool:
-        return where().user(frame[0])
-
-    def stop(self) -> None:
-        self._before_snapshot, self._ours = None, {}
-        if not self.shared and tracemalloc.is_tracing():
-            tracemalloc.stop()  # a call cut short (an error): frees its traces
-
-
-_TRACEMALLOC = tracemalloc.__file__
-
-
-def _key(traceback: tracemalloc.Traceback) -> Key:
-    return tuple((frame.filename, frame.lineno, "") for frame in reversed(traceback))
 
 
 @dataclass(slots=True)

@@ -13,20 +13,18 @@ after each of its traced calls, and the last of those becomes its result.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from celery_memguard.daemon import forensics_store
 from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.config import Config
 from celery_memguard.daemon.forensics_plan import Target, choose, due
-from celery_memguard.daemon.leak_sites import Result, assemble, document, file_name, from_document
-from celery_memguard.daemon.leak_sites import task_prefix as result_prefix
+from celery_memguard.daemon.leak_sites import Result, assemble, document
 from celery_memguard.daemon.readings import ProcId
 from celery_memguard.daemon.records import WorkerRec
 from celery_memguard.daemon.snapshot import Snapshot
@@ -38,8 +36,6 @@ from celery_memguard.protocol.signals import TRACE_SIGNAL
 REPORT_GRACE = 30.0  # seconds past its deadline a trace's last report is waited for
 KEEP_ENDED = 64  # ended traces shown in /status (``celery-memguard trace`` reads its own there)
 NAMES_PER_CHILD = 64  # task names remembered per child, to pick one that ran a task
-MAX_FILES = 10000  # result files read at start
-FILE_MODE = 0o644
 
 
 @dataclass
@@ -75,7 +71,8 @@ class Trace:
 
 
 class Forensics:
-    def __init__(self, config: Config, actor: Actor, log: Any, wall: Any) -> None:
+    def __init__(self, config: Config, actor: Actor, log: Any,
+                 wall: Callable[[], float]) -> None:
         self.config = config
         self.actor = actor
         self.log = log
@@ -225,13 +222,14 @@ class Forensics:
             frames=cfg.frames, tool=cfg.tool, until=self.wall() + max(0.0, trace.deadline - now))
         path = paths.trace_path(str(self.config.agent.socket), target.worker_pid)
         try:
-            _write(Path(path), request_file.encode((target.worker_pid, target.worker_start), request))
+            forensics_store.write(Path(path), request_file.encode(
+                (target.worker_pid, target.worker_start), request))
         except OSError as exc:
             trace.reason = f"cannot write {path}: {exc.strerror}"
             return False
         if not self.actor.ask_to_trace(target.worker, ProcId(target.pid, target.start),
                                        target.worker_pid, TRACE_SIGNAL):
-            _remove(path)
+            forensics_store.remove(path)
             trace.reason = "the chosen child could not be signalled"
             return False
         trace.state, trace.target, trace.reason = "tracing", target, ""
@@ -243,7 +241,8 @@ class Forensics:
 
     def _withdraw(self, trace: Trace) -> None:
         if trace.target is not None:
-            _remove(paths.trace_path(str(self.config.agent.socket), trace.target.worker_pid))
+            forensics_store.remove(paths.trace_path(str(self.config.agent.socket),
+                                                    trace.target.worker_pid))
 
     # -- results ------------------------------------------------------------------------------
 
@@ -284,22 +283,14 @@ class Forensics:
             del self.traces[old]
 
     def _keep(self, result: Result, doc: dict[str, Any]) -> Path | None:
-        """Write the result's file and remove the oldest of its task name past ``keep``."""
-        directory = self.directory
-        path = directory / file_name(result)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            _write(path, json.dumps(doc, indent=1).encode())
-            kept = sorted(directory.glob(f"{result_prefix(result.task)}.*.json"))
-            for old in kept[: max(0, len(kept) - self.config.forensics.keep)]:
-                old.unlink()
+            return forensics_store.keep(self.directory, result, doc, self.config.forensics.keep)
         except OSError as exc:
-            if not self._unwritable:
+            if not self._unwritable:  # said once
                 self._unwritable = True
-                self.log.error("leak_sites_not_kept", directory=str(directory),
+                self.log.error("leak_sites_not_kept", directory=str(self.directory),
                                why=exc.strerror or str(exc))
             return None
-        return path
 
     def _start(self, now: float) -> None:
         """Read back the results kept (their dates restart the cooldowns) and remove the
@@ -307,24 +298,12 @@ class Forensics:
         self._started = True
         socket = Path(self.config.agent.socket)
         for stale in socket.parent.glob(paths.trace_glob(str(socket))):
-            _remove(str(stale))
+            forensics_store.remove(stale)
         wall = self.wall()
-        try:
-            files = sorted(self.directory.glob("*.json"))[-MAX_FILES:]
-        except OSError:
-            return
-        for path in files:
-            try:
-                result = from_document(json.loads(path.read_bytes()[: 1 << 22]))
-            except (OSError, ValueError):
-                continue
-            if result is None:
-                continue
-            newest = self.results.get(result.task)
-            if newest is None or result.finished_at >= newest.finished_at:
-                self.results[result.task] = result
-                self._documents[result.task] = document(result)
-                self.traced_at[result.task] = now - max(0.0, wall - result.finished_at)
+        for task, result in forensics_store.newest(self.directory).items():
+            self.results[task] = result
+            self._documents[task] = document(result)
+            self.traced_at[task] = now - max(0.0, wall - result.finished_at)
 
     def documents(self) -> tuple[dict[str, Any], ...]:
         """The newest result of every task name, newest first."""
@@ -336,15 +315,3 @@ class Forensics:
                 "directory": str(self.directory),
                 "traces": [trace.status() for trace in self.traces.values()]}
 
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)

@@ -13,7 +13,8 @@ import pytest
 from celery_memguard.agent import code_paths
 from celery_memguard.agent import forensics as agent_forensics
 from celery_memguard.agent.code_paths import Frame, Key
-from celery_memguard.agent.forensics import TracemallocTool, Tracer
+from celery_memguard.agent.forensics import Tracer
+from celery_memguard.agent.forensics_tracemalloc import TracemallocTool
 from celery_memguard.protocol import messages
 from celery_memguard.protocol.forensics import Request
 from tests.apps import leak_helpers
