@@ -58,12 +58,13 @@ WORKLOADS: list[tuple[str, Callable[[], None]]] = [
 ]
 
 
-def _per_call(work: Callable[[], None], n: int, tool: str | None) -> tuple[float, int]:
+def _per_call(work: Callable[[], None], n: int, tool: str | None,
+              frames: int = 10) -> tuple[float, int]:
     """Median seconds per call of ``work`` (with ``tool``: traced as a child traces a task's
     body: the tracer's begin and open, the call, its close, its memory read, its end and its
     report), and the tool's most memory at the end of a call."""
-    request = Request(id="b", task="t", child=(1, 1), calls=n, frames=10, tool=tool or "tracemalloc",
-                      until=time.time() + 3600)
+    request = Request(id="b", task="t", child=(1, 1), calls=n, frames=frames,
+                      tool=tool or "tracemalloc", until=time.time() + 3600)
     tracer = Tracer(request, make_tool(request)) if tool else None
     times = []
     for _ in range(n):
@@ -83,25 +84,36 @@ def _per_call(work: Callable[[], None], n: int, tool: str | None) -> tuple[float
 
 
 def traced_call_cost(quick: bool) -> None:
-    n = 20 if quick else 200
+    """Untraced and traced calls alternate in rounds (this host's speed drifts); memray goes
+    last, after every tracemalloc row (its hooks outlive its trackers)."""
+    n, rounds = (20, 2) if quick else (40, 5)
     tools = ["tracemalloc"]
     try:
         import memray  # noqa: F401, PLC0415 - only to know whether it can be measured
     except ImportError:
-        print("\n(memray is not installed: its row is left out)")
+        print("\n(memray is not installed: its rows are left out)")
     else:
         tools.append("memray")
     rows = []
-    for name, work in WORKLOADS:
-        base, _ = _per_call(work, n, None)
-        for tool in tools:
-            traced, peak = _per_call(work, n if tool == "tracemalloc" else max(5, n // 10), tool)
-            rows.append([name, tool, f"{base * 1e6:,.0f}", f"{traced * 1e6:,.0f}",
-                         f"{traced / base:.1f}x", f"{(traced - base) * 1e3:.2f}",
-                         f"{peak / KiB:,.0f}" if tool == "tracemalloc" else "-"])
-    table(f"A traced call against an untraced one, in-process (median of {n} calls each; "
-          "traced: the tool started before the call, stopped after it, what it left worked out "
-          "and reported, as a tracing child does)",
+    cases = [(tool, name, work, 10) for tool in tools for name, work in WORKLOADS]
+    # forensics.frames: how much of tracemalloc's cost is the depth of each traceback
+    cases.insert(len(WORKLOADS), ("tracemalloc", f"{WORKLOADS[1][0]}, frames 1",
+                                  WORKLOADS[1][1], 1))
+    for tool, name, work, frames in cases:
+        calls = n if tool == "tracemalloc" else max(5, n // 4)
+        base, traced, peak = [], [], 0
+        for _ in range(rounds):
+            base.append(_per_call(work, calls, None)[0])
+            seconds, most = _per_call(work, calls, tool, frames)
+            traced.append(seconds)
+            peak = max(peak, most)
+        b, t = statistics.median(base), statistics.median(traced)
+        rows.append([name, tool, f"{b * 1e6:,.0f}", f"{t * 1e6:,.0f}", f"{t / b:.1f}x",
+                     f"{(t - b) * 1e3:.2f}", f"{peak / KiB:,.0f}" if tool == "tracemalloc" else "-"])
+    table(f"A traced call against an untraced one, in-process (median of {rounds} alternating "
+          f"rounds, each the median of {n} calls, {max(5, n // 4)} with memray; traced: the "
+          f"tool started before the call, stopped after it, what it left worked out and "
+          f"reported, as a tracing child does)",
           ["workload", "tool", "untraced (µs)", "traced (µs)", "ratio", "added (ms)",
            "tracer memory when the call returned (KiB)"], rows)
     assert not tracemalloc.is_tracing()
