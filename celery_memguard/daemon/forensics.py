@@ -4,11 +4,12 @@ its reports into results, keep them as files, show them.
 forensics_plan.py decides what to trace and where; this module carries it out. It writes the
 worker's request file (protocol.forensics), has the actor signal the verified child, and folds
 the child's LeakSite and LeakTrace reports into a Result (leak_sites.py). A final result is
-logged as one ``leak_sites`` event and kept as a JSON file in the forensics directory, the
-newest ``forensics.keep`` per task name: the files outlive recycles and restarts, and are read
-back by the next daemon (which also takes the last report of a trace an earlier daemon asked
-for). A child that leaves mid-trace reports what it has; one killed mid-trace has reported
-after each of its traced calls, and the last of those becomes its result.
+logged as one ``leak_sites`` event and kept as a JSON file in the forensics directory
+(forensics_store.py), the newest ``forensics.keep`` per task name: the files outlive recycles
+and restarts, and are read back by the next daemon (which also takes the last report of a
+trace an earlier daemon asked for). A child that leaves mid-trace reports what it has; one
+killed mid-trace has reported after each of its traced calls, and the last of those becomes
+its result.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ class Forensics:
         self.log = log
         self.wall = wall  # the wall clock: results carry a date
         self.traces: OrderedDict[str, Trace] = OrderedDict()  # by id: active, then recent ended
-        self.results: dict[str, Result] = {}  # task -> its newest result
-        self._documents: dict[str, dict[str, Any]] = {}  # task -> that result's document
+        self._documents: dict[str, dict[str, Any]] = {}  # task -> its newest result's document
         self.traced_at: dict[str, float] = {}  # task -> when a trace of it began (monotonic)
         self.ran: dict[int, dict[str, None]] = {}  # child pid -> task names it ran, in order
         self._sites: dict[tuple[int, str], list[messages.LeakSite]] = {}  # of reports to come
@@ -255,7 +255,6 @@ class Forensics:
             return
         trace.state, trace.result, trace.partial, trace.reason = "done", result, None, ""
         self._withdraw(trace)
-        self.results[result.task] = result
         doc = self._documents[result.task] = document(result)
         kept = self._keep(result, doc)
         self.log.warning(
@@ -301,7 +300,6 @@ class Forensics:
             forensics_store.remove(stale)
         wall = self.wall()
         for task, result in forensics_store.newest(self.directory).items():
-            self.results[task] = result
             self._documents[task] = document(result)
             self.traced_at[task] = now - max(0.0, wall - result.finished_at)
 
