@@ -6,6 +6,7 @@ BENCH_AGENT=1, so the same app serves the built-in guards and celery-memguard.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -23,13 +24,16 @@ if os.environ.get("BENCH_AGENT") == "1":
 MiB = 1024 * 1024
 _kept: list[bytes] = []
 _cache: dict[str, bytes] = {}
+_DOC = {"items": [{"id": i, "name": f"item-{i}", "tags": ["a", "b", "c"], "price": i * 1.5}
+                  for i in range(200)]}  # about 16 KB as JSON
 
 
 @app.task
 def work(kind: str) -> tuple[int, float]:
     """keep: 2 MiB for the life of the process; cache: 4 MiB once per process; spike: 300 MiB
-    allocated and freed within the task; runaway: 16 MiB every 20 ms up to 640 MiB; sleep:
-    100 ms doing nothing; sleepkeep: 100 ms, then keep; noop."""
+    allocated and freed within the task; runaway: 16 MiB every 20 ms up to 640 MiB; alloc: a
+    JSON round trip of 16 KB (thousands of small allocations, all freed); sleep: 100 ms doing
+    nothing; sleepkeep: 100 ms, then keep; noop."""
     if kind in ("sleep", "sleepkeep"):
         time.sleep(0.1)
     if kind in ("keep", "sleepkeep"):
@@ -40,6 +44,8 @@ def work(kind: str) -> tuple[int, float]:
     elif kind == "spike":
         block = b"\x03" * (300 * MiB)
         del block
+    elif kind == "alloc":
+        json.loads(json.dumps(_DOC))
     elif kind == "runaway":
         held: list[bytes] = []
         while len(held) < 40:

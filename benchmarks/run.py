@@ -38,7 +38,7 @@ from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group,
 from tests.support import Daemon as DaemonProc
 
 MiB = 1024 * 1024
-PARTS = ("sampling", "workload", "spikes", "runaway", "agent", "fleet")
+PARTS = ("sampling", "workload", "spikes", "runaway", "agent", "fleet", "forensics")
 
 
 def median(values: Sequence[float]) -> float:
@@ -291,6 +291,7 @@ class Bench:
     @contextlib.contextmanager
     def worker(self, args: list[str], agent: bool, daemon_config: dict[str, Any] | None,
                extra_env: dict[str, str] | None = None,
+               tree: Path = ROOT,
                ) -> Iterator[tuple[subprocess.Popen[bytes], str, DaemonProc | None]]:
         queue = f"bench{free_port()}"
         daemon = None
@@ -308,7 +309,7 @@ class Bench:
             [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-c", str(POOL),
              "-Q", queue, "-n", f"{queue}@bench", "--loglevel", "warning", "--without-gossip",
              "--without-mingle", "--without-heartbeat", *args],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 30
             while not self.client.control.ping(destination=[f"{queue}@bench"], timeout=0.5):
@@ -324,11 +325,17 @@ class Bench:
 
     def run(self, guard: str, args: list[str], agent: bool, daemon_config: dict[str, Any] | None,
             kinds: list[str], thresholds: tuple[int, ...] = (), period: float = 0.05,
-            extra_env: dict[str, str] | None = None) -> Run:
+            extra_env: dict[str, str] | None = None, tree: Path = ROOT,
+            before: Callable[[DaemonProc | None], None] | None = None,
+            after: Callable[[DaemonProc | None], None] | None = None) -> Run:
+        """One run; ``tree``: the checkout the worker's code comes from; ``before``: called
+        once the worker is up, before the tasks are sent; ``after``: once they are done."""
         run = Run(guard)
-        with self.worker(args, agent, daemon_config, extra_env) as (proc, queue, daemon), \
+        with self.worker(args, agent, daemon_config, extra_env, tree) as (proc, queue, daemon), \
                 RssSampler(proc.pid, period, thresholds, series=True) as sampler, \
                 TotalSampler(proc.pid) as total:
+            if before is not None:
+                before(daemon)
             cpu_before = cpu_split(proc.pid, daemon)
             start = time.time()
             results = [self.client.send_task("benchmarks.bench_app.work", args=(kind,), queue=queue)
@@ -359,6 +366,8 @@ class Bench:
                 edges = [start, *times]
                 run.longest_gap = max(b - a for a, b in itertools.pairwise(edges))
             run.extra["failures"] = sum(1 for s in states if s != "SUCCESS")
+            if after is not None:
+                after(daemon)
             if daemon is not None:
                 run.extra["events"] = daemon.events()
             run.recycles = max(0, len(sampler.peak) - 2)  # every guard counted alike: children seen
@@ -657,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(PARTS))
     parser.add_argument("--agent-rounds", type=int, default=0,
                         help="rounds of the agent comparison (default: --runs)")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of the code before leak forensics (git archive): "
+                             "the forensics part then compares the idle agent with it")
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     runs = 1 if args.quick else args.runs
@@ -669,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     if "sampling" in parts:
         bench_sampling(args.quick)
-    if parts & {"workload", "spikes", "runaway", "agent", "fleet"}:
+    if parts & {"workload", "spikes", "runaway", "agent", "fleet", "forensics"}:
         with tempfile.TemporaryDirectory() as tmp:
             bench = Bench(Path(tmp))
             try:
@@ -685,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
                     from benchmarks.fleet import bench_fleet  # noqa: PLC0415 - it imports this module
 
                     bench_fleet(bench, args.quick)
+                if "forensics" in parts:
+                    from benchmarks.forensics import bench_forensics  # noqa: PLC0415
+
+                    bench_forensics(bench, args.agent_rounds or runs, args.quick, args.baseline)
             finally:
                 bench.close()
     return 0

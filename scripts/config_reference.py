@@ -16,7 +16,8 @@ from celery_memguard.daemon.units import format_bytes
 from celery_memguard.protocol.paths import SOCKET_ENV
 
 _SIZES = {"soft", "hard", "worker_total"}
-_DURATIONS = {"interval", "scan_interval", "kill_after", "watch_interval", "container_hold"}
+_DURATIONS = {"interval", "scan_interval", "kill_after", "watch_interval", "container_hold",
+              "cooldown", "timeout"}
 _PERCENTS = {"jitter", "max_share", "container_soft", "container_hard", "container_pressure"}
 
 
@@ -42,7 +43,8 @@ def _kind(key: str, annotation: object) -> str:
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(f"`{choice}`" for choice in get_args(annotation))
     text = getattr(annotation, "__name__", None) or str(annotation)
-    return {"Path": "path", "str": "text", "int": "integer", "bool": "true/false"}.get(text, text)
+    return {"Path": "path", "str": "text", "int": "integer", "bool": "true/false",
+            "pathlib.Path | None": "path"}.get(text, text)
 
 
 def render() -> str:

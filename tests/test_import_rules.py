@@ -21,10 +21,15 @@ SOURCE = ROOT / PACKAGE
 
 # What each side may import from outside the package (besides the standard library).
 AGENT_THIRD_PARTY = {"celery", "billiard"}
+# Optional extras the agent may use, each through one module of its own which the rest of the
+# agent imports only inside a function, when a request asks for it: a worker without the extra
+# installed never loads it. memray: ``forensics.tool: memray`` (pip install celery-memguard[memray]).
+AGENT_OPTIONAL = {"memray": f"{PACKAGE}.agent.forensics_memray"}
 DAEMON_FORBIDDEN_THIRD_PARTY = {"celery", "billiard", "kombu", "rich"}
 # The daemon's pure modules: a snapshot and the config in, values out; no OS, no loop.
 PURE = {"policy", "container_policy", "leak_trend", "task_growth", "state", "records", "reports",
-        "config", "units", "readings", "snapshot", "decision", "view"}
+        "config", "units", "readings", "snapshot", "decision", "view", "leak_sites",
+        "forensics_plan"}
 PURE_MAY_NOT_IMPORT = {"procs", "loop", "supervisor", "metrics", "http", "status", "actions",
                        "inbox", "publisher", "sampler"}
 # The demo's Celery app stands for a user's app: it calls the public API as users do.
@@ -72,6 +77,25 @@ def _imports(name: str) -> Iterator[tuple[str, int]]:
                 yield (candidate if candidate in MODULES else base), node.lineno
 
 
+@functools.cache
+def module_level(name: str) -> frozenset[int]:
+    """The lines of module ``name``'s imports that run when it is imported (outside any
+    function)."""
+    path = MODULES[name]
+    lines: set[int] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            return
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            lines.add(node.lineno)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return frozenset(lines)
+
+
 def top(module: str) -> str:
     return module.split(".", maxsplit=1)[0]
 
@@ -97,8 +121,14 @@ def violations() -> dict[str, list[str]]:
             if side == "protocol" and not (is_stdlib(target)
                                            or target.startswith(f"{PACKAGE}.protocol")):
                 bad("protocol imports only the standard library", name, line, target)
+            if AGENT_OPTIONAL.get(top(target)) not in (None, name):
+                bad("an optional extra is imported by its own module only", name, line, target)
+            if target in AGENT_OPTIONAL.values() and line in module_level(name):
+                bad("an optional extra's module is imported inside a function only",
+                    name, line, target)
             if side == "agent" and not (
                     is_stdlib(target) or top(target) in AGENT_THIRD_PARTY
+                    or AGENT_OPTIONAL.get(top(target)) == name
                     or target.startswith((f"{PACKAGE}.protocol", f"{PACKAGE}.agent"))
                     or target in (f"{PACKAGE}.errors", f"{PACKAGE}._version")):
                 bad("agent imports the standard library, Celery, billiard and protocol only",
@@ -154,6 +184,8 @@ def test_the_three_programs_have_a_folder_each() -> None:
 
 @pytest.mark.parametrize("rule", [
     "no module imports the package root",
+    "an optional extra is imported by its own module only",
+    "an optional extra's module is imported inside a function only",
     "protocol imports only the standard library",
     "agent imports the standard library, Celery, billiard and protocol only",
     "the daemon imports neither Celery nor the agent nor the CLI",
@@ -177,3 +209,8 @@ def test_the_reader_sees_deferred_and_relative_imports() -> None:
     assert "billiard.pool" in agent_imports
     assert f"{PACKAGE}.agent.install" in {t for t, _ in imports(PACKAGE)}
     assert "celery" not in {t for t, _ in imports(PACKAGE)}  # only under TYPE_CHECKING
+    optional = f"{PACKAGE}.agent.forensics_memray"
+    assert optional in {t for t, _ in imports(f"{PACKAGE}.agent.forensics")}
+    assert not {line for t, line in imports(f"{PACKAGE}.agent.forensics") if t == optional} & (
+        module_level(f"{PACKAGE}.agent.forensics")), "deferred, inside make_tool"
+    assert "memray" in {t for t, _ in imports(optional)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -35,10 +36,11 @@ from celery_memguard.agent.headroom import Headroom
 from celery_memguard.agent.procfs import StatmReader, start_ticks
 from celery_memguard.agent.quarantine import raise_in_body
 from celery_memguard.agent.sender import Sender
+from celery_memguard.agent.tracing import Tracing
 from celery_memguard.agent.watch import Watch
 from celery_memguard.errors import MemoryLimitExceeded
 from celery_memguard.protocol import grants, hooks, messages, paths, rules, settings
-from celery_memguard.protocol.signals import EX_RECYCLE
+from celery_memguard.protocol.signals import EX_RECYCLE, TRACE_SIGNAL
 
 CHILD_HELLO_SECONDS = 5.0
 ANNOUNCE_AFTER = 0.05  # a task running this long is announced (TaskRunning)
@@ -95,6 +97,8 @@ class ChildAgent:
         self.container_hit: tuple[int, int] | None = None  # (working set, line) of an interrupt
         self.maxrss_before = 0  # ru_maxrss when the task began (KiB)
         self._untrace: Callable[[], None] | None = None  # a refused task's trace, until it fires
+        self.tracing = Tracing(socket_path, self.worker, (self.pid, self.start_ticks), self._send)
+        self.tracing.index = index
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
         # from the published settings
         self.soft_threshold = 0  # this process's own: the soft limit lowered by its jitter
@@ -145,10 +149,11 @@ class ChildAgent:
     # -- tasks (main thread) ----------------------------------------------------------------
 
     def begin(self, name: str, task_id: str, run_code: CodeType | None,
-              refused: str | None = None, rss: int | None = None) -> None:
-        """A job begins. ``refused``: why the main process found its task id quarantined;
-        ``rss``: this process's RSS, when just read."""
-        self.rss_before = self.statm.rss() if rss is None else rss
+              refused: str | None = None) -> None:
+        """A job begins. ``refused``: why the main process found its task id quarantined."""
+        if self.tracing.active:  # leak forensics (tracing.py)
+            self.tracing.begin(name, run_code)
+        self.rss_before = self.statm.rss() - self.tracing.bytes
         self.task_name, self.task_id = name, task_id
         self.task_started = time.monotonic()
         if self.headroom.line:  # the watch may miss a peak between two reads; this cannot
@@ -177,7 +182,9 @@ class ChildAgent:
             self._send(messages.TaskInterrupted(
                 pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
                 id=self.task_id, rss=used, limit=line, reason="container"))
-        rss = self.last_rss = self.statm.rss()
+        if self.tracing.active:
+            self.tracing.measure()
+        rss = self.last_rss = self.statm.rss() - self.tracing.bytes
         self.growth.append(rss - self.rss_before)
         self._left(self.task_name, rss - self.rss_before)
         now = time.monotonic()
@@ -194,6 +201,8 @@ class ChildAgent:
                 self.sender.ring()
             # "self": leave() follows at once and sends the batch after the exit, so that the
             # daemon knows the child is leaving before it reads the report that crossed.
+        if self.tracing.tracer is not None:
+            self.tracing.end(rss - self.rss_before)
 
     def _peak(self, rss: int) -> int:
         """The most this task held as far as known: the watch's reads, the end, and the
@@ -326,6 +335,10 @@ class ChildAgent:
                                         task=self.task_name, id=self.task_id, rss=rss,
                                         limit=limit))
 
+    def install_forensics(self) -> None:
+        """The daemon's trace request signal (tracing.py): it only sets a flag."""
+        signal.signal(TRACE_SIGNAL, self.tracing.on_signal)
+
     # -- leaving ----------------------------------------------------------------------------
 
     def on_container_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -354,6 +367,8 @@ class ChildAgent:
         daemon is rung: one fewer child on its way out may free a unit for the next one."""
         locked = self._lock.acquire(timeout=LEAVE_LOCK_SECONDS)
         try:
+            for report in self.tracing.leaving():  # what a trace had: the daemon keeps it
+                self.sender.send(report)
             self.sender.send(messages.ChildExit(pid=self.pid, ppid=self.ppid, index=self.index,
                                             tasks=self.tasks, reason=self.exit_reason))
             self._flush(time.monotonic())
@@ -397,7 +412,7 @@ class ChildAgent:
                     refused = refusal(job)
                     if refused is None:
                         self._hold(name, task_id)
-                    self.begin(name, task_id, run_code, refused, self.statm.rss())
+                    self.begin(name, task_id, run_code, refused)
                 except Exception:  # noqa: BLE001 - the agent never raises into the worker
                     self.running = False
             return job

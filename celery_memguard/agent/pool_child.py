@@ -92,6 +92,7 @@ def on_process_init(sender: Any = None, **_: Any) -> None:
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         signal.signal(CONTAINER_SIGNAL, agent.on_container_signal)
         agent.watch.install()
+        agent.install_forensics()
         if begins:
             pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe,
                                                                refusal)

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EX_CONFIG
     handler = {"run": _run, "check-config": _check_config, "status": _status,
-               "report": _report, "demo": _demo, "doctor": _doctor}[args.command]
+               "report": _report, "demo": _demo, "doctor": _doctor,
+               "trace": _trace}[args.command]
     code: int = handler(args)
     return code
 
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                         help='with --prometheus: PromQL label matchers, e.g. \'namespace="prod"\'')
     report.add_argument("--window", metavar="DURATION",
                         help="with --prometheus: the time range to report on (default 1h)")
+    _trace_parser(sub)
     demo = sub.add_parser("demo", help="run a leaking worker under supervision, no broker needed")
     demo.add_argument("--duration", type=float, default=25.0, help="seconds of workload (default 25)")
     demo.add_argument("--no-live", action="store_true", help="plain output instead of a live view")
@@ -182,7 +184,8 @@ def _report(args: argparse.Namespace) -> int:
     if document is None:
         return code
     if args.json:
-        print(json.dumps({"tasks": document["tasks"], "workers": document["workers"]}, indent=1))
+        print(json.dumps({"tasks": document["tasks"], "workers": document["workers"],
+                          "leak_sites": document.get("leak_sites", [])}, indent=1))
         return EX_OK
     from celery_memguard.cli.render import report_tables  # noqa: PLC0415
 
@@ -216,6 +219,33 @@ def _doctor(args: argparse.Namespace) -> int:
         return EX_CONFIG
     path = str(cfg.agent.socket) if cfg is not None and args.config else None
     return doctor.run(url, path, args.json)
+
+
+def _trace_parser(sub: Any) -> None:
+    trace = sub.add_parser("trace", help="trace a task's next calls in one child: the lines that "
+                                         "keep what they leave behind")
+    trace.add_argument("task", metavar="TASK", help="the task name, e.g. app.tasks.report")
+    trace.add_argument("--calls", type=int, help="calls to trace (default: forensics.calls)")
+    trace.add_argument("--worker", metavar="W",
+                       help="only in this worker (a nodename, or a pattern such as 'reports@*')")
+    trace.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds for a child to run TASK's calls (default 120)")
+    trace.add_argument("--config", "-c", metavar="FILE",
+                       help="read agent.socket and metrics.listen from this config")
+    trace.add_argument("--url", help="the daemon's base URL (default: from metrics.listen)")
+    trace.add_argument("--socket", help="the daemon's agent socket (default: agent.socket)")
+    trace.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from celery_memguard.cli.trace import run_trace  # noqa: PLC0415
+    from celery_memguard.daemon.config import ConfigError  # noqa: PLC0415
+
+    try:
+        return run_trace(args, lambda: _fetch_status(args), _load)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid: {exc.key}: {exc.reason}", file=sys.stderr)
+        return EX_CONFIG
 
 
 def _demo(args: argparse.Namespace) -> int:

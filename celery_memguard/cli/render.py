@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from celery_memguard.daemon.units import format_bytes
@@ -92,6 +93,14 @@ def report_tables(document: dict[str, Any], console: Console | None = None) -> N
                 trend, "-" if to_soft is None else f"{to_soft:.0f}",
                 _duration(child.get("seconds_to_soft")))
     console.print(children)
+    shown = set()
+    for task in document.get("tasks", []):
+        if task.get("sites") or task.get("trace"):
+            leak_sites({**task["trace"], "sites": task["sites"]}, console)
+            shown.add(task["task"])
+    for result in document.get("leak_sites", []):
+        if result["task"] not in shown:
+            leak_sites(result, console)
     for worker in document.get("workers", []):
         advice = worker.get("recommended_max_tasks_per_child")
         fresh = worker.get("fresh_child_rss_bytes")
@@ -102,3 +111,35 @@ def report_tables(document: dict[str, Any], console: Console | None = None) -> N
         elif advice == 0:
             console.print(f"{worker['name']}: a fresh child plus one task already reaches the soft "
                           f"limit: raise limits.soft.")
+
+
+def leak_sites(result: dict[str, Any], console: Console | None = None) -> None:
+    """A trace's result: the sites that keep what the traced calls left, the untraced part."""
+    console = console or Console()
+    calls = result["calls"]
+    state = ("complete" if result["complete"]
+             else f"[yellow]partial: {calls} of {result['calls_wanted']} calls, "
+                  f"{escape(result['reason'])}[/yellow]")
+    untraced = result.get("untraced_share")
+    table = Table(
+        title=(f"{escape(result['task'])}: where {calls} traced calls left their memory "
+               f"({escape(result['worker'])}, child {result['index']}, {result['tool']}, {state})"),
+        caption=(f"RSS {format_bytes(result['rss_growth_per_call'])} per call, traced "
+                 f"{format_bytes(result['traced_growth_per_call'])} per call"
+                 + ("" if untraced is None else f", untraced {untraced:.0%}")),
+        title_justify="left", caption_justify="left")
+    for column in ("share", "per call", "blocks", "site"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    for site in result["sites"]:
+        where = [f"[bold]{escape(site['filename'])}:{site['lineno']}[/bold]"]
+        if site["code"]:
+            where.append(f"  {escape(site['code'])}")
+        where += [f"  [dim]from {escape(frame['filename'])}:{frame['lineno']}[/dim]"
+                  for frame in site["traceback"][1:]]
+        table.add_row(f"{site['share']:.0%}", format_bytes(site["bytes_per_call"]),
+                      f"{site['blocks_per_call']:g}", "\n".join(where))
+    if not result["sites"]:
+        table.add_row("-", "-", "-", "no allocation site kept memory the tracer saw")
+    console.print(table)
+    if result.get("advice"):
+        console.print(f"[yellow]{escape(result['advice'])}[/yellow]")

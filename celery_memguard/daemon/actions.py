@@ -12,6 +12,7 @@ from typing import Any
 
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.procs import Procs
+from celery_memguard.daemon.readings import ProcId
 from celery_memguard.daemon.state import State
 
 
@@ -124,3 +125,17 @@ class Actor:
             self.state.recycles[(d.worker, d.reason.value)] += 1
             task, task_id = self.state.task_killed(d.worker, d.proc.pid)
         self.log.warning("kill_sent", signal=name, task=task, task_id=task_id, **fields)
+
+    def ask_to_trace(self, worker: str, proc: ProcId, worker_pid: int, signum: int) -> bool:
+        """Signal a verified pool child of ``worker_pid`` to read its trace request (leak
+        forensics: not a recycle, so a dry run sends it too); True when delivered."""
+        fields = {"worker": worker, "pid": proc.pid}
+        live = self.procs.stat(proc.pid)
+        if live is None or live.proc != proc or live.ppid != worker_pid:
+            self.log.warning("trace_request_dropped", why="not_a_verified_pool_child", **fields)
+            return False
+        try:
+            return self.procs.send_signal(proc.pid, signum)
+        except PermissionError:
+            self.log.error("trace_request_failed", why="permission_denied", **fields)
+            return False

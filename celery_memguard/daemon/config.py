@@ -322,6 +322,76 @@ class QuarantineConfig(_Section):
     )
 
 
+class ForensicsConfig(_Section):
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Leak forensics: trace a leaking task name's calls in one pool child to name the "
+            "lines that keep its memory. false: no trace at all, automatic or asked for."
+        ),
+    )
+    auto: bool = Field(
+        default=True,
+        description=(
+            "Trace a task name as soon as the daemon finds it leaking (a median growth of at "
+            "least 64 KiB per call, over at least 5 calls). false: only when asked, with "
+            "`celery-memguard trace TASK`."
+        ),
+    )
+    calls: int = Field(
+        default=20, ge=1, le=1000,
+        description=(
+            "Calls of the task traced in the one child: a snapshot before and after each. "
+            "From the first to the last, that child's allocations are traced, which slows "
+            "the other tasks it runs meanwhile too; other children are not traced."
+        ),
+    )
+    frames: int = Field(
+        default=10, ge=1, le=100,
+        description=(
+            "Frames kept per allocation: deeper call paths, and more of the tracer's memory "
+            "per block the traced calls keep."
+        ),
+    )
+    tool: Literal["tracemalloc", "memray"] = Field(
+        default="tracemalloc",
+        description=(
+            "tracemalloc (standard library) sees Python's allocators only; memray (pip "
+            "install celery-memguard[memray] in the worker's environment) also sees native "
+            "allocations (C extensions, libraries), with native stacks."
+        ),
+    )
+    cooldown: float = Field(
+        default=3600.0,
+        description="A task name traced automatically is not traced again for this long.",
+    )
+    timeout: float = Field(
+        default=600.0,
+        description=(
+            "A child asked to trace has this long for its calls; then it stops and reports "
+            "what it has. A child that ran none is replaced by another, while one is left."
+        ),
+    )
+    dir: Path | None = Field(
+        default=None,
+        description=(
+            "Where results are kept, one JSON file per trace, so that they outlive recycles "
+            "and daemon restarts. Unset: the directory forensics/ beside agent.socket."
+        ),
+    )
+    keep: int = Field(
+        default=5, ge=1, le=1000, description="The newest results kept per task name."
+    )
+
+    @field_validator("cooldown", "timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if not 1 <= seconds <= 7 * 86400:
+            raise ValueError(f"must be between 1s and a week, got {value!r}")
+        return seconds
+
+
 class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = Field(
         default="auto", description="json off a terminal, console on one, when auto."
@@ -354,6 +424,7 @@ class Config(_Section):
     )
     recycle: RecycleConfig = Field(default_factory=RecycleConfig)
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    forensics: ForensicsConfig = Field(default_factory=ForensicsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     _document: dict[str, Any] = PrivateAttr(default_factory=dict)  # as written: limit_sources
     _socket_source: str = PrivateAttr(default="default")  # where agent.socket came from
@@ -371,6 +442,11 @@ class Config(_Section):
     def socket_source(self) -> str:
         """Where agent.socket came from: the environment, the file, or the default."""
         return self._socket_source
+
+    @property
+    def forensics_dir(self) -> Path:
+        """Where trace results are kept: forensics.dir, else forensics/ beside the socket."""
+        return self.forensics.dir or self.agent.socket.parent / "forensics"
 
     def limits_for(self, worker: str) -> LimitsConfig:
         """The limits of the first ``workers`` entry whose pattern matches, else the top level."""

@@ -30,6 +30,8 @@ def fold(state: State, message: messages.Message, now: float) -> WorkerRec | Non
         return state.workers.pop(message.pid)
     if isinstance(message, messages.ChildDied):
         return _child_died(state, message, now)
+    if isinstance(message, messages.TraceRequest):
+        return None  # about no process: the supervisor hands it to forensics
     worker, child = _child_of(state, message, now)
     child.agent = True
     if not worker.agent:  # its children speak, so its app installed the agent; the main

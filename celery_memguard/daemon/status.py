@@ -14,6 +14,10 @@ from celery_memguard.daemon.view import View
 def status_document(view: View) -> dict[str, Any]:
     """The /status document of a view."""
     now = time.monotonic()
+    traced = {result["task"]: result for result in view.leak_sites}
+    for trace in view.forensics.get("traces", ()):  # a trace under way shows what it has
+        if trace["state"] == "tracing" and trace["result"] is not None:
+            traced[trace["task"]] = trace["result"]
     workers = []
     for worker in view.snapshot.workers:
         children = []
@@ -71,7 +75,9 @@ def status_document(view: View) -> dict[str, Any]:
                    "socket": socket_facts(view.socket) | {"source": view.socket_source}},
         "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,
                    "mean_growth_bytes": r.mean_bytes, "total_growth_bytes": r.total_bytes,
-                   "leaky": r.leaky} for r in view.ranking],
+                   "leaky": r.leaky, **_sites(traced.get(r.task))} for r in view.ranking],
+        "leak_sites": list(view.leak_sites),
+        "forensics": view.forensics,
     }
 
 
@@ -86,3 +92,12 @@ def socket_facts(path: str) -> dict[str, Any]:
     return facts | {"exists": True, "is_socket": stat.S_ISSOCK(info.st_mode),
                     "mode": f"{stat.S_IMODE(info.st_mode):04o}", "uid": info.st_uid,
                     "gid": info.st_gid}
+
+
+def _sites(result: dict[str, Any] | None) -> dict[str, Any]:
+    """A ranked task's newest trace result (or the one under way): its sites, its untraced
+    share, the rest of it."""
+    if result is None:
+        return {"sites": [], "untraced_share": None, "trace": None}
+    return {"sites": result["sites"], "untraced_share": result["untraced_share"],
+            "trace": {key: value for key, value in result.items() if key != "sites"}}

@@ -13,12 +13,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from celery_memguard.daemon import container_policy, policy, reports, sampler, task_growth
 from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.config import Config, LimitsConfig
 from celery_memguard.daemon.decision import Decision
+from celery_memguard.daemon.forensics import Forensics
 from celery_memguard.daemon.inbox import Datagram
 from celery_memguard.daemon.metrics import Metrics
 from celery_memguard.daemon.procs import Procs
@@ -54,6 +56,7 @@ class Supervisor:
         self.state.quarantine_after = config.quarantine.after
         self.actor = Actor(procs, self.state, log, config.recycle.dry_run)
         self.sampler = sampler.UssSampler(procs)
+        self.forensics = Forensics(config, self.actor, log, time.time)
         self.publisher = Publisher(str(config.agent.socket))
         self.metrics = Metrics(lambda: self.view)
         self.memory = procs.memory_limit()  # what percentages in the config resolved against
@@ -101,6 +104,7 @@ class Supervisor:
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
         self.state.quarantine_after = new.quarantine.after
+        self.forensics.config = new
         if publish:  # the agents re-read the files within seconds
             self.publisher.settings(new)
             self.publisher.write_quarantine(self.state.quarantined, new.quarantine.after)
@@ -130,6 +134,7 @@ class Supervisor:
             self._drop(exc.reason, datagram, message)
             return
         state.messages[message.EVENT] += 1
+        self.forensics.receive(message, worker, now)
         self._log_events()
         self.publish_quarantine()
         if isinstance(message, messages.WorkerHello) and worker is not None:
@@ -205,6 +210,9 @@ class Supervisor:
             sampler.total_clock(rec, limits, now)
         self.state.assess_trends()
         self.decide(now, None)
+        self.forensics.tick(now, self.view.snapshot, self.view.ranking)
+        self.view = replace(self.view, leak_sites=self.forensics.documents(),
+                            forensics=self.forensics.status())  # what the tick just did
         self._log_events()
         self.publish_quarantine()
         self.procs.sweep()
@@ -388,4 +396,5 @@ class Supervisor:
             connections=self.connections(), socket=str(self.config.agent.socket),
             socket_source=self.config.socket_source,
             limit_sources={w.name: self._limit_sources(w.name) for w in snapshot.workers},
+            leak_sites=self.forensics.documents(), forensics=self.forensics.status(),
         )

@@ -7,6 +7,7 @@ HTTP threads only read the latest, so they never touch the loop's state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery_memguard.daemon.snapshot import Snapshot
 from celery_memguard.daemon.task_growth import Ranked
@@ -42,3 +43,5 @@ class View:
     # where the limit in force comes from
     published_at: float = 0.0  # monotonic
     started_at: float = 0.0  # wall clock
+    leak_sites: tuple[dict[str, Any], ...] = ()  # the newest trace result of each task name
+    forensics: dict[str, Any] = field(default_factory=dict)  # traces under way and ended

@@ -22,6 +22,7 @@ MAX_KIDS = 1024
 MAX_BATCH = 256  # task ends in one TaskBatch
 MAX_BATCH_NAMES = 64  # distinct task names in one TaskBatch
 MAX_HOOKS = 16  # names of missing hooks in one hello (protocol.hooks)
+MAX_FRAMES = 32  # frames of one allocation site's traceback in a LeakSite
 
 
 class MessageError(ValueError):
@@ -81,8 +82,17 @@ def _kids(value: object) -> bool:
         for item in value)
 
 
+def _frames(value: object) -> bool:
+    """(file, line, function) triples, innermost first."""
+    return isinstance(value, list) and len(value) <= MAX_FRAMES and all(
+        isinstance(item, list) and len(item) == 3 and _name(item[0])
+        and type(item[1]) is int and 0 <= item[1] < 2**31 and _name(item[2])
+        for item in value)
+
+
 Pid = Annotated[int, Kind(_int_in(1, 2**62))]
 Count = Annotated[int, Kind(_int_in(0, 2**62))]
+Delta = Annotated[int, Kind(_int_in(-(2**62), 2**62))]  # a change, which may be negative
 MaybeCount = Annotated[int | None, Kind(_int_in(0, 2**62), optional=True)]
 ExitCode = Annotated[int, Kind(_int_in(-255, 256))]  # negative: killed by that signal
 Name = Annotated[str, Kind(_name)]
@@ -92,6 +102,8 @@ Kids = Annotated[tuple[tuple[int, int], ...],
                  Kind(_kids, lambda v: tuple((item[0], item[1]) for item in v))]
 Names = Annotated[tuple[str, ...], Kind(_names, tuple)]
 Hooks = Annotated[tuple[str, ...], Kind(_hooks, tuple)]
+Frames = Annotated[tuple[tuple[str, int, str], ...],
+                   Kind(_frames, lambda v: tuple((item[0], item[1], item[2]) for item in v))]
 Ends = Annotated[tuple[tuple[int, int, int, int, int], ...],
                  Kind(_ends, lambda v: tuple(tuple(item) for item in v))]
 
@@ -308,11 +320,74 @@ class ChildDied:
     oom_kills: MaybeCount = None  # the kernel's OOM kill counter of the worker's container
 
 
+@_message
+@dataclass(frozen=True, slots=True)
+class LeakSite:
+    """One allocation site of a trace (protocol.forensics): what the traced calls of a task
+    left behind there, summed over them. Sent just before the LeakTrace it belongs to."""
+
+    TYPE: ClassVar[str] = "l"
+    EVENT: ClassVar[str] = "leak_site"
+    pid: Pid
+    ppid: Pid
+    index: Count
+    trace: Name  # the request's id
+    rank: Count  # 0 for the site that kept the most
+    filename: Name
+    lineno: Count
+    function: Name
+    code: Name  # the source line, or the function where the source cannot be read
+    frames: Frames  # a short traceback, innermost first
+    size: Count  # bytes left behind
+    blocks: Delta  # allocations left behind
+    grew: Count  # traced calls after which the site held more than before
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class LeakTrace:
+    """A trace's result so far (``done``: its last), after its LeakSite messages. Growth is
+    summed over the calls traced; the tracer's own memory is left out of ``rss_growth``."""
+
+    TYPE: ClassVar[str] = "f"
+    EVENT: ClassVar[str] = "leak_trace"
+    pid: Pid
+    ppid: Pid
+    index: Count
+    trace: Name
+    task: Name
+    tool: Name
+    calls: Count  # traced so far
+    wanted: Count  # asked for
+    rss_growth: Delta
+    traced_growth: Delta  # all that the tracer saw left behind, net of what it saw freed
+    sites: Count  # the LeakSite messages sent for this report
+    tracer_bytes: Count  # the tracer's own memory at its peak
+    done: Flag
+    reason: Name  # tracing, done, leaving, expired, cancelled or error
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """Sent by ``celery-memguard trace``: trace the next calls of a task name now."""
+
+    TYPE: ClassVar[str] = "q"
+    EVENT: ClassVar[str] = "trace_request"
+    pid: Pid
+    id: Name
+    task: Name
+    calls: MaybeCount  # None: forensics.calls
+    worker: MaybeName  # a nodename (or a pattern); None: any worker
+    timeout_ms: Count
+
+
 Message = (WorkerHello | WorkerBye | ChildHello | TaskStart | TaskEnd | TaskRunning | TaskBatch
-           | ChildExit | TaskInterrupted | TaskHeld | ChildDied)
+           | ChildExit | TaskInterrupted | TaskHeld | ChildDied | LeakSite | LeakTrace
+           | TraceRequest)
 # A report about one pool child, sent by that child.
 ChildReport = (ChildHello | TaskStart | TaskEnd | TaskRunning | TaskBatch | ChildExit
-               | TaskInterrupted | TaskHeld)
+               | TaskInterrupted | TaskHeld | LeakSite | LeakTrace)
 
 EVENTS: dict[str, str] = {cls.TYPE: cls.EVENT for cls, _ in _SPECS.values()}  # type letter -> name
 

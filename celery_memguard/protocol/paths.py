@@ -40,6 +40,15 @@ def room_path(socket: str, worker_pid: int) -> str:
     return f"{socket}.room.{worker_pid}"
 
 
+def trace_path(socket: str, worker_pid: int) -> str:
+    """One worker's trace request: which child traces which task (protocol.forensics)."""
+    return f"{socket}.trace.{worker_pid}"
+
+
+def trace_glob(socket: str) -> str:
+    return os.path.basename(socket) + ".trace.*"
+
+
 def room_glob(socket: str) -> str:
     return os.path.basename(socket) + ".room.*"
 

@@ -192,3 +192,38 @@ def frozen(self) -> int:
 
     _log_run(self.request.id)
     return gc.get_freeze_count()
+
+
+@app.task(bind=True)
+def keep_via_helper(self, kib: float = 512) -> int:
+    """Keep ``kib`` KiB for the life of the process, through a helper in another module."""
+    from tests.apps import leak_helpers  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    leak_helpers.remember(int(kib * 1024))
+    return os.getpid()
+
+
+_native: list[int] = []  # addresses of the blocks kept, never freed
+_libraries: dict[str | None, object] = {}
+
+
+@app.task(bind=True)
+def keep_native(self, kib: float = 512, library: str | None = None) -> int:
+    """Keep ``kib`` KiB of native memory, written and never freed: malloc called through ctypes,
+    or (``library``: a shared library built from tests/apps/native_leak.c) by a C function."""
+    import ctypes  # noqa: PLC0415
+
+    _log_run(self.request.id)
+    size = int(kib * 1024)
+    lib = _libraries.get(library)
+    if lib is None:
+        lib = _libraries[library] = ctypes.CDLL(library)
+        allocate = lib.native_keep if library else lib.malloc
+        allocate.restype, allocate.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    allocate = lib.native_keep if library else lib.malloc  # type: ignore[attr-defined]
+    block = allocate(size)
+    if library is None:
+        ctypes.memset(block, 1, size)
+    _native.append(block)
+    return os.getpid()

@@ -62,6 +62,13 @@ def test_socket_environment_variable_overrides_the_file() -> None:
     assert str(cfg.agent.socket) == "/from/env.sock"
 
 
+def test_forensics_results_live_beside_the_socket_unless_a_directory_is_given() -> None:
+    cfg = config.parse({"agent": {"socket": "/run/mg/agent.sock"}}, env={})
+    assert str(cfg.forensics_dir) == "/run/mg/forensics"
+    cfg = config.parse({"forensics": {"dir": "/var/lib/mg"}}, env={})
+    assert str(cfg.forensics_dir) == "/var/lib/mg"
+
+
 def test_config_is_frozen() -> None:
     cfg = config.parse({}, env={})
     with pytest.raises(ValueError, match="frozen"):
@@ -88,6 +95,11 @@ def test_config_is_frozen() -> None:
     ("recycle: {dry_run: perhaps}", "recycle.dry_run", "boolean"),
     ("limits: {measure: vsz}", "limits.measure", "'rss', 'uss' or 'pss'"),
     ("- just a list", "<top>", "mapping"),
+    ("forensics: {tool: objgraph}", "forensics.tool", "'tracemalloc' or 'memray'"),
+    ("forensics: {calls: 0}", "forensics.calls", "greater than or equal to 1"),
+    ("forensics: {frames: 500}", "forensics.frames", "less than or equal to 100"),
+    ("forensics: {cooldown: 0s}", "forensics.cooldown", "between 1s and a week"),
+    ("forensics: {timeout: 200h}", "forensics.timeout", "between 1s and a week"),
 ])
 def test_bad_configs_are_refused_naming_the_key(tmp_path: Path, text: str, key: str,
                                                 fragment: str) -> None:

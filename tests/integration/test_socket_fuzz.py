@@ -51,8 +51,17 @@ VALID: list[messages.Message] = [
                        oom_kills=3),
     messages.TaskHeld(pid=ME, ppid=PARENT, index=0, task="app.big", id="t-3", waited_ms=1500,
                       working_set=400 * MiB, line=440 * MiB, gave_up=False),
+    messages.LeakSite(pid=ME, ppid=PARENT, index=0, trace="t-4", rank=0, filename="app/h.py",
+                      lineno=12, function="keep", code="kept.append(b)",
+                      frames=(("app/h.py", 12, "keep"), ("app/tasks.py", 30, "run")),
+                      size=20 * MiB, blocks=20, grew=20),
+    messages.LeakTrace(pid=ME, ppid=PARENT, index=0, trace="t-4", task="app.leak",
+                       tool="tracemalloc", calls=20, wanted=20, rss_growth=21 * MiB,
+                       traced_growth=20 * MiB, sites=1, tracer_bytes=MiB, done=True, reason="done"),
+    messages.TraceRequest(pid=ME, id="t-5", task="app.leak", calls=5, worker="fuzz@test",
+                          timeout_ms=1000),
 ]
-TYPES = {"w", "b", "c", "s", "e", "r", "k", "x", "h", "g", "d"}
+TYPES = {"w", "b", "c", "s", "e", "r", "k", "x", "h", "g", "d", "l", "f", "q"}
 # The wire format, stated here independently of the decoder: each field's kind.
 KIND = {"pid": "pid", "ppid": "pid", "child": "pid", "index": "count", "tasks": "count",
         "rss": "count", "rss_before": "count", "concurrency": "count", "recycle_signal": "count",
@@ -63,9 +72,15 @@ KIND = {"pid": "pid", "ppid": "pid", "child": "pid", "index": "count", "tasks": 
         "container_limit": "count?", "waited_ms": "count", "working_set": "count",
         "line": "count", "gave_up": "bool", "max_concurrency": "count?", "missing": "hooks",
         "celery": "name", "billiard": "name", "python": "name", "socket": "name",
-        "jitter_pool": "count"}
+        "jitter_pool": "count",
+        "trace": "name", "rank": "count",
+        "filename": "name", "lineno": "count", "function": "name", "code": "name",
+        "frames": "frames", "size": "count", "blocks": "delta", "grew": "count", "tool": "name",
+        "calls": "count", "wanted": "count", "rss_growth": "delta", "traced_growth": "delta",
+        "sites": "count", "tracer_bytes": "count", "done": "bool", "worker": "name?",
+        "timeout_ms": "count"}
 # Where a field's kind depends on the message: null is a valid task name only where none is known.
-KIND_IN = {("d", "task"): "name?", ("d", "id"): "name?"}
+KIND_IN = {("d", "task"): "name?", ("d", "id"): "name?", ("q", "calls"): "count?"}
 # Fields added in later releases, with a default: a message of an older agent lacks them.
 MAY_LACK = {("w", "restart"), ("w", "oom_kills"), ("w", "container_usage"),
             ("w", "container_working_set"), ("w", "container_limit"), ("d", "task"), ("d", "id"),
@@ -89,6 +104,9 @@ _containers = st.lists(_ints, max_size=2) | st.dictionaries(st.text(max_size=3),
 _not_int = st.text(max_size=5) | _floats | st.booleans() | _containers
 WRONG_TYPE = {
     "pid": _not_int | st.none(), "count": _not_int | st.none(), "count?": _not_int,
+    "delta": _not_int | st.none(),
+    "frames": _ints | st.text(max_size=5) | _floats | st.booleans() | st.none()
+    | st.dictionaries(st.text(max_size=3), _ints, max_size=2),
     "code": _not_int | st.none(),
     "name": _ints | _floats | st.booleans() | st.none() | _containers,
     "name?": _ints | _floats | st.booleans() | _containers,
@@ -104,6 +122,10 @@ OUT_OF_RANGE = {
     "pid": st.integers(-(2**80), 0) | st.integers(2**62, 2**80),
     "count": st.integers(-(2**80), -1) | st.integers(2**62, 2**80),
     "count?": st.integers(-(2**80), -1) | st.integers(2**62, 2**80),
+    "delta": st.integers(-(2**80), -(2**62) - 1) | st.integers(2**62, 2**80),
+    "frames": st.sampled_from([[["a.py", 1]], [["a.py", -1, "f"]], [["a\n.py", 1, "f"]],
+                               [["a.py", 2**31, "f"]], [[1, 1, "f"]], [["a.py", True, "f"]],
+                               [["a.py", 1, "f"]] * 33, [7]]),
     "code": st.integers(-(2**80), -256) | st.integers(256, 2**80),
     "name": st.text(min_size=201, max_size=260)
     | st.tuples(st.text(max_size=5), _unprintable).map("".join),

@@ -26,6 +26,14 @@ MESSAGES: list[messages.Message] = [
     messages.ChildExit(pid=11, ppid=10, index=0, tasks=7, reason="requested"),
     messages.TaskInterrupted(pid=11, ppid=10, index=0, task="app.big", id="x", rss=5, limit=4),
     messages.ChildDied(pid=10, child=11, index=0, exitcode=-9),
+    messages.LeakSite(pid=11, ppid=10, index=0, trace="t1", rank=0, filename="app/h.py", lineno=12,
+                      function="keep", code="_kept.append(b)", frames=(("app/h.py", 12, "keep"),),
+                      size=1048576, blocks=-2, grew=19),
+    messages.LeakTrace(pid=11, ppid=10, index=0, trace="t1", task="app.leak", tool="tracemalloc",
+                       calls=20, wanted=20, rss_growth=-4096, traced_growth=20971520, sites=1,
+                       tracer_bytes=90000, done=True, reason="done"),
+    messages.TraceRequest(pid=30, id="r1", task="app.leak", calls=None, worker="w@h",
+                          timeout_ms=60000),
 ]
 
 
@@ -143,6 +151,29 @@ def _batch(**changes: object) -> bytes:
 def test_malformed_batches_are_refused(changes: dict[str, object], why: str) -> None:
     with pytest.raises(messages.MessageError) as error:
         messages.decode(_batch(**changes))
+    assert error.value.reason == "bad_field", why
+
+
+def _site(**changes: object) -> bytes:
+    body = json.loads(messages.encode(MESSAGES[10]))  # a LeakSite
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"frames": [["a.py", 1]]}, "a frame without its function"),
+    ({"frames": [["a.py", -1, "f"]]}, "a negative line"),
+    ({"frames": [["a.py", 1.0, "f"]]}, "a float line"),
+    ({"frames": [["a\nb.py", 1, "f"]]}, "an unprintable file name"),
+    ({"frames": [["a.py", 1, "f"]] * (messages.MAX_FRAMES + 1)}, "too many frames"),
+    ({"frames": {"a.py": 1}}, "not a list"),
+    ({"size": -1}, "a negative size"),
+    ({"blocks": 2**63}, "blocks out of range"),
+    ({"code": "x" * 201}, "a code line too long"),
+])
+def test_malformed_leak_sites_are_refused(changes: dict[str, object], why: str) -> None:
+    with pytest.raises(messages.MessageError) as error:
+        messages.decode(_site(**changes))
     assert error.value.reason == "bad_field", why
 
 
