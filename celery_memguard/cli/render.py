@@ -113,6 +113,13 @@ def report_tables(document: dict[str, Any], console: Console | None = None) -> N
                           f"limit: raise limits.soft.")
 
 
+def _where(filename: str, keep: int = 3) -> str:
+    """A site's file as a table shows it: its last ``keep`` path parts, so that a deep path
+    is not folded across lines in a narrow terminal (``--json`` has the whole path)."""
+    parts = filename.split("/")
+    return filename if len(parts) <= keep + 1 else "…/" + "/".join(parts[-keep:])
+
+
 def leak_sites(result: dict[str, Any], console: Console | None = None) -> None:
     """A trace's result: the sites that keep what the traced calls left, the untraced part."""
     console = console or Console()
@@ -131,10 +138,10 @@ def leak_sites(result: dict[str, Any], console: Console | None = None) -> None:
     for column in ("share", "per call", "blocks", "site"):
         table.add_column(column, justify="left" if column == "site" else "right")
     for site in result["sites"]:
-        where = [f"[bold]{escape(site['filename'])}:{site['lineno']}[/bold]"]
+        where = [f"[bold]{escape(_where(site['filename']))}:{site['lineno']}[/bold]"]
         if site["code"]:
             where.append(f"  {escape(site['code'])}")
-        where += [f"  [dim]from {escape(frame['filename'])}:{frame['lineno']}[/dim]"
+        where += [f"  [dim]from {escape(_where(frame['filename']))}:{frame['lineno']}[/dim]"
                   for frame in site["traceback"][1:]]
         table.add_row(f"{site['share']:.0%}", format_bytes(site["bytes_per_call"]),
                       f"{site['blocks_per_call']:g}", "\n".join(where))

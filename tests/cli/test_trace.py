@@ -155,3 +155,15 @@ def test_a_partial_result_with_untraced_growth_says_so_and_what_to_do() -> None:
     assert "untraced 100%" in text
     assert "no allocation site kept memory the tracer saw" in text
     assert "forensics.tool: memray" in text
+
+
+def test_a_deep_site_path_is_shown_whole_in_an_80_column_terminal() -> None:
+    """A deep path is shortened to its last parts rather than folded across lines, so that
+    FILE:LINE reads as one; --json keeps the whole path."""
+    deep = "/tmp/build.x1y2z3/checkout/of/the/project/app/helpers.py"
+    result = leak_sites.document(replace(RESULT, sites=(replace(RESULT.sites[0], filename=deep),)))
+    console = Console(record=True, width=80)
+    render.leak_sites(result, console)
+    text = console.export_text()
+    assert "…/project/app/helpers.py:12" in text, text
+    assert result["sites"][0]["filename"] == deep
