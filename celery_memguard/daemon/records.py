@@ -72,6 +72,7 @@ class WorkerRec:
     container_over_since: float | None = None  # past its soft line, or under pressure, since
     announced: bool = False  # its main process said hello (else it is known from its children)
     first_report: float | None = None  # when the first child report named it as a parent
+    hello_overdue: bool = False  # known from its children past the grace, and still no hello
     jitter_pool: int = 0  # the pool size its children's jitter is computed for (0: unknown)
     max_concurrency: int | None = None  # --autoscale's maximum
     missing: tuple[str, ...] = ()  # hooks its main process's agent could not join

@@ -181,13 +181,16 @@ class State:
         return now if age is None else now - age
 
     def name_unannounced(self, now: float, after: float) -> list[WorkerRec]:
-        """Name the workers known only from their children's reports, whose children gave no
-        nodename either, ``after`` seconds on (a hello would have named them): by their pid,
-        so that they are shown and supervised rather than hidden. Returns those named."""
+        """The workers known only from their children's reports ``after`` seconds on (a hello
+        would have come by then): each is marked as missing its hello, and those whose
+        children gave no nodename either are named by their pid, so that they are shown and
+        supervised rather than hidden. Returns those named."""
         named = []
         for pid, rec in self.workers.items():
-            if (rec.name is None and rec.first_report is not None
-                    and now - rec.first_report >= after):
+            if rec.announced or rec.first_report is None or now - rec.first_report < after:
+                continue
+            rec.hello_overdue = True
+            if rec.name is None:
                 rec.name = self.unique_name(f"pid-{pid}", pid)
                 named.append(rec)
         return named
@@ -322,6 +325,6 @@ def _missing(rec: WorkerRec) -> tuple[str, ...]:
     found = set(rec.missing)
     for child in rec.children.values():
         found.update(child.missing)
-    if not rec.announced:
+    if rec.hello_overdue and not rec.announced:  # not while a worker starts: its hello is due
         found.add(hooks.HELLO)
     return tuple(sorted(found))

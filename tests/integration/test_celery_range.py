@@ -39,7 +39,9 @@ def test_found_recycled_past_soft_with_every_task_once_and_replaced_at_once(
                           sampling={"interval": "250ms"})
     worker = start_worker(socket_path=daemon.socket_path, concurrency=1,
                           python=celery_python(minor))
-    wait_for(lambda: bool(mine(daemon, worker)), 10, f"worker not found: {daemon.output()}")
+    # Its children may speak first: the worker is whole once its main process said hello.
+    wait_for(lambda: mine(daemon, worker).get("concurrency") == 1, 10,
+             f"no hello from the worker: {daemon.output()}")
     entry = mine(daemon, worker)
     assert (entry["name"], entry["agent_state"]) == (worker.name, "full"), entry
     assert entry["versions"]["celery"].startswith(minor + "."), entry
