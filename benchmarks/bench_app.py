@@ -1,7 +1,8 @@
 """The benchmark workload's Celery app: one task whose kind decides what it does to memory.
 
 Broker and backend come from BENCH_BROKER/BENCH_BACKEND; the agent is installed only when
-BENCH_AGENT=1, so the same app serves the built-in guards and celery-memguard.
+BENCH_AGENT=1, so the same app serves the built-in guards and celery-memguard. With
+BENCH_PEAKS set to a directory, each pool child writes its exact peak RSS there as it exits.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 import time
 
-from celery import Celery
+from celery import Celery, signals
 
 import celery_memguard
 
@@ -20,6 +21,22 @@ app.conf.update(worker_prefetch_multiplier=1, broker_connection_retry_on_startup
                 result_expires=600)
 if os.environ.get("BENCH_AGENT") == "1":
     celery_memguard.install(app, freeze=os.environ.get("BENCH_FREEZE") == "1")
+
+
+def _record_peak(**_: object) -> None:
+    """A pool child on its way out (billiard's exit path, whatever made it leave): its peak RSS
+    as the kernel kept it (VmHWM), which no sampling can miss."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                with open(os.path.join(_PEAKS, str(os.getpid())), "w") as out:
+                    out.write(str(int(line.split()[1]) * 1024))
+                return
+
+
+_PEAKS = os.environ.get("BENCH_PEAKS", "")
+if _PEAKS:
+    signals.worker_process_shutdown.connect(_record_peak, weak=False)
 
 MiB = 1024 * 1024
 _kept: list[bytes] = []
