@@ -16,7 +16,7 @@ PROCESS_EXIT = "celery.concurrency.asynpool.AsynPool._event_process_exit"  # pro
 NODENAME = "celery.signals.worker_process_init.sender"  # the child's nodename (or initargs)
 HELLO = "celery_memguard.worker_hello"  # the worker's main process never announced itself
 
-TESTED = "Celery 5.3-5.7 with billiard 4.2-4.3"
+TESTED = "Celery 5.3-5.7 with billiard 4.3"  # each minor pulls in 4.3.2 today
 _UPGRADE = (f"celery-memguard was tested with {TESTED}: run a tested pair (pin billiard<4.4 and "
             "celery<5.8), or upgrade celery-memguard")
 
