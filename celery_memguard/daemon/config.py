@@ -341,9 +341,9 @@ class ForensicsConfig(_Section):
     calls: int = Field(
         default=20, ge=1, le=1000,
         description=(
-            "Calls of the task traced in the one child: a snapshot before and after each. "
-            "From the first to the last, that child's allocations are traced, which slows "
-            "the other tasks it runs meanwhile too; other children are not traced."
+            "Calls of the task traced in the one child, each alone: the tracer runs from "
+            "the task body's start to its return and what the call left is kept. The "
+            "child's other tasks, and other children, are not traced."
         ),
     )
     frames: int = Field(
