@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from celery_memguard.protocol.signals import TRACE_SIGNAL
 REPORT_GRACE = 30.0  # seconds past its deadline a trace's last report is waited for
 KEEP_ENDED = 64  # ended traces shown in /status (``celery-memguard trace`` reads its own there)
 NAMES_PER_CHILD = 64  # task names remembered per child, to pick one that ran a task
+MOVE_AFTER = 10  # calls run by other children while the tracing child ran none: move the trace
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Trace:
     pid: int | None = None  # the child whose reports count (a previous daemon's trace: the first)
     partial: Result | None = None  # its report so far
     result: Result | None = None
+    elsewhere: int = 0  # calls other children ran while its child, tracing, had run none
 
     @property
     def active(self) -> bool:
@@ -81,7 +83,7 @@ class Forensics:
         self.traces: OrderedDict[str, Trace] = OrderedDict()  # by id: active, then recent ended
         self._documents: dict[str, dict[str, Any]] = {}  # task -> its newest result's document
         self.traced_at: dict[str, float] = {}  # task -> when a trace of it began (monotonic)
-        self.ran: dict[int, dict[str, None]] = {}  # child pid -> task names it ran, in order
+        self.ran: dict[int, dict[str, int]] = {}  # child pid -> task name -> runs (by recency)
         self._sites: dict[tuple[int, str], list[messages.LeakSite]] = {}  # of reports to come
         self._started = False
         self._unwritable = False  # the directory refused a file (said once)
@@ -96,9 +98,15 @@ class Forensics:
         """What a message tells forensics: the task names a child runs, a trace's reports, a
         request from ``celery-memguard trace``."""
         if isinstance(message, messages.TaskBatch):
-            self._ran(message.pid, message.names)
-        elif isinstance(message, messages.TaskEnd | messages.TaskRunning | messages.TaskStart):
-            self._ran(message.pid, (message.task,))
+            runs = [0] * len(message.names)
+            for end in message.ends:
+                if 0 <= end[0] < len(runs):
+                    runs[end[0]] += 1
+            self._ran(message.pid, zip(message.names, runs, strict=True))
+        elif isinstance(message, messages.TaskEnd):
+            self._ran(message.pid, [(message.task, 1)])
+        elif isinstance(message, messages.TaskRunning | messages.TaskStart):
+            self._ran(message.pid, [(message.task, 0)])  # its end counts it
         elif isinstance(message, messages.LeakSite):
             sites = self._sites.setdefault((message.pid, message.trace), [])
             if len(sites) < 64:
@@ -110,13 +118,22 @@ class Forensics:
         elif isinstance(message, messages.TraceRequest):
             self.ask(message, now)
 
-    def _ran(self, pid: int, names: tuple[str, ...]) -> None:
+    def _ran(self, pid: int, runs: Iterable[tuple[str, int]]) -> None:
         known = self.ran.setdefault(pid, {})
-        for name in names:
-            known.pop(name, None)
-            known[name] = None
+        for name, count in runs:
+            known[name] = known.pop(name, 0) + count
+            if count:
+                self._ran_elsewhere(pid, name, count)
         while len(known) > NAMES_PER_CHILD:
             del known[next(iter(known))]
+
+    def _ran_elsewhere(self, pid: int, name: str, count: int) -> None:
+        """Calls of a task being traced that another child ran, before the tracing child's
+        first: a pool that keeps handing the name to others (tick moves the trace)."""
+        for trace in self.traces.values():
+            if (trace.state == "tracing" and trace.task == name and trace.partial is None
+                    and trace.target is not None and trace.target.pid != pid):
+                trace.elsewhere += count
 
     def _report(self, message: messages.LeakTrace, worker: str, now: float) -> None:
         sites = self._sites.pop((message.pid, message.trace), [])
@@ -166,6 +183,9 @@ class Forensics:
             self._follow(trace, live, now)
         busy = {t.target.worker_pid for t in self.traces.values()
                 if t.state == "tracing" and t.target is not None}
+        for trace in [t for t in self.traces.values() if t.state == "tracing"
+                      and t.elsewhere >= MOVE_AFTER and t.partial is None]:
+            self._move(trace, snapshot, busy, now)
         for trace in [t for t in self.traces.values() if t.state == "waiting"]:
             choice = choose(snapshot.workers, trace.task, self.ran, busy, trace.pattern,
                             any_child=True)
@@ -238,6 +258,28 @@ class Forensics:
                       index=target.index, pid=target.pid, calls=trace.calls, tool=cfg.tool,
                       on_demand=trace.on_demand)
         return True
+
+    def _move(self, trace: Trace, snapshot: Snapshot, busy: set[int], now: float) -> None:
+        """Its child never got the task again while others ran it: trace it in one of them,
+        and tell the first child (signalled again, it finds no request naming it) to stop."""
+        old = trace.target
+        if old is None:
+            return
+        trace.elsewhere = 0
+        choice = choose(snapshot.workers, trace.task, self.ran, busy - {old.worker_pid},
+                        trace.pattern, avoid=(old.pid,))
+        if isinstance(choice, str):
+            return  # no better child: it stays, and the deadline ends it as before
+        self.log.info("trace_moved", trace=trace.id, task=trace.task, worker=old.worker,
+                      index=old.index, pid=old.pid, to_worker=choice.worker,
+                      to_index=choice.index, to_pid=choice.pid, calls_elsewhere=MOVE_AFTER)
+        self._withdraw(trace)
+        busy.discard(old.worker_pid)
+        trace.state, trace.target = "waiting", None
+        if self._place(trace, choice, now):
+            busy.add(choice.worker_pid)
+        self.actor.ask_to_trace(old.worker, ProcId(old.pid, old.start), old.worker_pid,
+                                TRACE_SIGNAL)
 
     def _withdraw(self, trace: Trace) -> None:
         if trace.target is not None:

@@ -1,9 +1,11 @@
 """Which task names to trace, and in which pool child. Pure: a snapshot in, a choice out.
 
-One trace per worker at a time, in the child that has run the task name most recently known
-to run it and holds the least memory (it has the longest way to its soft limit, so it is the
-least likely to be recycled before its traced calls are done). A task name is traced
-automatically when the growth figures call it leaking, at most once per cooldown.
+One trace per worker at a time, in a child that runs the task name often and, of those, holds
+the least memory (it has the longest way to its soft limit, so it is the least likely to be
+recycled before its traced calls are done). Not in a child that ran it once or twice: a pool
+can hand one task name to the same child again and again, and a child that never gets it
+again would trace nothing. A task name is traced automatically when the growth figures call
+it leaking, at most once per cooldown.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ class Target:
     index: int
 
 
-def choose(workers: Iterable[Worker], task: str, ran: Mapping[int, Collection[str]],
+def choose(workers: Iterable[Worker], task: str, ran: Mapping[int, Mapping[str, int]],
            busy: Collection[int], pattern: str | None = None,
-           any_child: bool = False) -> Target | str:
-    """The child to trace ``task`` in, or why there is none. ``ran``: child pid -> task names
-    it ran; ``busy``: pids of workers tracing already; ``pattern``: the worker names allowed;
-    ``any_child``: a child that has not run the task will do (asked for by hand)."""
+           any_child: bool = False, avoid: Collection[int] = ()) -> Target | str:
+    """The child to trace ``task`` in, or why there is none. ``ran``: child pid -> task name
+    -> the times it ran it; ``busy``: pids of workers tracing already; ``pattern``: the
+    worker names allowed; ``any_child``: a child that has not run the task will do (asked for
+    by hand); ``avoid``: child pids not to choose (one that never got the task again)."""
     named = supervised = idle = 0
-    best: tuple[tuple[bool, int, str, int], Target] | None = None
+    most = max((runs.get(task, 0) for runs in ran.values()), default=0)
+    best: tuple[tuple[bool, bool, int, str, int], Target] | None = None
     for worker in workers:
         if pattern is not None and not fnmatch.fnmatchcase(worker.name, pattern):
             continue
@@ -47,12 +51,14 @@ def choose(workers: Iterable[Worker], task: str, ran: Mapping[int, Collection[st
             continue
         idle += 1
         for child in worker.children:
-            if not _free(child):
+            if not _free(child) or child.pid in avoid:
                 continue
-            ran_it = child.task == task or task in ran.get(child.pid, ())
+            runs = ran.get(child.pid, {}).get(task)
+            ran_it = child.task == task or runs is not None
             if not (ran_it or any_child):
                 continue
-            rank = (not ran_it, child.rss, worker.name, child.index)
+            seldom = 2 * (runs or 0) < most  # ran it less than half as often as the most
+            rank = (not ran_it, seldom, child.rss, worker.name, child.index)
             if best is None or rank < best[0]:
                 best = (rank, Target(worker.name, worker.pid, worker.proc.start, child.pid,
                                      child.proc.start, child.index))

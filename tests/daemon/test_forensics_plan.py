@@ -22,18 +22,22 @@ def _target(w: object, c: object) -> Target:
 
 @pytest.mark.parametrize(("workers", "ran", "busy", "pattern", "any_child", "expected"), [
     # the child that ran it; of those, the one with the least memory
-    ([W], {A0.pid: ["app.leak"], A1.pid: ["app.leak"]}, [], None, False, _target(W, A1)),
-    ([W], {A0.pid: ["app.leak"]}, [], None, False, _target(W, A0)),
-    ([W], {A0.pid: ["app.x"]}, [], None, False, "no pool child that can trace now has run app.leak"),
+    ([W], {A0.pid: {"app.leak": 3}, A1.pid: {"app.leak": 4}}, [], None, False, _target(W, A1)),
+    ([W], {A0.pid: {"app.leak": 1}}, [], None, False, _target(W, A0)),
+    ([W], {A0.pid: {"app.x": 1}}, [], None, False, "no pool child that can trace now has run app.leak"),
+    # ... but not one that ran it less than half as often as another: the pool may keep
+    # handing the name to the other, and the chosen child would trace nothing
+    ([W], {A0.pid: {"app.leak": 9}, A1.pid: {"app.leak": 2}}, [], None, False, _target(W, A0)),
+    ([W], {A0.pid: {"app.leak": 9}, A1.pid: {"app.leak": 5}}, [], None, False, _target(W, A1)),
     # asked by hand: any child, those that ran it first
     ([W], {}, [], None, True, _target(W, A1)),
-    ([W], {A0.pid: ["app.leak"]}, [], None, True, _target(W, A0)),
+    ([W], {A0.pid: {"app.leak": 1}}, [], None, True, _target(W, A0)),
     # the task it runs now counts as run
     ([worker(A0._replace(task="app.leak"), A1)], {}, [], None, False, _target(W, A0)),
     # one trace per worker
-    ([W], {A0.pid: ["app.leak"]}, [W.pid], None, False,
+    ([W], {A0.pid: {"app.leak": 1}}, [W.pid], None, False,
      "every worker that could trace it is tracing another task (one at a time)"),
-    ([W, OTHER], {A0.pid: ["app.leak"], 200: ["app.leak"]}, [W.pid], None, False,
+    ([W, OTHER], {A0.pid: {"app.leak": 1}, 200: {"app.leak": 1}}, [W.pid], None, False,
      _target(OTHER, OTHER.children[0])),
     # --worker
     ([W, OTHER], {}, [], "v@*", True, _target(OTHER, OTHER.children[0])),
@@ -49,10 +53,18 @@ def _target(w: object, c: object) -> Target:
     ([worker(A0._replace(agent=False), A1)], {}, [], None, True, _target(W, A1)),
     ([worker(A0, A1._replace(killed_at=3.0))], {}, [], None, True, _target(W, A0)),
 ])
-def test_the_child_chosen_or_why_none(workers: list[object], ran: dict[int, list[str]],
+def test_the_child_chosen_or_why_none(workers: list[object], ran: dict[int, dict[str, int]],
                                       busy: list[int], pattern: str | None, any_child: bool,
                                       expected: Target | str) -> None:
     assert choose(workers, "app.leak", ran, busy, pattern, any_child) == expected  # type: ignore[arg-type]
+
+
+def test_a_child_to_avoid_is_not_chosen_again() -> None:
+    """A trace moved off a child that never got the task again goes to another, or nowhere."""
+    ran = {A0.pid: {"app.leak": 1}, A1.pid: {"app.leak": 9}}
+    assert choose([W], "app.leak", ran, [], avoid=(A1.pid,)) == _target(W, A0)
+    assert choose([W], "app.leak", {A1.pid: {"app.leak": 9}}, [], avoid=(A1.pid,)) == (
+        "no pool child that can trace now has run app.leak")
 
 
 def _ranked(task: str, leaky: bool) -> Ranked:

@@ -333,3 +333,49 @@ def test_a_trace_with_no_call_fails_with_the_childs_reason(procs: FakeProcs, rea
     [trace] = _traces(sup)
     assert trace["state"] == "failed"
     assert reason in trace["reason"]
+
+
+def test_a_trace_whose_child_never_gets_the_task_again_moves_to_one_that_does(
+        procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
+    """A pool may hand one task name to the same child again and again: the chosen child ran
+    it once, and then ten calls go to the other. The trace moves there, and the first child,
+    signalled again, finds no request naming it."""
+    clock = Clock()
+    sup = _ready(procs, clock)
+    _leaking(sup, KID0, n=3)
+    _leaking(sup, KID1, n=3)
+    sup.tick(clock())
+    first = _request(sup)
+    assert first is not None
+    assert first.child == (KID0, KID0 * 10)  # the least memory
+    _leaking(sup, KID1, n=9, first=4)
+    sup.tick(clock())
+    assert _request(sup) == first, "nine calls elsewhere: it waits"
+    _leaking(sup, KID1, n=1, first=13)
+    sup.tick(clock())
+    moved = _request(sup)
+    assert moved is not None
+    assert (moved.id, moved.child) == (first.id, (KID1, KID1 * 10))
+    assert procs.signals == [(KID0, TRACE_SIGNAL), (KID1, TRACE_SIGNAL), (KID0, TRACE_SIGNAL)]
+    [event] = [e for e in logs if e["event"] == "trace_moved"]
+    assert (event["pid"], event["to_pid"]) == (KID0, KID1)
+    _report(sup, moved, calls=1, done=True, pid=KID0, reason="cancelled")  # the first child
+    _report(sup, moved, calls=20, done=True, pid=KID1)
+    sup.tick(clock())
+    [trace] = _traces(sup)
+    assert (trace["state"], trace["pid"], trace["calls"]) == ("done", KID1, 20)
+
+
+def test_a_trace_under_way_is_not_moved(procs: FakeProcs) -> None:
+    """Once its child has traced a call, the calls others run do not move it."""
+    clock = Clock()
+    sup = _ready(procs, clock)
+    _leaking(sup, KID0, n=6)
+    sup.tick(clock())
+    request = _request(sup)
+    assert request is not None
+    _report(sup, request, calls=1, done=False)
+    _leaking(sup, KID1, n=30)
+    sup.tick(clock())
+    assert _request(sup) == request
+    assert procs.signals == [(KID0, TRACE_SIGNAL)]
