@@ -214,18 +214,22 @@ class ChildAgent:
         return peak
 
     def _left(self, name: str, grew: int) -> None:
-        runs = self.left.get(name)
-        if runs is None:
-            if len(self.left) >= MAX_NAMES:
-                return
-            runs = self.left[name] = deque(maxlen=LEFT_RUNS)
-        runs.append(max(grew, 0))
+        """What a run of ``name`` left behind. A name's first run in this child is its
+        warm-up (imports, caches, connections: memory it keeps once, not per call) and does
+        not count towards what the next run is likely to leave."""
         self.most_left = max(self.most_left, grew)
         self._likely = None
+        runs = self.left.get(name)
+        if runs is None:
+            if len(self.left) < MAX_NAMES:
+                self.left[name] = deque(maxlen=LEFT_RUNS)
+            return
+        runs.append(max(grew, 0))
 
     def likely_left(self) -> int:
         """What the next task, whichever it is, is likely to leave behind: the largest 90th
-        percentile (nearest rank) over the names that ran ``MIN_RUNS`` times here. Not the
+        percentile (nearest rank) over the names that ran ``MIN_RUNS`` times here after
+        their first run. Not the
         mean: a task that keeps memory one call in ten still crosses. Names with fewer runs
         predict nothing; memory a task frees before it returns leaves nothing, so spikes
         never count. Kept until the next task ends."""
