@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from celery_memguard.daemon import container_policy, policy, reports, sampler, task_growth
@@ -30,7 +31,7 @@ from celery_memguard.daemon.snapshot import Snapshot, Worker
 from celery_memguard.daemon.state import State
 from celery_memguard.daemon.view import View
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.cgroups import Container
+from celery_memguard.protocol.cgroups import Container, ContainerReading
 
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
 FASTEST_CONTAINER_GROWTH = 4 << 30  # bytes a second a container's working set may grow
@@ -68,6 +69,8 @@ class Supervisor:
         self._storms: set[str] = set()  # workers whose storm was already logged
         self._revision = 0  # the state's revision the published view shows
         self._containers: dict[int, Container | None] = {}  # worker pid -> its memory cgroup
+        self._container_reads: dict[tuple[Path, Path, Path | None],
+                                    tuple[float, ContainerReading | None]] = {}
         self._quarantine_published = 0
         self._drop_logged: OrderedDict[int, None] = OrderedDict()  # sender pids, logged once
         self.view = self._make_view(clock())
@@ -227,7 +230,7 @@ class Supervisor:
             self._containers[pid] = self.procs.container(pid)
         container = self._containers[pid]
         rec.container = container.path if container is not None else None
-        reading = self.procs.read_container(container) if container is not None else None
+        reading = self._container_reading(container, now) if container is not None else None
         if reading is None:  # not visible from here: as the worker's agent read it (its hello)
             reading = rec.reported_container
         rec.container_reading = reading
@@ -239,6 +242,19 @@ class Supervisor:
             rec.container_over_since = None
         elif rec.container_over_since is None:
             rec.container_over_since = now
+
+    def _container_reading(self, container: Container, now: float) -> ContainerReading | None:
+        """One read of a cgroup serves every worker in it, and the tick and the watch that
+        follows it at once: a reading younger than half the closest look is used again."""
+        key = (container.directory, container.own, container.pressure_file)
+        kept = self._container_reads.get(key)
+        if kept is not None and 0 <= now - kept[0] < CONTAINER_CHECK_MIN / 2:
+            return kept[1]
+        reading = self.procs.read_container(container)
+        if len(self._container_reads) > 4096:
+            self._container_reads.clear()
+        self._container_reads[key] = (now, reading)
+        return reading
 
     def watch_containers(self, now: float) -> float:
         """Between ticks: read the containers that have a hard line; one past it is decided on

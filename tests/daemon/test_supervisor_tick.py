@@ -11,6 +11,7 @@ import structlog
 from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.readings import ProcId
+from celery_memguard.daemon.supervisor import CONTAINER_CHECK_MIN
 from celery_memguard.protocol import messages, rules
 from celery_memguard.protocol.cgroups import ContainerReading, Pressure
 from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello, task_end
@@ -314,3 +315,34 @@ def test_two_workers_in_two_containers_are_each_judged_by_their_own(procs: FakeP
         sup.tick(now)
     assert procs.signals == [(KID0, 38)]
     assert sup.state.recycles == {("w@h", "container"): 1}
+
+
+def test_a_cgroup_is_read_once_for_all_its_workers_and_the_watch_that_follows_the_tick(
+        procs: FakeProcs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several workers in one container (a VM's slice, a pod with two workers): one read of
+    its files serves them all in a tick, and the watch right after the tick uses it too; a
+    watch a full closest look later reads again."""
+    procs.add(20, 1, cmdline=("celery", "worker"))
+    procs.add(21, 20, rss=60 * MiB)
+    procs.containers[MAIN] = ContainerReading(
+        usage=300 * MiB, working_set=250 * MiB, limit=8192 * MiB, high=None, events={},
+        pressure=None)
+    shared = procs.container(MAIN)
+    monkeypatch.setattr(procs, "container", lambda pid: shared)  # both workers live in it
+    reads: list[object] = []
+    real = procs.read_container
+    monkeypatch.setattr(procs, "read_container",
+                        lambda container: reads.append(container) or real(container))
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(hello(((21, 0),), pid=20, node="other@h")), 0.0)
+    sup.tick(1.0)
+    assert len(reads) == 1
+    sup.watch_containers(1.0 + CONTAINER_CHECK_MIN / 4)
+    assert len(reads) == 1
+    sup.watch_containers(1.0 + CONTAINER_CHECK_MIN)
+    assert len(reads) == 2
+    text = sup.metrics.render().decode()
+    for worker in ("w@h", "other@h"):
+        assert (f'celery_memguard_container_memory_working_set_bytes{{worker="{worker}"}} '
+                '2.62144e+08') in text
