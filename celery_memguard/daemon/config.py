@@ -235,7 +235,13 @@ class RecycleConfig(_Section):
         ),
     )
     max_per_minute: int = Field(
-        default=6, ge=1, description="At most this many recycle requests per worker in any 60 s."
+        default=6, ge=1,
+        description=(
+            "At most this many recycle requests per worker in any 60 s, against a storm (a "
+            "soft limit below what a child needs). A child that ran 20 tasks or more and grew "
+            "at least half its way from a fresh child's size to the soft limit (a leak) is "
+            "recycled regardless, and does not count."
+        ),
     )
     max_share: float = Field(
         default=0.5,

@@ -168,11 +168,12 @@ def _decide_worker(
             hold = Hold.FLOOR
         elif in_flight >= cap:
             hold = Hold.SHARE_CAP
-        elif used >= recycle.max_per_minute:
+        elif (used >= recycle.max_per_minute
+              and not rules.grown(child.tasks, child.rss, worker.fresh_rss, limits.soft)):
             hold = Hold.RATE_LIMIT
         else:
             in_flight += 1
-            used += 1
+            used += 0 if rules.grown(child.tasks, child.rss, worker.fresh_rss, limits.soft) else 1
             serving -= 1
         decisions.append(Decision(
             worker=worker.name, worker_pid=worker.pid, index=child.index, proc=child.proc,

@@ -8,7 +8,6 @@ refused with ``Rejected`` (counted under ``messages_dropped_total{reason}``).
 from __future__ import annotations
 
 import signal
-from collections import deque
 
 from celery_memguard.daemon.leak_trend import History
 from celery_memguard.daemon.records import ChildRec, Rejected, WorkerRec
@@ -157,7 +156,7 @@ def granted(state: State, worker: WorkerRec, child: ChildRec, reason: str, now: 
         return  # the daemon asked it too, and counted it then
     child.requested_at = now
     name = worker.name or ""
-    state.requests.setdefault(name, deque(maxlen=1024)).append(now)
+    state.count_request(name, child, now)
     state.recycles[(name, reason)] += 1
     state.revision += 1
     state.events.append(("recycle_requested", {

@@ -205,13 +205,24 @@ class State:
         child = self._child_named(worker, pid)
         if child is not None:
             child.requested_at = now
-        self.requests.setdefault(worker, deque(maxlen=1024)).append(now)
+        self.count_request(worker, child, now)
 
     def noted(self, worker: str, pid: int, now: float) -> None:
         """A dry run counted this child: the same rate limit applies, the child stays."""
         child = self._child_named(worker, pid)
         if child is not None:
             child.noted = True
+        self.count_request(worker, child, now)
+
+    def count_request(self, worker: str, child: ChildRec | None, now: float) -> None:
+        """A recycle towards the worker's rate limit, unless the child grew to its limit over
+        many tasks (rules.grown: a leak, not a storm), which the rate limit does not hold."""
+        if child is not None:
+            rec = self.workers.get(child.ppid)
+            fresh = (int(statistics.median(rec.fresh_rss))
+                     if rec is not None and rec.fresh_rss else None)
+            if rules.grown(child.tasks, child.rss, fresh, self.limits(worker)[0]):
+                return
         self.requests.setdefault(worker, deque(maxlen=1024)).append(now)
 
     def signalled(self, worker: str, pid: int, signum: int, now: float) -> None:

@@ -373,7 +373,8 @@ class Supervisor:
                     rss_bytes=[c.rss for c in worker.children],
                     max_per_minute=self.config.recycle.max_per_minute,
                     advice="every child is over the soft limit: raise limits.soft above what a "
-                           "child needs; recycles continue at recycle.max_per_minute")
+                           "child needs; recycles continue at recycle.max_per_minute (a child "
+                           "that grew to the limit over 20 tasks or more is recycled regardless)")
 
     def _log_events(self) -> None:
         events = self.state.events

@@ -73,3 +73,17 @@ def too_young(age: float, min_lifetime: float, value: int, hard: int) -> bool:
     """A child younger than ``min_lifetime`` is left alone unless it is past the hard limit, so
     a limit set below what a fresh child needs cannot recycle a pool in a tight loop."""
     return age < min_lifetime and not (0 < hard <= value)
+
+
+GROWN_TASKS = 20  # tasks a child runs before its growth can count as a leak's, not a storm's
+
+
+def grown(tasks: int, rss: int, fresh: int | None, soft: int) -> bool:
+    """A child that reached its limit by growing over many tasks (a leak): it ran
+    ``GROWN_TASKS`` tasks and covered at least half the way from a fresh child's size to the
+    soft limit. Recycling it frees what it grew, so the rate limit, which is there for storms
+    (a soft limit below what a child needs: fresh children cross it at once), does not hold
+    it. Unknown fresh size, or a limit a fresh child is already over: not grown."""
+    if fresh is None or soft <= fresh or tasks < GROWN_TASKS:
+        return False
+    return 2 * (rss - fresh) >= soft - fresh

@@ -376,3 +376,19 @@ def test_no_grant_in_a_dry_run_or_for_a_worker_that_cannot_recycle() -> None:
     assert _grant(snapshot(worker(child(0), child(1))), limits=limits(measure="uss")) == 0
     assert _grant(snapshot(worker(child(0), child(1), agent=False, recycle_signal=None))) == 0
     assert _grant(snapshot(worker(child(0), pool="solo"))) == 0
+
+
+def test_the_rate_limit_holds_a_storm_not_a_child_that_grew_to_its_limit() -> None:
+    """Past max_per_minute, a child that ran 20 tasks and grew at least half its way from a
+    fresh child's size to the limit (a leak) is recycled all the same, and does not use up the
+    rate; one over the limit after a few tasks, or over it from the start (a soft limit below a
+    fresh child), is held."""
+    recent = {"w@h": [100.0, 130.0, 150.0]}
+    leaking = snapshot(worker(child(0, 101, tasks=40), child(1, 101, tasks=3),
+                              child(2, 101, tasks=60), concurrency=8, fresh_rss=40 * MiB))
+    grown, young, grown_too = policy.decide(leaking, limits(), recycle(max_per_minute=3, max_share=1),
+                                            recent, now=155.0)
+    assert (grown.acts, young.hold, grown_too.acts) == (True, Hold.RATE_LIMIT, True)
+    storm = snapshot(worker(child(0, 101, tasks=40), concurrency=8, fresh_rss=120 * MiB))
+    [held] = policy.decide(storm, limits(), recycle(max_per_minute=3), recent, now=155.0)
+    assert held.hold is Hold.RATE_LIMIT

@@ -346,3 +346,20 @@ def test_a_cgroup_is_read_once_for_all_its_workers_and_the_watch_that_follows_th
     for worker in ("w@h", "other@h"):
         assert (f'celery_memguard_container_memory_working_set_bytes{{worker="{worker}"}} '
                 '2.62144e+08') in text
+
+
+def test_recycles_of_children_grown_by_a_leak_leave_the_rate_for_a_storm(procs: FakeProcs) -> None:
+    """Children that grew from a fresh 40 MiB past the limit over 30 tasks are each recycled
+    and none of them counts towards max_per_minute: the grant is still there afterwards."""
+    for pid in range(13, 19):
+        procs.add(pid, MAIN)
+    kids = tuple((pid, pid - KID0) for pid in range(KID0, 19))
+    sup = make(procs, recycle={"max_per_minute": 2, "max_share": 1.0})
+    sup.receive(dgram(hello(kids=kids, concurrency=8)), 0.0)
+    for pid in range(KID0, 19):
+        sup.receive(dgram(messages.ChildHello(pid=pid, ppid=MAIN, index=pid - KID0, tasks=0,
+                                              rss=40 * MiB)), 0.0)
+    for pid in range(KID0, 19):
+        sup.receive(dgram(task_end(pid, 150, tasks=30)), 1.0)
+    assert len(procs.signals) == 8
+    assert list(sup.state.requests.get("w@h", ())) == []
