@@ -38,7 +38,7 @@ from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group,
 from tests.support import Daemon as DaemonProc
 
 MiB = 1024 * 1024
-PARTS = ("sampling", "workload", "spikes", "runaway", "agent", "fleet", "forensics")
+PARTS = ("sampling", "workload", "steady", "spikes", "runaway", "agent", "fleet", "forensics")
 
 
 def median(values: Sequence[float]) -> float:
@@ -430,13 +430,26 @@ GUARDS: list[tuple[str, list[str], bool, dict[str, Any] | None, dict[str, str]]]
 ]
 
 
+# W ten times over leaks about 360 MiB/s per worker: a child reaches the limit every ~1.5 s,
+# far past the default recycle.max_per_minute (6), which holds children until the hard limit.
+MEMGUARD_FAST = {**MEMGUARD_W, "recycle": {"max_per_minute": 600}}
+STEADY_GUARDS = [GUARDS[3],
+                 ("celery-memguard soft 150MiB (default max_per_minute 6)", [], True, MEMGUARD_W,
+                  {}),
+                 ("celery-memguard soft 150MiB, max_per_minute 600", [], True, MEMGUARD_FAST, {}),
+                 ("celery-memguard soft 150MiB, max_per_minute 600, freeze", [], True,
+                  MEMGUARD_FAST, {"BENCH_FREEZE": "1"})]
+
 BUILTIN = "--max-memory-per-child 153600"
 POOL = 2  # prefork concurrency of every benchmark worker
 
 
-def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
-    kinds = workload_w(150 if quick else 600)
-    guards = GUARDS[3:6] if quick else GUARDS
+def bench_workload(bench: Bench, runs: int, quick: bool, size: int = 600,
+                   chosen: list[tuple[str, list[str], bool, dict[str, Any] | None,
+                                      dict[str, str]]] | None = None,
+                   label: str = "Workload W") -> None:
+    kinds = workload_w(150 if quick else size)
+    guards = chosen or (GUARDS[3:6] if quick else GUARDS)
     results: dict[str, list[Run]] = {g[0]: [] for g in guards}
     for _ in range(runs):  # interleaved: one run of every guard, then the next round
         for name, args, agent, daemon_config, env in guards:
@@ -472,7 +485,7 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
         per_run.append([name, " ".join(f"{r.tasks_per_second:.0f}" for r in runs_),
                         " ".join(str(r.recycles) for r in runs_),
                         " ".join(f"{r.longest_gap:.2f}" for r in runs_)])
-    title = (f"Workload W: {len(kinds)} tasks (seed 42: 30 % keep 2 MiB, 10 % 4 MiB cache once, "
+    title = (f"{label}: {len(kinds)} tasks (seed 42: 30 % keep 2 MiB, 10 % 4 MiB cache once, "
              f"60 % no-op), prefork -c 2, prefetch 1, Redis; {runs} interleaved runs")
     table(title, ["guard", "peak child RSS (MiB), sampled every 50 ms",
                   "exact peak child RSS (MiB, VmHWM) (children over 150 MiB)",
@@ -480,9 +493,9 @@ def bench_workload(bench: Bench, runs: int, quick: bool) -> None:
                   "tasks/s (median)", f"vs {guards[0][0]}", f"vs {BUILTIN}", "longest gap (s)",
                   "lost", "soft crossing → exit (s): min / median / max",
                   "keep tasks a child that left had run (children)"], rows)
-    table("Workload W, run by run (in the order they ran)",
+    table(f"{label}, run by run (in the order they ran)",
           ["guard", "tasks/s", "recycles", "longest gap (s)"], per_run)
-    table("Workload W: the worker's total memory (PSS of the main process and its children, "
+    table(f"{label}: the worker's total memory (PSS of the main process and its children, "
           "summed, every 100 ms), median (range)",
           ["guard", "peak total (MiB)", "mean total (MiB)", "tasks/s (median)"], totals)
 
@@ -706,12 +719,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     if "sampling" in parts:
         bench_sampling(args.quick)
-    if parts & {"workload", "spikes", "runaway", "agent", "fleet", "forensics"}:
+    if parts & {"workload", "steady", "spikes", "runaway", "agent", "fleet", "forensics"}:
         with tempfile.TemporaryDirectory() as tmp:
             bench = Bench(Path(tmp))
             try:
                 if "workload" in parts:
                     bench_workload(bench, runs, args.quick)
+                if "steady" in parts:  # W ten times over: recycles away from its two ends
+                    bench_workload(bench, runs, args.quick, size=6000, chosen=STEADY_GUARDS,
+                                   label="Workload W ten times over")
                 if "spikes" in parts:
                     bench_spikes(bench, args.quick)
                 if "runaway" in parts:
