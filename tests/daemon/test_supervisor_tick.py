@@ -100,12 +100,18 @@ def test_a_worker_that_is_gone_is_dropped_with_its_children(procs: FakeProcs) ->
     assert b"child_rss_bytes{" not in sup.metrics.render()
 
 
-def test_the_rate_limit_holds_requests_past_max_per_minute(procs: FakeProcs) -> None:
+def _pool_of_eight(procs: FakeProcs) -> Any:
+    """A worker of eight children, two recycles a minute, no share cap."""
     for pid in range(13, 19):
         procs.add(pid, MAIN)
     kids = tuple((pid, pid - KID0) for pid in range(KID0, 19))
     sup = make(procs, recycle={"max_per_minute": 2, "max_share": 1.0})
     sup.receive(dgram(hello(kids=kids, concurrency=8)), 0.0)
+    return sup
+
+
+def test_the_rate_limit_holds_requests_past_max_per_minute(procs: FakeProcs) -> None:
+    sup = _pool_of_eight(procs)
     for pid in range(KID0, 19):
         sup.receive(dgram(task_end(pid, 150)), 1.0)
     assert len(procs.signals) == 2
@@ -351,11 +357,7 @@ def test_a_cgroup_is_read_once_for_all_its_workers_and_the_watch_that_follows_th
 def test_recycles_of_children_grown_by_a_leak_leave_the_rate_for_a_storm(procs: FakeProcs) -> None:
     """Children that grew from a fresh 40 MiB past the limit over 30 tasks are each recycled
     and none of them counts towards max_per_minute: the grant is still there afterwards."""
-    for pid in range(13, 19):
-        procs.add(pid, MAIN)
-    kids = tuple((pid, pid - KID0) for pid in range(KID0, 19))
-    sup = make(procs, recycle={"max_per_minute": 2, "max_share": 1.0})
-    sup.receive(dgram(hello(kids=kids, concurrency=8)), 0.0)
+    sup = _pool_of_eight(procs)
     for pid in range(KID0, 19):
         sup.receive(dgram(messages.ChildHello(pid=pid, ppid=MAIN, index=pid - KID0, tasks=0,
                                               rss=40 * MiB)), 0.0)
