@@ -586,13 +586,14 @@ def test_ensure_tools_never_fails_when_it_cannot_install(tmp_path: Path) -> None
     result = subprocess.run(["/bin/bash", str(script)], capture_output=True, text=True, timeout=30,
                             env={"PATH": str(bin_dir)}, check=False)
     assert result.returncode == 0, result.stderr
-    assert "missing: promtool systemd-analyze" in result.stdout
+    assert "missing: promtool prometheus systemd-analyze" in result.stdout
+    assert "(Debian packages: prometheus systemd)" in result.stdout  # the server's package once
     assert "not root: not installing" in result.stdout
 
 
 def test_ensure_tools_installs_nothing_when_the_tools_are_there(tmp_path: Path) -> None:
     bin_dir = _stub_bin(tmp_path / "bin", {"id": "echo 0", "promtool": "exit 0",
-                                           "systemd-analyze": "exit 0",
+                                           "prometheus": "exit 0", "systemd-analyze": "exit 0",
                                            "apt-get": "echo apt-get must not run; exit 1"})
     script = _ensure_tools_copy(tmp_path)
     result = subprocess.run(["/bin/bash", str(script)], capture_output=True, text=True, timeout=30,
