@@ -152,6 +152,7 @@ def _decide_worker(
     cap = share_cap(worker, recycle)
     decisions = []
     for child, value, threshold, reason in candidates:
+        grown = rules.grown(child.tasks, child.rss, worker.fresh_rss, limits.soft)
         hold = None
         if not (worker.agent and child.agent and worker.recycle_signal):
             hold = Hold.NO_AGENT
@@ -168,12 +169,11 @@ def _decide_worker(
             hold = Hold.FLOOR
         elif in_flight >= cap:
             hold = Hold.SHARE_CAP
-        elif (used >= recycle.max_per_minute
-              and not rules.grown(child.tasks, child.rss, worker.fresh_rss, limits.soft)):
+        elif used >= recycle.max_per_minute and not grown:  # the rate is for storms
             hold = Hold.RATE_LIMIT
         else:
             in_flight += 1
-            used += 0 if rules.grown(child.tasks, child.rss, worker.fresh_rss, limits.soft) else 1
+            used += 0 if grown else 1
             serving -= 1
         decisions.append(Decision(
             worker=worker.name, worker_pid=worker.pid, index=child.index, proc=child.proc,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -86,6 +87,11 @@ class WorkerRec:
         daemon's of its cgroup are the same counter; a key that changed when the daemon first
         read the cgroup would lose the baseline)."""
         return f"{self.proc.pid}:{self.proc.start}"
+
+    @property
+    def fresh_median(self) -> int | None:
+        """The median RSS its children announced at 0 tasks (None until one did)."""
+        return int(statistics.median(self.fresh_rss)) if self.fresh_rss else None
 
 
 class BoundedNames:

@@ -9,7 +9,6 @@ agents' periodic hellos; the counters restart, as Prometheus counters may.
 from __future__ import annotations
 
 import signal
-import statistics
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable
 
@@ -219,8 +218,7 @@ class State:
         many tasks (rules.grown: a leak, not a storm), which the rate limit does not hold."""
         if child is not None:
             rec = self.workers.get(child.ppid)
-            fresh = (int(statistics.median(rec.fresh_rss))
-                     if rec is not None and rec.fresh_rss else None)
+            fresh = rec.fresh_median if rec is not None else None
             if rules.grown(child.tasks, child.rss, fresh, self.limits(worker)[0]):
                 return
         self.requests.setdefault(worker, deque(maxlen=1024)).append(now)
@@ -309,9 +307,9 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
             reported_end=c.reported_end, over_soft_since=c.over_soft_since, born=c.born,
             growth_per_task=rules.growth_per_task(c.growth), leak=leak, rest_rss=c.rest_rss))
     recommended = None
+    fresh = rec.fresh_median
     if soft is not None:
         rates = [c.leak.trend.bytes_per_task for c in children if c.leak and c.leak.trend.leaking]
-        fresh = int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None
         if rates and fresh is not None:
             recommended = recommend_max_tasks(max(rates), fresh, soft)
     return Worker(name=rec.name, proc=rec.proc, pool=rec.pool, concurrency=rec.concurrency,
@@ -320,7 +318,7 @@ def _worker_view(rec: WorkerRec, soft: int | None) -> Worker:
                   restartable=rec.restartable, restart_sent=rec.restart_sent,
                   restart_at=rec.restart_at, recommended_max_tasks=recommended,
                   total_over_since=rec.total_over_since,
-                  fresh_rss=int(statistics.median(rec.fresh_rss)) if rec.fresh_rss else None,
+                  fresh_rss=fresh,
                   container=rec.container_reading,
                   container_over_since=rec.container_over_since,
                   jitter_pool=rec.jitter_pool, max_concurrency=rec.max_concurrency,
