@@ -84,6 +84,7 @@ class Forensics:
         self._documents: dict[str, dict[str, Any]] = {}  # task -> its newest result's document
         self.traced_at: dict[str, float] = {}  # task -> when a trace of it began (monotonic)
         self.ran: dict[int, dict[str, int]] = {}  # child pid -> task name -> runs (by recency)
+        self._awaiting: dict[str, Trace] = {}  # by id: placed, and no call traced yet
         self._sites: dict[tuple[int, str], list[messages.LeakSite]] = {}  # of reports to come
         self._started = False
         self._unwritable = False  # the directory refused a file (said once)
@@ -130,9 +131,8 @@ class Forensics:
     def _ran_elsewhere(self, pid: int, name: str, count: int) -> None:
         """Calls of a task being traced that another child ran, before the tracing child's
         first: a pool that keeps handing the name to others (tick moves the trace)."""
-        for trace in self.traces.values():
-            if (trace.state == "tracing" and trace.task == name and trace.partial is None
-                    and trace.target is not None and trace.target.pid != pid):
+        for trace in self._awaiting.values():
+            if trace.task == name and trace.target is not None and trace.target.pid != pid:
                 trace.elsewhere += count
 
     def _report(self, message: messages.LeakTrace, worker: str, now: float) -> None:
@@ -152,6 +152,7 @@ class Forensics:
             self._finish(trace, result, now)
         else:
             trace.state, trace.partial = "tracing", result
+            self._awaiting.pop(trace.id, None)  # its child runs it: it stays
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -183,8 +184,7 @@ class Forensics:
             self._follow(trace, live, now)
         busy = {t.target.worker_pid for t in self.traces.values()
                 if t.state == "tracing" and t.target is not None}
-        for trace in [t for t in self.traces.values() if t.state == "tracing"
-                      and t.elsewhere >= MOVE_AFTER and t.partial is None]:
+        for trace in [t for t in self._awaiting.values() if t.elsewhere >= MOVE_AFTER]:
             self._move(trace, snapshot, busy, now)
         for trace in [t for t in self.traces.values() if t.state == "waiting"]:
             choice = choose(snapshot.workers, trace.task, self.ran, busy, trace.pattern,
@@ -253,6 +253,7 @@ class Forensics:
             trace.reason = "the chosen child could not be signalled"
             return False
         trace.state, trace.target, trace.reason = "tracing", target, ""
+        self._awaiting[trace.id] = trace
         self.traced_at[trace.task] = now
         self.log.info("trace_started", trace=trace.id, task=trace.task, worker=target.worker,
                       index=target.index, pid=target.pid, calls=trace.calls, tool=cfg.tool,
@@ -282,6 +283,7 @@ class Forensics:
                                 TRACE_SIGNAL)
 
     def _withdraw(self, trace: Trace) -> None:
+        self._awaiting.pop(trace.id, None)
         if trace.target is not None:
             forensics_store.remove(paths.trace_path(str(self.config.agent.socket),
                                                     trace.target.worker_pid))
