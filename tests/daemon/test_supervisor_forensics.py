@@ -42,6 +42,16 @@ def _request(sup: Supervisor) -> forensics.Request | None:
         return None
     return forensics.decode(path.read_bytes(), (MAIN, MAIN * 10))
 
+def _tracing(procs: FakeProcs, clock: Clock,
+             **sections: Any) -> tuple[Supervisor, forensics.Request]:
+    """A daemon whose first tick asked child KID0 to trace app.leak, which leaked 6 calls."""
+    sup = _ready(procs, clock, **sections)
+    _leaking(sup)
+    sup.tick(clock())
+    request = _request(sup)
+    assert request is not None
+    return sup, request
+
 
 def _report(sup: Supervisor, request: forensics.Request, calls: int, done: bool,
             pid: int = KID0, size: int = MiB, reason: str = "done", now: float = 0.0) -> None:
@@ -63,11 +73,7 @@ def _traces(sup: Supervisor) -> list[dict[str, Any]]:
 
 def test_a_leaking_task_is_traced_in_the_child_that_ran_it(procs: FakeProcs) -> None:
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     assert (request.task, request.child, request.calls, request.frames, request.tool) == (
         "app.leak", (KID0, KID0 * 10), 20, 10, "tracemalloc")
     assert procs.signals == [(KID0, TRACE_SIGNAL)]
@@ -88,11 +94,7 @@ def test_a_task_that_does_not_leak_is_not_traced(procs: FakeProcs) -> None:
 def test_the_final_report_becomes_a_result_logged_kept_and_shown(
         procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     _report(sup, request, calls=3, done=False)
     sup.tick(clock())
     [trace] = _traces(sup)
@@ -123,11 +125,7 @@ def test_the_final_report_becomes_a_result_logged_kept_and_shown(
 
 def test_one_trace_per_task_name_per_cooldown(procs: FakeProcs) -> None:
     clock = Clock()
-    sup = _ready(procs, clock, forensics={"cooldown": "1h"})
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock, forensics={"cooldown": "1h"})
     _report(sup, request, calls=20, done=True)
     _leaking(sup, first=7)
     clock.advance(1800)
@@ -159,11 +157,7 @@ def test_one_tracing_child_per_worker_at_a_time(procs: FakeProcs) -> None:
 
 def test_a_child_killed_mid_trace_leaves_its_last_report_as_the_result(procs: FakeProcs) -> None:
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     _report(sup, request, calls=7, done=False)
     del procs.table[KID0]
     sup.tick(clock())
@@ -192,11 +186,7 @@ def test_a_child_gone_before_its_first_traced_call_is_replaced(procs: FakeProcs)
 
 def test_a_leaving_childs_report_is_the_result(procs: FakeProcs) -> None:
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     _report(sup, request, calls=4, done=True, reason="leaving")
     sup.tick(clock())
     [trace] = _traces(sup)
@@ -308,11 +298,7 @@ def test_the_last_report_of_a_previous_daemons_trace_is_taken(procs: FakeProcs) 
 
 def test_a_report_from_a_child_the_trace_no_longer_counts_on_is_ignored(procs: FakeProcs) -> None:
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     _report(sup, request, calls=20, done=True, pid=KID1)
     sup.tick(clock())
     [trace] = _traces(sup)
@@ -323,11 +309,7 @@ def test_a_report_from_a_child_the_trace_no_longer_counts_on_is_ignored(procs: F
                                     "expired"])
 def test_a_trace_with_no_call_fails_with_the_childs_reason(procs: FakeProcs, reason: str) -> None:
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     _report(sup, request, calls=0, done=True, reason=reason)
     sup.tick(clock())
     [trace] = _traces(sup)
@@ -369,11 +351,7 @@ def test_a_trace_whose_child_never_gets_the_task_again_moves_to_one_that_does(
 def test_a_trace_under_way_is_not_moved(procs: FakeProcs) -> None:
     """Once its child has traced a call, the calls others run do not move it."""
     clock = Clock()
-    sup = _ready(procs, clock)
-    _leaking(sup, KID0, n=6)
-    sup.tick(clock())
-    request = _request(sup)
-    assert request is not None
+    sup, request = _tracing(procs, clock)
     _report(sup, request, calls=1, done=False)
     _leaking(sup, KID1, n=30)
     sup.tick(clock())
