@@ -1,9 +1,11 @@
-"""A scripted process table and a manual clock for driving the daemon without processes."""
+"""A scripted process table and a manual clock for driving the daemon without processes, and
+a child's connection that records what it would have sent."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.readings import FoundWorker, ProcStat
@@ -98,3 +100,22 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class RecordingSender:
+    """Stands in for a child's connection to the daemon: what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def can_send(self) -> bool:
+        return True
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+    def ring(self) -> None:
+        self.sent.append("ring")
+
+    def of(self, kind: type) -> list[Any]:
+        return [m for m in self.sent if isinstance(m, kind)]

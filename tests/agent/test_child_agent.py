@@ -13,6 +13,7 @@ from celery_memguard.agent.quarantine import Guard
 from celery_memguard.errors import MemoryLimitExceeded
 from celery_memguard.protocol import grants, messages, paths, quarantine
 from tests.builders import MiB
+from tests.fakes import RecordingSender
 
 
 def _agent(tmp_path: Path, threshold_mib: float = 100, grant: int = 1, **settings: object) -> ChildAgent:
@@ -111,26 +112,10 @@ def test_without_a_published_soft_limit_nothing_is_called_for(tmp_path: Path) ->
     assert agent.verdict(2000 * MiB, 0.0) is None
 
 
-class _Recorder:
-    """Stands in for the child's connection: what would have been sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-
-    def can_send(self) -> bool:
-        return True
-
-    def send(self, message: object) -> None:
-        self.sent.append(message)
-
-    def ring(self) -> None:
-        self.sent.append("ring")
-
-
 def test_a_young_batch_is_sent_when_the_watch_parks(tmp_path: Path) -> None:
     """Nothing may wait for a next task that never comes."""
     agent = _agent(tmp_path)
-    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    sender = agent.sender = RecordingSender()  # type: ignore[assignment]
     agent.begin("app.a", "t1", None)
     agent.end(True)
     assert sender.sent == []  # too young to go on its own
@@ -142,7 +127,7 @@ def test_a_young_batch_is_sent_when_the_watch_parks(tmp_path: Path) -> None:
 def test_a_leaving_child_keeps_its_last_report_for_after_its_exit(tmp_path: Path) -> None:
     """The daemon must know the child is leaving before it reads the report that crossed."""
     agent = _agent(tmp_path)
-    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    sender = agent.sender = RecordingSender()  # type: ignore[assignment]
     agent.begin("app.a", "t1", None)
     agent.rss_before = 0
     agent.soft_threshold = 1  # whatever it holds now is past it
@@ -159,7 +144,7 @@ def test_a_leaving_child_keeps_its_last_report_for_after_its_exit(tmp_path: Path
 
 def test_an_announcement_counts_the_tasks_ended_before_it(tmp_path: Path) -> None:
     agent = _agent(tmp_path)
-    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    sender = agent.sender = RecordingSender()  # type: ignore[assignment]
     for n in range(3):
         agent.begin("app.a", f"t{n}", None)
         agent.end(True)
@@ -269,7 +254,7 @@ def test_a_quarantined_task_fails_as_its_body_starts_and_others_run(tmp_path: Pa
     """The exception comes from inside the body, where autoretry_for and the result backend
     see it; the daemon hears of the refusal; the next task, not quarantined, runs."""
     agent = ChildAgent(0, str(tmp_path / "agent.sock"))
-    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    sender = agent.sender = RecordingSender()  # type: ignore[assignment]
     agent.begin("app.huge", "bad-1", _task_body.__code__,
                 refused="task bad-1 (app.huge) is quarantined: it was running at 2 OOM kills")
     with pytest.raises(MemoryLimitExceeded) as raised:
@@ -287,7 +272,7 @@ def test_a_quarantined_task_fails_as_its_body_starts_and_others_run(tmp_path: Pa
 
 def test_a_refusal_whose_body_never_starts_leaves_no_trace_behind(tmp_path: Path) -> None:
     agent = ChildAgent(0, str(tmp_path / "agent.sock"))
-    agent.sender = _Recorder()  # type: ignore[assignment]
+    agent.sender = RecordingSender()  # type: ignore[assignment]
     before = sys.gettrace()
     agent.begin("app.huge", "bad-1", _task_body.__code__, refused="quarantined")
     agent.end(False)  # Celery failed it before calling the body

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +16,14 @@ from celery_memguard.agent.code_paths import Frame, Key
 from celery_memguard.protocol import forensics, messages, paths
 from tests.apps import leak_helpers
 from tests.builders import MiB
+from tests.fakes import RecordingSender
 
 HELPERS = str(Path(leak_helpers.__file__).resolve())
 
 
-class _Recorder:
-    """Stands in for the child's connection: what would have been sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def can_send(self) -> bool:
-        return True
-
-    def send(self, message: object) -> None:
-        self.sent.append(message)
-
-    def ring(self) -> None:
-        self.sent.append("ring")
-
-    def of(self, kind: type) -> list[Any]:
-        return [m for m in self.sent if isinstance(m, kind)]
-
-
-@pytest.fixture
-def untraced() -> Iterator[None]:
-    assert not tracemalloc.is_tracing()
-    yield
-    if tracemalloc.is_tracing():
-        tracemalloc.stop()
-
-
-def _agent(tmp_path: Path) -> tuple[ChildAgent, _Recorder]:
+def _agent(tmp_path: Path) -> tuple[ChildAgent, RecordingSender]:
     agent = ChildAgent(0, str(tmp_path / "agent.sock"))
-    sender = agent.sender = _Recorder()  # type: ignore[assignment]
+    sender = agent.sender = RecordingSender()  # type: ignore[assignment]
     return agent, sender
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import sysconfig
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ HELPERS = str(Path(leak_helpers.__file__).resolve())
 def _request(calls: int = 5, task: str = "app.leak", until: float = 1e12) -> Request:
     return Request(id="r1", task=task, child=(1, 1), calls=calls, frames=10,
                    tool="tracemalloc", until=until)
-
-
-@pytest.fixture
-def untraced() -> Iterator[None]:
-    """Each test starts and ends with tracemalloc off, as a worker's child does."""
-    assert not tracemalloc.is_tracing()
-    yield
-    if tracemalloc.is_tracing():
-        tracemalloc.stop()
 
 
 def _run(tracer: Tracer, name: str, work: object, *args: int) -> bool:
