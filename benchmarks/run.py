@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from celery_memguard.daemon.loop import Daemon
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.readings import FoundWorker
 from celery_memguard.protocol import messages, rules
-from tests.support import ROOT, PrivateRedis, RssSampler, free_port, kill_group, redis_pings
+from tests.support import ROOT, PrivateRedis, RssSampler, Sampler, free_port, kill_group, redis_pings
 from tests.support import Daemon as DaemonProc
 
 MiB = 1024 * 1024
@@ -224,30 +223,18 @@ def bench_daemon_cpu(quick: bool) -> None:
 # -- Celery workloads ----------------------------------------------------------------------
 
 @dataclass
-class TotalSampler:
+class TotalSampler(Sampler):
     """The worker's total memory as the container sees it, sampled every ``period``: the sum
     of PSS (shared pages divided among the processes sharing them) over the main process and
     its children. Peak and mean."""
 
     def __init__(self, worker_pid: int, period: float = 0.1) -> None:
-        self.worker_pid, self.period = worker_pid, period
+        super().__init__(worker_pid, period)
         self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> TotalSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        procs = Procs()
-        while not self._stop.wait(self.period):
-            pids = [self.worker_pid, *(c.pid for c in procs.children(self.worker_pid))]
-            self.samples.append(sum((procs.uss_pss(pid) or (0, 0))[1] for pid in pids))
+    def sample(self, procs: Procs) -> None:
+        pids = [self.worker_pid, *(c.pid for c in procs.children(self.worker_pid))]
+        self.samples.append(sum((procs.uss_pss(pid) or (0, 0))[1] for pid in pids))
 
     @property
     def peak(self) -> int:

@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 
@@ -324,25 +324,18 @@ class Daemon:
         self.log.close()
 
 
-class RssSampler:
-    """Reads the RSS of every child of a worker every ``period``, independently of the daemon:
-    the peak per pid, and for each threshold the first time a pid crossed it, the first time it
-    was back under, and the last time the pid was seen; with ``series``, every reading."""
+_S = TypeVar("_S", bound="Sampler")
 
-    def __init__(self, worker_pid: int, period: float = 0.05,
-                 thresholds: tuple[int, ...] = (), series: bool = False) -> None:
-        self.worker_pid, self.period, self.thresholds = worker_pid, period, thresholds
-        self.keep_series = series
-        self.series: dict[int, list[tuple[float, int]]] = {}  # pid -> (monotonic time, rss)
-        self.start: dict[int, int] = {}  # pid -> start time in clock ticks
-        self.peak: dict[int, int] = {}
-        self.crossed: dict[tuple[int, int], float] = {}
-        self.recovered: dict[tuple[int, int], float] = {}
-        self.last_seen: dict[int, float] = {}
+
+class Sampler:
+    """A thread that calls ``sample`` every ``period`` while the ``with`` block runs."""
+
+    def __init__(self, worker_pid: int, period: float) -> None:
+        self.worker_pid, self.period = worker_pid, period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self: _S) -> _S:
         self._thread.start()
         return self
 
@@ -353,21 +346,44 @@ class RssSampler:
     def _run(self) -> None:
         procs = Procs()
         while not self._stop.wait(self.period):
-            now = time.monotonic()
-            for child in procs.children(self.worker_pid):
-                rss = procs.rss(child.pid)
-                if not rss:  # gone, or exited and not yet reaped
-                    continue
-                self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
-                self.last_seen[child.pid] = now
-                self.start.setdefault(child.pid, child.start)
-                if self.keep_series:
-                    self.series.setdefault(child.pid, []).append((now, rss))
-                for limit in self.thresholds:
-                    if rss > limit:
-                        self.crossed.setdefault((child.pid, limit), now)
-                    elif (child.pid, limit) in self.crossed:
-                        self.recovered.setdefault((child.pid, limit), now)
+            self.sample(procs)
+
+    def sample(self, procs: Procs) -> None:
+        raise NotImplementedError
+
+
+class RssSampler(Sampler):
+    """Reads the RSS of every child of a worker every ``period``, independently of the daemon:
+    the peak per pid, and for each threshold the first time a pid crossed it, the first time it
+    was back under, and the last time the pid was seen; with ``series``, every reading."""
+
+    def __init__(self, worker_pid: int, period: float = 0.05,
+                 thresholds: tuple[int, ...] = (), series: bool = False) -> None:
+        super().__init__(worker_pid, period)
+        self.thresholds, self.keep_series = thresholds, series
+        self.series: dict[int, list[tuple[float, int]]] = {}  # pid -> (monotonic time, rss)
+        self.start: dict[int, int] = {}  # pid -> start time in clock ticks
+        self.peak: dict[int, int] = {}
+        self.crossed: dict[tuple[int, int], float] = {}
+        self.recovered: dict[tuple[int, int], float] = {}
+        self.last_seen: dict[int, float] = {}
+
+    def sample(self, procs: Procs) -> None:
+        now = time.monotonic()
+        for child in procs.children(self.worker_pid):
+            rss = procs.rss(child.pid)
+            if not rss:  # gone, or exited and not yet reaped
+                continue
+            self.peak[child.pid] = max(self.peak.get(child.pid, 0), rss)
+            self.last_seen[child.pid] = now
+            self.start.setdefault(child.pid, child.start)
+            if self.keep_series:
+                self.series.setdefault(child.pid, []).append((now, rss))
+            for limit in self.thresholds:
+                if rss > limit:
+                    self.crossed.setdefault((child.pid, limit), now)
+                elif (child.pid, limit) in self.crossed:
+                    self.recovered.setdefault((child.pid, limit), now)
 
     @property
     def max_rss(self) -> int:
