@@ -142,9 +142,11 @@ def bench_fleet(bench: Bench, quick: bool) -> None:
         events = daemon.events()
     names = {f"{queue}@bench" for queue in queues}
     requests = [e for e in events if e.get("event") == "recycle_requested"
-                and e.get("worker") in names
-                and datetime.fromisoformat(e["timestamp"]).timestamp() >= storm_started]
-    at = {e["pid"]: datetime.fromisoformat(e["timestamp"]).timestamp() for e in requests}
+                and e.get("worker") in names]
+    for e in requests:  # wall-clock seconds, read once
+        e["at"] = datetime.fromisoformat(e["timestamp"]).timestamp()
+    requests = [e for e in requests if e["at"] >= storm_started]
+    at = {e["pid"]: e["at"] for e in requests}
     latencies, crossed = [], 0
     for sampler in samplers:
         for (pid, limit), first in sampler.crossed.items():
@@ -160,8 +162,7 @@ def bench_fleet(bench: Bench, quick: bool) -> None:
     even = len(times) * 0.1 / span if span else float("nan")  # the same requests spread evenly
     per_worker: dict[str, list[float]] = {}
     for e in requests:
-        per_worker.setdefault(e["worker"], []).append(
-            datetime.fromisoformat(e["timestamp"]).timestamp())
+        per_worker.setdefault(e["worker"], []).append(e["at"])
     firsts = sorted(min(v) for v in per_worker.values())
     first_spread = firsts[-1] - firsts[0] if len(firsts) > 1 else 0.0
     by_agent = sum(1 for e in requests if e.get("by") == "agent")
