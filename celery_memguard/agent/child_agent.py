@@ -43,7 +43,7 @@ from celery_memguard.protocol import grants, hooks, messages, paths, rules, sett
 from celery_memguard.protocol.signals import EX_RECYCLE, TRACE_SIGNAL
 
 CHILD_HELLO_SECONDS = 5.0
-ANNOUNCE_AFTER = 0.05  # a task running this long is announced (TaskRunning)
+ANNOUNCE_AFTER = 0.25  # a task running this long is announced (TaskRunning): a tick sees it
 RETAKE_SECONDS = 0.1  # a child over its threshold but held tries its grant at most this often
 LEFT_RUNS = 32  # runs per task name whose growth a child remembers
 MIN_RUNS = 5  # runs of a name before its growth predicts anything

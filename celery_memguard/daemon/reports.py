@@ -97,6 +97,9 @@ def _task_interrupted(state: State, worker: WorkerRec, child: ChildRec,
             "worker": worker.name, "index": child.index, "pid": child.proc.pid,
             "task": message.task, "task_id": message.id, "reason": reason}))
         return
+    # The task is running: it names it even when it was too short to be announced, so that
+    # a kill escalation that follows is counted against it.
+    child.task, child.task_id, child.task_seq = message.task, message.id, child.tasks
     state.observe(worker, child, message.rss, now)
     state.incident(message.id, message.task, 0, 1, state.wall())
     state.events.append(("task_interrupted", {

@@ -240,6 +240,21 @@ def test_a_running_task_is_shown_until_a_batch_ends_it_and_a_late_announcement_i
     assert sup.state.workers[MAIN].children[KID0].task is None
 
 
+def test_an_interrupted_task_is_the_running_one_though_it_was_never_announced(
+        procs: FakeProcs) -> None:
+    """A task stopped at the hard limit before its announcement: a kill escalation that follows
+    is counted against it, and its end (task 6) clears it."""
+    sup = make(procs)
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(batch(KID0, 1, *[("app.a", 50, 50, 0)] * 5)), 0.5)
+    sup.receive(dgram(messages.TaskInterrupted(pid=KID0, ppid=MAIN, index=0, task="app.huge",
+                                               id="t6", rss=300 * MiB, limit=200 * MiB)), 1.0)
+    assert sup.state.task_killed("w@h", KID0) == ("app.huge", "t6")
+    assert sup.state.interrupted[("w@h", "app.huge", "kill")] == 1
+    sup.receive(dgram(batch(KID0, 6, ("app.huge", 50, 60, 0))), 2.0)
+    assert sup.state.workers[MAIN].children[KID0].task is None
+
+
 def test_a_batch_that_ends_over_the_limit_is_acted_on_at_once(procs: FakeProcs) -> None:
     sup = make(procs)
     sup.receive(dgram(hello()), 0.0)
