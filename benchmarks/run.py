@@ -636,7 +636,7 @@ def agent_task_cost(n: int, rounds: int) -> tuple[float, float]:
     without and the median of the paired differences."""
     from celery.app import trace  # noqa: PLC0415
 
-    from celery_memguard.agent import pool_child  # noqa: PLC0415
+    from celery_memguard.agent import job_loop, pool_child  # noqa: PLC0415
     from celery_memguard.agent.child_agent import ChildAgent  # noqa: PLC0415
 
     app = Celery("bench-trace", broker="memory://")
@@ -662,7 +662,8 @@ def agent_task_cost(n: int, rounds: int) -> tuple[float, float]:
         return result
 
     child = ChildAgent(0, "/nonexistent/agent.sock")
-    wrapped = (child.wrap_wait_for_job(read, pool_child.describe), child.wrap_prepare_result(prepare))
+    wrapped = (job_loop.wrap_wait_for_job(child, read, pool_child.describe),
+               job_loop.wrap_prepare_result(child, prepare))
 
     def loop(wait: Callable[[], Any], prepare_result: Callable[[Any], Any]) -> float:
         nonlocal pending

@@ -21,18 +21,15 @@ reading the next job when what the tasks it runs likely leave behind would take 
 from __future__ import annotations
 
 import os
-import resource
-import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any
 
 from celery_memguard.agent.batch import FLUSH_SECONDS, Batch
 from celery_memguard.agent.headroom import Headroom
+from celery_memguard.agent.left_behind import LeftBehind
 from celery_memguard.agent.procfs import StatmReader, start_ticks
 from celery_memguard.agent.quarantine import raise_in_body
 from celery_memguard.agent.sender import Sender
@@ -40,14 +37,11 @@ from celery_memguard.agent.tracing import Tracing
 from celery_memguard.agent.watch import Watch
 from celery_memguard.errors import MemoryLimitExceeded
 from celery_memguard.protocol import grants, hooks, messages, paths, rules, settings
-from celery_memguard.protocol.signals import EX_RECYCLE, TRACE_SIGNAL
+from celery_memguard.protocol.signals import EX_RECYCLE
 
 CHILD_HELLO_SECONDS = 5.0
 ANNOUNCE_AFTER = 0.25  # a task running this long is announced (TaskRunning): a tick sees it
 RETAKE_SECONDS = 0.1  # a child over its threshold but held tries its grant at most this often
-LEFT_RUNS = 32  # runs per task name whose growth a child remembers
-MIN_RUNS = 5  # runs of a name before its growth predicts anything
-MAX_NAMES = 256
 LEAVE_LOCK_SECONDS = 0.5  # leaving never waits longer than this for the report lock
 
 
@@ -85,19 +79,15 @@ class ChildAgent:
         self.start_ticks = start_ticks(self.pid)
         self.worker = (self.ppid, start_ticks(self.ppid))  # the identity its grants are for
         self.grant_path = paths.grant_path(socket_path, self.ppid)
-        self.growth: deque[int] = deque(maxlen=8)  # RSS each recent task left behind
-        self.left: dict[str, deque[int]] = {}  # per task name: what its recent runs left behind
-        self.most_left = 0  # the most any run here left behind: is a name's quantile worth it?
-        self._likely: int | None = None  # likely_left(), until the next task ends
+        self.left = LeftBehind()  # what its tasks left behind: the leave-before figure
         self.rang: set[str] = set()  # reasons the daemon was rung for already
         self.retake_at = 0.0
         self._settings_mtime = 0.0
         self._batch = Batch()
         self.headroom = Headroom(paths.room_path(socket_path, self.ppid), self.worker, pool)
         self.container_hit: tuple[int, int] | None = None  # (working set, line) of an interrupt
-        self.maxrss_before = 0  # ru_maxrss when the task began (KiB)
         self._untrace: Callable[[], None] | None = None  # a refused task's trace, until it fires
-        self.tracing = Tracing(socket_path, self.worker, (self.pid, self.start_ticks), self._send)
+        self.tracing = Tracing(socket_path, self.worker, (self.pid, self.start_ticks), self.send)
         self.tracing.index = index
         self._lock = threading.Lock()  # the batch and the connection: main and watch threads
         # from the published settings
@@ -114,7 +104,7 @@ class ChildAgent:
     def hello(self) -> None:
         self.last_hello = time.monotonic()
         self.load_settings()
-        self._send(messages.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
+        self.send(messages.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
                                        tasks=self.tasks, rss=self.statm.rss(),
                                        node=self.node[: messages.MAX_NAME], jitter_pool=self.pool,
                                        missing=self.missing[: messages.MAX_HOOKS]))
@@ -156,8 +146,7 @@ class ChildAgent:
         self.rss_before = self.statm.rss() - self.tracing.bytes
         self.task_name, self.task_id = name, task_id
         self.task_started = time.monotonic()
-        if self.headroom.line:  # the watch may miss a peak between two reads; this cannot
-            self.maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.headroom.task_began()
         self.announced = False
         self.running = True
         self.watch.task_started(run_code)
@@ -167,7 +156,7 @@ class ChildAgent:
     def _refuse(self, detail: str, run_code: CodeType) -> None:
         """A quarantined task id: it fails as its body starts, and the daemon hears of it."""
         self._untrace = raise_in_body(run_code, MemoryLimitExceeded(0, 0, "quarantined", detail))
-        self._send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
+        self.send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
                                             task=self.task_name, id=self.task_id,
                                             rss=self.rss_before, limit=0, reason="quarantined"))
 
@@ -179,18 +168,18 @@ class ChildAgent:
         if self.container_hit is not None:
             used, line = self.container_hit
             self.container_hit = None
-            self._send(messages.TaskInterrupted(
+            self.send(messages.TaskInterrupted(
                 pid=self.pid, ppid=self.ppid, index=self.index, task=self.task_name,
                 id=self.task_id, rss=used, limit=line, reason="container"))
         if self.tracing.active:
             self.tracing.measure()
         rss = self.last_rss = self.statm.rss() - self.tracing.bytes
-        self.growth.append(rss - self.rss_before)
-        self._left(self.task_name, rss - self.rss_before)
+        self.left.add(self.task_name, rss - self.rss_before)
         now = time.monotonic()
         with self._lock:  # the watch thread announces under it: never with a half-ended task
             if self.headroom.line:
-                self.headroom.learn(self.task_name, self._peak(rss) - self.rss_before)
+                self.headroom.learn(self.task_name,
+                                    self.headroom.peak(rss, self.watch.peak) - self.rss_before)
             self.running = False
             self.tasks += 1
             self._batch.add(self.tasks, self.task_name, self.rss_before, rss, ok, now)
@@ -204,49 +193,6 @@ class ChildAgent:
         if self.tracing.tracer is not None:
             self.tracing.end(rss - self.rss_before)
 
-    def _peak(self, rss: int) -> int:
-        """The most this task held as far as known: the watch's reads, the end, and the
-        process's lifetime peak when this task raised it (ru_maxrss, KiB on Linux)."""
-        peak = max(rss, self.watch.peak)
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if maxrss > self.maxrss_before:
-            peak = max(peak, maxrss * 1024)
-        return peak
-
-    def _left(self, name: str, grew: int) -> None:
-        """What a run of ``name`` left behind. A name's first run in this child is its
-        warm-up (imports, caches, connections: memory it keeps once, not per call) and does
-        not count towards what the next run is likely to leave."""
-        self.most_left = max(self.most_left, grew)
-        self._likely = None
-        runs = self.left.get(name)
-        if runs is None:
-            if len(self.left) < MAX_NAMES:
-                self.left[name] = deque(maxlen=LEFT_RUNS)
-            return
-        runs.append(max(grew, 0))
-
-    def likely_left(self) -> int:
-        """What the next task, whichever it is, is likely to leave behind: the largest 90th
-        percentile (nearest rank) over the names that ran ``MIN_RUNS`` times here after
-        their first run. Not the
-        mean: a task that keeps memory one call in ten still crosses. Names with fewer runs
-        predict nothing; memory a task frees before it returns leaves nothing, so spikes
-        never count. Kept until the next task ends."""
-        if self._likely is None:
-            self._likely = max((sorted(runs)[-(-9 * len(runs) // 10) - 1]
-                                for runs in self.left.values() if len(runs) >= MIN_RUNS),
-                               default=0)
-        return self._likely
-
-    def would_cross(self, rss: int) -> bool:
-        """Whether the next task would likely take this child past its soft threshold."""
-        threshold = self.soft_threshold
-        if threshold <= 0 or rss + self.most_left < threshold:
-            return False  # far from it whatever the task: the common case, no sorting
-        likely = self.likely_left()
-        return likely > 0 and rss + likely >= threshold
-
     def leave_before(self, rss: int) -> bool:
         """Leave before reading the next job, when the task it brings would likely take this
         child past its soft threshold and a unit of the grant is there. Before the read, not
@@ -254,7 +200,8 @@ class ChildAgent:
         billiard's read of a job and its acknowledgement leaves the prefork pool to recover a
         half-delivered job, which can stall it). False: read and run it (its end decides)."""
         now = time.monotonic()
-        if (self.measure != "rss" or self.dry_run or not self.would_cross(rss)
+        if (self.measure != "rss" or self.dry_run
+                or not self.left.would_cross(rss, self.soft_threshold)
                 or rules.max_tasks_soon(self.tasks, self.max_tasks, self.skip_within_tasks)
                 or rules.too_young(now - self.born, self.min_lifetime, rss, self.hard)):
             return False
@@ -278,7 +225,7 @@ class ChildAgent:
             return None
         if rss >= threshold:
             reason = "soft"
-        elif self.ahead and rules.predicts_crossing(rss, rules.growth_per_task(self.growth),
+        elif self.ahead and rules.predicts_crossing(rss, rules.growth_per_task(self.left.recent),
                                                     self.ahead, threshold):
             reason = "predicted"
         else:
@@ -335,13 +282,9 @@ class ChildAgent:
         self.recycle_requested = True
         if self.exit_reason == "requested":
             self.exit_reason = "hard"
-        self._send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
+        self.send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
                                         task=self.task_name, id=self.task_id, rss=rss,
                                         limit=limit))
-
-    def install_forensics(self) -> None:
-        """The daemon's trace request signal (tracing.py): it only sets a flag."""
-        signal.signal(TRACE_SIGNAL, self.tracing.on_signal)
 
     # -- leaving ----------------------------------------------------------------------------
 
@@ -382,94 +325,9 @@ class ChildAgent:
                 self._lock.release()
         sys.exit(EX_RECYCLE)  # billiard's own sys.exit wrapper records the exit code
 
-    def wrap_wait_for_job(self, original: Callable[..., Any],
-                          describe: Callable[[Any], tuple[str, str, CodeType | None]],
-                          refusal: Callable[[Any], str | None] = lambda job: None,
-                          ) -> Callable[..., Any]:
-        """billiard's read of the next job, wrapped: where a child leaves, and where a task
-        begins. ``describe`` names the job (task name, task id, the body's code object).
-
-        A job that returned ends at ``wrap_prepare_result``; one that raised out of billiard's
-        call (it reports the exception itself) ends here, at the next read.
-        """
-        def wait_for_job(*args: Any, **kwargs: Any) -> Any:
-            if self.running:
-                self._end_quietly(False)
-            if self.recycle_requested or self._leave_before_next():
-                self.leave()
-            if time.monotonic() - self.last_hello > CHILD_HELLO_SECONDS:
-                try:
-                    self.hello()
-                except Exception:  # noqa: BLE001 - the agent never raises into the worker
-                    self.last_hello = time.monotonic()
-            self.waiting = True
-            try:
-                if self.recycle_requested:  # the signal came between the check and now
-                    self.waiting = False
-                    self.leave()
-                job = original(*args, **kwargs)
-            finally:
-                self.waiting = False
-            if job:
-                try:
-                    name, task_id, run_code = describe(job)
-                    refused = refusal(job)
-                    if refused is None:
-                        self._hold(name, task_id)
-                    self.begin(name, task_id, run_code, refused)
-                except Exception:  # noqa: BLE001 - the agent never raises into the worker
-                    self.running = False
-            return job
-
-        return wait_for_job
-
-    def _leave_before_next(self) -> bool:
-        """At the read of the next job, by the RSS the last task left (nothing ran since)."""
-        try:
-            return self.leave_before(self.last_rss)
-        except Exception:  # noqa: BLE001 - the agent never raises into the worker
-            return False
-
-    def _hold(self, name: str, task_id: str) -> bool:
-        """Wait for the container to have room before the task starts (headroom.py). Asked to
-        leave meanwhile, the child leaves at once: the job is not acknowledged yet, and the pool
-        gives it to another child."""
-        self.waiting = True
-        try:
-            if self.recycle_requested:
-                self.waiting = False
-                self.leave()
-            held = self.headroom.hold(name, self.statm.rss())
-        finally:
-            self.waiting = False
-        if held is None:
-            return False
-        self._send(messages.TaskHeld(
-            pid=self.pid, ppid=self.ppid, index=self.index, task=name, id=task_id,
-            waited_ms=int(held.seconds * 1000), working_set=held.working_set,
-            line=held.line, gave_up=held.gave_up))
-        return True
-
-    def wrap_prepare_result(self, original: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """billiard's hook on a job's return value: the task has ended, its result not yet
-        handed to the parent. Celery's trace functions return ``(failed, result, runtime)``."""
-        def prepare_result(result: Any) -> Any:
-            if self.running:
-                failed = isinstance(result, tuple) and bool(result) and result[0] == 1
-                self._end_quietly(not failed)
-            return original(result)
-
-        return prepare_result
-
-    def _end_quietly(self, ok: bool) -> None:
-        try:
-            self.end(ok)
-        except Exception:  # noqa: BLE001 - the agent never raises into the worker
-            self.running = False
-
     # -- sending ----------------------------------------------------------------------------
 
-    def _send(self, message: messages.Message) -> None:
+    def send(self, message: messages.Message) -> None:
         with self._lock:
             self._flush(time.monotonic())  # in order: the batch holds earlier events
             self.sender.send(message)

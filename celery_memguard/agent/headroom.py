@@ -22,6 +22,7 @@ interrupted at the container's hard line by the daemon).
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class Headroom:
         self.needs: dict[str, int] = {}  # task name -> most its RSS rose in one run here
         self.shared: dict[str, int] = {}  # the same, as the worker's children know it
         self.reserved = False  # this child's running task has a reservation in the room
+        self.maxrss_before = 0  # ru_maxrss when the running task began (KiB)
         self._usage_fd: int | None = None
         self._next_look = 0.0
         self._next_refresh = 0.0
@@ -149,6 +151,21 @@ class Headroom:
         return result, seen[0]
 
     # -- after a task ------------------------------------------------------------------------
+
+    def task_began(self) -> None:
+        """Where the process's lifetime peak stood as a task began: the watch may miss a
+        peak between two reads; the kernel's count cannot."""
+        if self.line:
+            self.maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak(self, rss: int, watched: int) -> int:
+        """The most the task held as far as known: the watch's reads, its end, and the
+        process's lifetime peak when this task raised it (ru_maxrss, KiB on Linux)."""
+        peak = max(rss, watched)
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if maxrss > self.maxrss_before:
+            peak = max(peak, maxrss * 1024)
+        return peak
 
     def news(self, name: str, rose: int) -> bool:
         """Whether ``rose`` is more than the worker's children know ``name`` needs, by enough

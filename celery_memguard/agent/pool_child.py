@@ -1,7 +1,7 @@
 """The agent in a pool child: join billiard's job loop and leave through its recycle path.
 
 Per task, nothing goes through Celery's signals: a pool child follows its jobs in billiard's
-own loop (``wait_for_job`` and ``prepare_result``, wrapped once at ``worker_process_init``),
+own loop (``wait_for_job`` and ``prepare_result``, wrapped once at ``worker_process_init``: job_loop.py),
 which costs less and sees one job as one task, whatever the task does inside. The child's
 bookkeeping is in child_agent.py.
 
@@ -29,13 +29,13 @@ import sys
 from types import CodeType, FrameType
 from typing import Any
 
-from celery_memguard.agent import hooks, main_process, task_signals
+from celery_memguard.agent import hooks, job_loop, main_process, task_signals
 from celery_memguard.agent.child_agent import ChildAgent
 from celery_memguard.agent.context import CONTEXT, jitter_pool
 from celery_memguard.agent.quarantine import MARK
 from celery_memguard.protocol import hooks as protocol_hooks
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.signals import CONTAINER_SIGNAL, RECYCLE_SIGNAL
+from celery_memguard.protocol.signals import CONTAINER_SIGNAL, RECYCLE_SIGNAL, TRACE_SIGNAL
 
 _child: ChildAgent | None = None  # this pool child's agent, once installed
 
@@ -92,12 +92,13 @@ def on_process_init(sender: Any = None, **_: Any) -> None:
         signal.signal(RECYCLE_SIGNAL, agent.on_recycle_signal)
         signal.signal(CONTAINER_SIGNAL, agent.on_container_signal)
         agent.watch.install()
-        agent.install_forensics()
+        signal.signal(TRACE_SIGNAL, agent.tracing.on_signal)  # a trace request: sets a flag
         if begins:
-            pool_worker.wait_for_job = agent.wrap_wait_for_job(pool_worker.wait_for_job, describe,
-                                                               refusal)
+            pool_worker.wait_for_job = job_loop.wrap_wait_for_job(
+                agent, pool_worker.wait_for_job, describe, refusal)
         if ends:
-            pool_worker.prepare_result = agent.wrap_prepare_result(pool_worker.prepare_result)
+            pool_worker.prepare_result = job_loop.wrap_prepare_result(
+                agent, pool_worker.prepare_result)
         if not (begins and ends):
             task_signals.connect(agent, begins=not begins, ends=not ends, run_code=_run_code)
         _child = agent

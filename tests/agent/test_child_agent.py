@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from celery_memguard.agent import job_loop
 from celery_memguard.agent.child_agent import RETAKE_SECONDS, ChildAgent
 from celery_memguard.agent.quarantine import Guard
 from celery_memguard.errors import MemoryLimitExceeded
@@ -100,7 +101,7 @@ def test_a_child_that_max_tasks_will_recycle_soon_leaves_it_to_billiard(tmp_path
 def test_predictive_recycling_leaves_before_the_crossing(tmp_path: Path) -> None:
     """With a look-ahead of two tasks of 2 MiB each, 97 MiB against 100 MiB is near enough."""
     agent = _agent(tmp_path, ahead=2)
-    agent.growth.extend([2 * MiB] * 4)
+    agent.left.recent.extend([2 * MiB] * 4)
     assert agent.verdict(95 * MiB, 0.0) is None  # 95 + 2 * 2 < 100
     assert agent.verdict(97 * MiB, 0.0) == "self"
     assert agent.exit_reason == "predicted"
@@ -172,8 +173,8 @@ def test_billiards_loop_marks_where_each_task_begins_and_ends(tmp_path: Path) ->
     function says the task failed; a job that raised ends at the next read, as failed."""
     agent = _agent(tmp_path)
     jobs = iter([_job("app.a", "t1"), _job("app.b", "t2"), _job("app.c", "t3"), None])
-    wait = agent.wrap_wait_for_job(lambda: next(jobs), _describe)
-    prepare = agent.wrap_prepare_result(lambda result: ("prepared", result))
+    wait = job_loop.wrap_wait_for_job(agent, lambda: next(jobs), _describe)
+    prepare = job_loop.wrap_prepare_result(agent, lambda result: ("prepared", result))
 
     assert wait() == _job("app.a", "t1")
     assert (agent.running, agent.task_name, agent.task_id, agent.tasks) == (True, "app.a", "t1", 0)
@@ -196,10 +197,10 @@ def test_a_job_that_cannot_be_named_still_runs(tmp_path: Path) -> None:
     def describe(job: object) -> tuple[str, str, None]:
         raise RuntimeError("unreadable")
 
-    wait = agent.wrap_wait_for_job(lambda: _job("app.a"), describe)
+    wait = job_loop.wrap_wait_for_job(agent, lambda: _job("app.a"), describe)
     assert wait() == _job("app.a")
     assert not agent.running
-    assert agent.wrap_prepare_result(lambda result: result)("r") == "r"
+    assert job_loop.wrap_prepare_result(agent, lambda result: result)("r") == "r"
     assert agent.tasks == 0
 
 
@@ -333,11 +334,11 @@ def test_a_child_leaves_before_a_task_that_would_take_it_past_its_threshold(
     next job, under a unit of the grant."""
     agent = _agent(tmp_path)
     for n in range(10):
-        agent._left("app.keep", 2 * MiB if n else 0)
-        agent._left("app.noop", 0)
-    assert agent.likely_left() == 2 * MiB
-    assert not agent.would_cross(97 * MiB)
-    assert agent.would_cross(99 * MiB)
+        agent.left.add("app.keep", 2 * MiB if n else 0)
+        agent.left.add("app.noop", 0)
+    assert agent.left.likely() == 2 * MiB
+    assert not agent.left.would_cross(97 * MiB, agent.soft_threshold)
+    assert agent.left.would_cross(99 * MiB, agent.soft_threshold)
     assert agent.leave_before(99 * MiB)
     assert (agent.recycle_requested, agent.exit_reason) == (True, "soft")
     assert _taken(agent) == [(os.getpid(), "soft")]
@@ -347,23 +348,23 @@ def test_what_runs_here_is_learnt_as_it_runs(tmp_path: Path) -> None:
     """The prediction follows each run (kept until the next one ends)."""
     agent = _agent(tmp_path)
     for _ in range(6):  # a first run, then five
-        agent._left("app.a", 1 * MiB)
-    assert agent.likely_left() == 1 * MiB
+        agent.left.add("app.a", 1 * MiB)
+    assert agent.left.likely() == 1 * MiB
     for _ in range(5):
-        agent._left("app.b", 3 * MiB)
-    assert agent.likely_left() == 1 * MiB, "app.b: a first run and four predict nothing yet"
-    agent._left("app.b", 3 * MiB)
-    assert agent.likely_left() == 3 * MiB
+        agent.left.add("app.b", 3 * MiB)
+    assert agent.left.likely() == 1 * MiB, "app.b: a first run and four predict nothing yet"
+    agent.left.add("app.b", 3 * MiB)
+    assert agent.left.likely() == 3 * MiB
 
 
 def test_a_first_run_that_warms_a_cache_predicts_nothing(tmp_path: Path) -> None:
     """A name whose first run here kept 4 MiB (a cache, filled once) and whose later runs keep
     nothing is not expected to leave 4 MiB again: the child does not leave early for it."""
     agent = _agent(tmp_path)
-    agent._left("app.warm", 4 * MiB)
+    agent.left.add("app.warm", 4 * MiB)
     for _ in range(6):
-        agent._left("app.warm", 0)
-    assert agent.likely_left() == 0
+        agent.left.add("app.warm", 0)
+    assert agent.left.likely() == 0
     assert not agent.leave_before(99 * MiB)
 
 
@@ -376,7 +377,7 @@ def test_no_leave_before_a_task_whose_growth_does_not_predict_a_crossing(
         tmp_path: Path, runs: list[int], why: str) -> None:
     agent = _agent(tmp_path)
     for grew in runs:
-        agent._left("app.t", grew)
+        agent.left.add("app.t", grew)
     assert not agent.leave_before(99 * MiB), why
     assert not agent.recycle_requested
 
@@ -384,6 +385,6 @@ def test_no_leave_before_a_task_whose_growth_does_not_predict_a_crossing(
 def test_without_a_unit_of_the_grant_the_task_runs(tmp_path: Path) -> None:
     agent = _agent(tmp_path, grant=0)
     for _ in range(10):
-        agent._left("app.keep", 2 * MiB)
+        agent.left.add("app.keep", 2 * MiB)
     assert not agent.leave_before(99 * MiB)
     assert not agent.recycle_requested

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from celery_memguard.agent import tracing
+from celery_memguard.agent import job_loop, tracing
 from celery_memguard.agent.child_agent import ChildAgent
 from celery_memguard.agent.code_paths import Frame, Key
 from celery_memguard.protocol import forensics, messages, paths
@@ -191,10 +191,10 @@ def test_a_failing_tracer_changes_no_result_and_says_why(
     monkeypatch.setattr(tracing, "make_tool", lambda request: _Broken(_Statm()))
     _ask(agent, calls=3)
     jobs = iter([_job("app.leak"), _job("app.leak"), None])
-    wait = agent.wrap_wait_for_job(lambda: next(jobs),
+    wait = job_loop.wrap_wait_for_job(agent, lambda: next(jobs),
                                    lambda job: (job[1][3][0], "t1", None))  # type: ignore[index]
     result = (1, ValueError("the task's own"), 0.1)
-    prepare = agent.wrap_prepare_result(lambda r: r)
+    prepare = job_loop.wrap_prepare_result(agent, lambda r: r)
     assert wait() == _job("app.leak")
     assert prepare(result) is result
     assert wait() == _job("app.leak")
