@@ -76,7 +76,7 @@ class Daemon:
         supervisor.state.quarantined.update(supervisor.publisher.load_quarantine())
         supervisor.publisher.write_quarantine(supervisor.state.quarantined,
                                               self.config.quarantine.after)  # the after in force
-        supervisor.publisher.prune_rooms(supervisor.alive)
+        supervisor.publisher.prune_rooms(supervisor.procs.alive)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             host, port = split_listen(self.config.metrics.listen)
@@ -122,7 +122,8 @@ class Daemon:
         return self.clock() - self.supervisor.last_tick < max(5.0, 3 * interval)
 
     def _loop(self, inbox: Inbox) -> None:
-        """Wait for the tick, the containers' next look, the bell, signals and reports.
+        """Wait; handle what arrived; tick when due (sample, decide and act, publish); look at
+        the containers near their hard line when due.
 
         Waking for every report cost the daemon more CPU than the reports themselves on a
         busy host (each wake-up ran cold, between the worker's processes), and that CPU is
@@ -131,37 +132,34 @@ class Daemon:
         which is always watched, and everything waiting is read at once.
         """
         supervisor = self.supervisor
-        selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        if inbox.bell is not None:
-            selector.register(inbox.bell.fileno(), selectors.EVENT_READ, "bell")
-        selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
-        resume_at: float | None = None  # reports are left out of the wait until then
+        waits = _Waits(inbox, self._wake_r)
         next_tick = next_watch = self.clock()  # next_watch: containers near their hard line
         try:
             while not self.stopping.is_set():
+                for what in waits.wait(min(next_tick, next_watch), self.clock):
+                    if self._handle(what, inbox):
+                        waits.rest(self.clock() + self.batch_gap)  # let the next ones gather
+                while self.signals:
+                    self._dispatch_signal(self.signals.popleft())
                 now = self.clock()
                 if now >= next_tick:
-                    supervisor.tick(now, lambda: self._drain(inbox))
+                    self._tick(inbox, now)
                     interval = self.config.sampling.interval
                     next_tick += interval
                     if next_tick <= now:  # fell behind: skip, do not burst
                         next_tick = now + interval
                 if now >= next_watch:
                     next_watch = supervisor.watch_containers(self.clock())
-                if resume_at is not None and self.clock() >= resume_at:
-                    selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
-                    resume_at = None
-                until = min(next_tick, next_watch, next_tick if resume_at is None else resume_at)
-                for key, _ in selector.select(max(0.0, until - self.clock())):
-                    if self._handle(key.data, inbox) and resume_at is None:
-                        # Reports read and none left: let the next ones gather.
-                        selector.unregister(inbox.fileno())
-                        resume_at = self.clock() + self.batch_gap
-                while self.signals:
-                    self._dispatch_signal(self.signals.popleft())
         finally:
-            selector.close()
+            waits.close()
+
+    def _tick(self, inbox: Inbox, now: float) -> None:
+        """Sample every worker, reading the reports that wait between two; decide and act;
+        publish."""
+        for _ in self.supervisor.sample(now):
+            self._drain(inbox)
+        self.supervisor.decide_all(now)
+        self.supervisor.publish(now)
 
     def _drain(self, inbox: Inbox) -> int:
         """Fold in what the agents sent, up to DRAIN_BATCH datagrams; return how many."""
@@ -232,3 +230,35 @@ class Daemon:
                 "agent": old.agent, "log": old.log,
                 "metrics": new.metrics.model_copy(update={"listen": old.metrics.listen})})
         self.supervisor.reload(new, publish=self.http is not None)
+
+
+class _Waits:
+    """What the loop waits on: the wake-up pipe, the bell, and the reports, which can rest
+    out of the wait for a while so that routine ones are read together."""
+
+    def __init__(self, inbox: Inbox, wake: int) -> None:
+        self.inbox = inbox
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(wake, selectors.EVENT_READ, "wake")
+        if inbox.bell is not None:
+            self.selector.register(inbox.bell.fileno(), selectors.EVENT_READ, "bell")
+        self.selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+        self.resume_at: float | None = None  # the reports are out of the wait until then
+
+    def wait(self, until: float, clock: Callable[[], float]) -> list[str]:
+        """What is ready, waiting at most until ``until`` (sooner when the reports' rest ends)."""
+        if self.resume_at is not None and clock() >= self.resume_at:
+            self.selector.register(self.inbox.fileno(), selectors.EVENT_READ, "inbox")
+            self.resume_at = None
+        if self.resume_at is not None:
+            until = min(until, self.resume_at)
+        return [key.data for key, _ in self.selector.select(max(0.0, until - clock()))]
+
+    def rest(self, until: float) -> None:
+        """Leave the reports out of the wait until ``until``."""
+        if self.resume_at is None:
+            self.selector.unregister(self.inbox.fileno())
+            self.resume_at = until
+
+    def close(self) -> None:
+        self.selector.close()

@@ -270,3 +270,26 @@ def _over_worker_total(worker: Worker, limits: LimitsConfig, recycle: RecycleCon
         return []
     largest = max(available, key=lambda c: c.uss if c.uss is not None else c.rss)
     return [(largest, total, limits.worker_total, Reason.WORKER_TOTAL)]
+
+
+def new_storms(snapshot: Snapshot, limits_for: Callable[[str], LimitsConfig],
+               recycle: RecycleConfig, storming: set[str]) -> list[Worker]:
+    """The workers whose every child is now over its soft threshold, and were not before
+    (``storming``, kept by the caller, is updated): the limit is likely too low. Recycling
+    goes on at the rate limit; a storm is said once, until the pool calms down."""
+    started: list[Worker] = []
+    for worker in snapshot.workers:
+        if not worker.has_children:
+            storming.discard(worker.name)
+            continue
+        if not worker.children:
+            continue  # between recycles and their replacements: not a pool that calmed down
+        limits = limits_for(worker.name)
+        over = [c for c in worker.children if measured(c, limits.measure)
+                >= threshold_of(limits, recycle, c.proc, worker.threshold_pool)]
+        if len(over) < len(worker.children):
+            storming.discard(worker.name)
+        elif worker.name not in storming:
+            storming.add(worker.name)
+            started.append(worker)
+    return started

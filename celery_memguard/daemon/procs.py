@@ -47,6 +47,11 @@ class Procs:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def alive(self, pid: int, start: int) -> bool:
+        """Whether a process with this pid and start time still runs."""
+        stat = self.stat(pid)
+        return stat is not None and stat.start == start
+
     def stat(self, pid: int) -> ProcStat | None:
         """ppid and start time from /proc/PID/stat, or None if the process is gone or a zombie."""
         try:

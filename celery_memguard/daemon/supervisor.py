@@ -1,25 +1,27 @@
 """What the daemon does with what arrives: fold it into the state, decide, act, publish a view.
 
-The loop (loop.py) hands the supervisor each datagram the agents send and calls its tick once
-per ``sampling.interval``; the supervisor owns the state and is the only caller of the policy
-and of the actor. A task-end report is decided on the moment it arrives (a child that runs
-hundreds of tasks a second must not overshoot by more than a task or two); the tick samples
-every child's RSS for the children that send nothing, and decides for all. No sockets, no
-threads, no signals here: ``procs`` (the OS seam) and the clock are injected.
+The loop (loop.py) hands the supervisor each datagram the agents send and, once per
+``sampling.interval``, runs its tick in three steps: ``sample`` (the loop reads the reports
+that wait between workers), ``decide_all`` (the policy, then the actor) and ``publish``. The
+supervisor owns the state and is the only caller of the policy and of the actor. A task-end
+report is decided on the moment it arrives (a child that runs hundreds of tasks a second must
+not overshoot by more than a task or two); the tick samples every child's RSS for the children
+that send nothing, and decides for all. No sockets, no threads, no signals here: ``procs``
+(the OS seam) and the clock are injected.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from celery_memguard.daemon import container_policy, policy, reports, sampler, task_growth
+from celery_memguard.daemon import policy, reports, sampler, view
 from celery_memguard.daemon.actions import Actor
 from celery_memguard.daemon.config import Config, LimitsConfig
+from celery_memguard.daemon.containers import Containers
 from celery_memguard.daemon.decision import Decision
 from celery_memguard.daemon.forensics import Forensics
 from celery_memguard.daemon.inbox import Datagram
@@ -27,15 +29,12 @@ from celery_memguard.daemon.metrics import Metrics
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.publisher import Publisher
 from celery_memguard.daemon.records import Rejected, WorkerRec
-from celery_memguard.daemon.snapshot import Snapshot, Worker
+from celery_memguard.daemon.snapshot import Snapshot
 from celery_memguard.daemon.state import State
 from celery_memguard.daemon.view import View
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.cgroups import Container, ContainerReading
 
 FULL_SCAN_EVERY = 12  # scans between two that re-read every command line
-FASTEST_CONTAINER_GROWTH = 4 << 30  # bytes a second a container's working set may grow
-CONTAINER_CHECK_MIN = 0.01  # seconds: the closest two looks at a container near its hard line
 DRAIN_EVERY = 128  # children sampled between two looks at waiting reports
 HELLO_GRACE = 4.0  # seconds a worker known only from its children waits for a hello to name it
 DROP_LOG_SENDERS = 4096  # senders whose dropped messages were logged (each once)
@@ -68,9 +67,8 @@ class Supervisor:
         self._scans = 0
         self._storms: set[str] = set()  # workers whose storm was already logged
         self._revision = 0  # the state's revision the published view shows
-        self._containers: dict[int, Container | None] = {}  # worker pid -> its memory cgroup
-        self._container_reads: dict[tuple[Path, Path, Path | None],
-                                    tuple[float, ContainerReading | None]] = {}
+        self.containers = Containers(procs, self.state, self.limits_for)
+        self._tick_started = 0.0
         self._quarantine_published = 0
         self._drop_logged: OrderedDict[int, None] = OrderedDict()  # sender pids, logged once
         self.view = self._make_view(clock())
@@ -174,11 +172,19 @@ class Supervisor:
 
     # -- tick -----------------------------------------------------------------------------------
 
-    def tick(self, now: float, drain: Callable[[], object] | None = None) -> None:
-        """Scan when due, sample every child, decide for all workers, publish. ``drain`` reads
-        the reports waiting meanwhile, between workers and every ``DRAIN_EVERY`` children, so
-        that a large host does not leave them waiting for the whole tick."""
-        started = self.clock()
+    def tick(self, now: float) -> None:
+        """A whole tick at once, the reports that arrive meanwhile left waiting (the loop runs
+        the steps itself, reading them between workers)."""
+        for _ in self.sample(now):
+            pass
+        self.decide_all(now)
+        self.publish(now)
+
+    def sample(self, now: float) -> Iterator[None]:
+        """Scan when due; read every worker, its container and its children's RSS. Yields
+        between workers and every ``DRAIN_EVERY`` children, where the loop reads the reports
+        waiting meanwhile: a large host does not leave them waiting for the whole tick."""
+        self._tick_started = self.clock()
         if now >= self._next_scan:
             self._scans += 1
             self._scan(full=self._scans % FULL_SCAN_EVERY == 1, now=now)
@@ -189,92 +195,51 @@ class Supervisor:
                              advice="its children speak but its main process never said hello "
                                     "nor its children its nodename: shown under its pid")
         for pid, rec in list(self.state.workers.items()):
-            if drain is not None:
-                drain()
+            yield
             live = self.procs.stat(pid)
             if live is None or live.proc != rec.proc:
                 self.state.drop_worker(pid)
-                self._containers.pop(pid, None)
+                self.containers.forget(pid)
                 self.publisher.remove_grant(pid)
                 self.log.info("worker_gone", worker=rec.name, pid=pid)
                 continue
             rec.rss = self.procs.rss(pid) or 0
             rec.may_signal = self.procs.may_signal(pid)
-            self._read_container(rec, now)
+            self.containers.read(rec, now, find=self._scans % FULL_SCAN_EVERY == 1)
             self._refresh_children(rec, now)
             for n, child in enumerate(list(rec.children.values()), 1):
                 rss = self.procs.rss(child.proc.pid)
                 if rss:  # None: gone; 0: exited, not yet reaped
                     self.state.observe(rec, child, rss, now)
-                if n % DRAIN_EVERY == 0 and drain is not None:
-                    drain()
+                if n % DRAIN_EVERY == 0:
+                    yield
             limits = self.limits_for(rec.name or "")
             self.sampler.sample(rec, limits, self.config.recycle, now)
             sampler.total_clock(rec, limits, now)
+
+    def decide_all(self, now: float) -> None:
+        """Judge the trends, decide for every worker and act; place or end leak traces."""
         self.state.assess_trends()
         self.decide(now, None)
         self.forensics.tick(now, self.view.snapshot, self.view.ranking)
+
+    def publish(self, now: float) -> None:
+        """What the tick did, for scrapes, logs and the children; the tick's time."""
         self.view = replace(self.view, leak_sites=self.forensics.documents(),
-                            forensics=self.forensics.status())  # what the tick just did
+                            forensics=self.forensics.status())
         self._log_events()
         self.publish_quarantine()
         self.procs.sweep()
         self.last_tick = now
-        self.metrics.tick_seconds.observe(self.clock() - started)
-
-    def _read_container(self, rec: WorkerRec, now: float) -> None:
-        """The worker's memory cgroup: found once (again on each full scan), read every tick;
-        its OOM kill counter is what tells an OOM kill from another SIGKILL."""
-        pid = rec.proc.pid
-        if pid not in self._containers or self._scans % FULL_SCAN_EVERY == 1:
-            self._containers[pid] = self.procs.container(pid)
-        container = self._containers[pid]
-        rec.container = container.path if container is not None else None
-        reading = self._container_reading(container, now) if container is not None else None
-        if reading is None:  # not visible from here: as the worker's agent read it (its hello)
-            reading = rec.reported_container
-        rec.container_reading = reading
-        if reading is None:
-            rec.container_over_since = None
-            return
-        self.state.oom.observe(rec.container_key, reading.events.get("oom_kill"), now)
-        if not container_policy.over_soft(reading, self.limits_for(rec.name or "")):
-            rec.container_over_since = None
-        elif rec.container_over_since is None:
-            rec.container_over_since = now
-
-    def _container_reading(self, container: Container, now: float) -> ContainerReading | None:
-        """One read of a cgroup serves every worker in it, and the tick and the watch that
-        follows it at once: a reading younger than half the closest look is used again."""
-        key = (container.directory, container.own, container.pressure_file)
-        kept = self._container_reads.get(key)
-        if kept is not None and 0 <= now - kept[0] < CONTAINER_CHECK_MIN / 2:
-            return kept[1]
-        reading = self.procs.read_container(container)
-        if len(self._container_reads) > 4096:
-            self._container_reads.clear()
-        self._container_reads[key] = (now, reading)
-        return reading
+        self.metrics.tick_seconds.observe(self.clock() - self._tick_started)
 
     def watch_containers(self, now: float) -> float:
-        """Between ticks: read the containers that have a hard line; one past it is decided on
-        at once (its growing task is interrupted). Returns when to look again: sooner the
-        closer a container is to its line, as a child growing ``FASTEST_CONTAINER_GROWTH``
-        could reach it."""
-        due = now + self.config.sampling.interval
-        for rec in list(self.state.workers.values()):
-            container = self._containers.get(rec.proc.pid)
-            limits = self.limits_for(rec.name or "")
-            if container is None or limits.container_hard is None:
-                continue  # unseen, or known from the worker's hellos only: the tick will do
-            self._read_container(rec, now)
-            reading = rec.container_reading
-            if reading is None or reading.limit is None:
-                continue
-            if container_policy.over_hard(reading, limits):
-                self.decide(now, rec)
-            headroom = reading.limit * limits.container_hard - reading.working_set
-            due = min(due, now + max(CONTAINER_CHECK_MIN, headroom / FASTEST_CONTAINER_GROWTH))
+        """Between ticks: a container past its hard line is decided on at once (its growing
+        task is interrupted). Returns when to look again (containers.py)."""
+        over, due = self.containers.watch(list(self.state.workers.values()), now,
+                                          self.config.sampling.interval)
+        for rec in over:
+            self.decide(now, rec)
         return due
 
     def _scan(self, full: bool, now: float) -> None:
@@ -321,11 +286,6 @@ class Supervisor:
             self._quarantine_published = self.state.quarantine_revision
             self.publisher.write_quarantine(self.state.quarantined, self.config.quarantine.after)
 
-    def alive(self, pid: int, start: int) -> bool:
-        """Whether a process with this pid and start time still runs."""
-        stat = self.procs.stat(pid)
-        return stat is not None and stat.start == start
-
     def _grant(self, snapshot: Snapshot, decisions: list[Decision], now: float,
                only: WorkerRec | None) -> set[int]:
         """Publish each agent worker's grant (policy.grant_sizes) and collect the units its
@@ -351,30 +311,17 @@ class Supervisor:
         return collected
 
     def _warn_storms(self, snapshot: Snapshot) -> None:
-        """Every child of a pool over its soft threshold at once: the limit is likely too low.
-        Recycling goes on at the rate limit; this is said once, until the pool calms down."""
-        for worker in snapshot.workers:
-            if not worker.has_children:
-                self._storms.discard(worker.name)
-                continue
-            if not worker.children:
-                continue  # between recycles and their replacements: not a pool that calmed down
-            limits = self.limits_for(worker.name)
-            over = [c for c in worker.children if policy.measured(c, limits.measure)
-                    >= policy.threshold_of(limits, self.config.recycle, c.proc,
-                                                         worker.threshold_pool)]
-            if len(over) < len(worker.children):
-                self._storms.discard(worker.name)
-            elif worker.name not in self._storms:
-                self._storms.add(worker.name)
-                self.log.warning(
-                    "recycle_storm", worker=worker.name, children=len(worker.children),
-                    soft_bytes=limits.soft, fresh_child_bytes=worker.fresh_rss,
-                    rss_bytes=[c.rss for c in worker.children],
-                    max_per_minute=self.config.recycle.max_per_minute,
-                    advice="every child is over the soft limit: raise limits.soft above what a "
-                           "child needs; recycles continue at recycle.max_per_minute (a child "
-                           "that grew to the limit over 20 tasks or more is recycled regardless)")
+        """Said once per storm (policy.new_storms): the soft limit is likely too low."""
+        for worker in policy.new_storms(snapshot, self.limits_for, self.config.recycle,
+                                        self._storms):
+            self.log.warning(
+                "recycle_storm", worker=worker.name, children=len(worker.children),
+                soft_bytes=self.limits_for(worker.name).soft, fresh_child_bytes=worker.fresh_rss,
+                rss_bytes=[c.rss for c in worker.children],
+                max_per_minute=self.config.recycle.max_per_minute,
+                advice="every child is over the soft limit: raise limits.soft above what a "
+                       "child needs; recycles continue at recycle.max_per_minute (a child "
+                       "that grew to the limit over 20 tasks or more is recycled regardless)")
 
     def _log_events(self) -> None:
         events = self.state.events
@@ -382,36 +329,10 @@ class Supervisor:
             name, fields = events.pop(0)
             getattr(self.log, _EVENT_LEVELS.get(name, "warning"))(name, **fields)
 
-    def _limits_shown(self, worker: Worker) -> dict[str, int]:
-        """A worker's limits in bytes by level, with its container's lines where it has one."""
-        limits = self.limits_for(worker.name)
-        shown = {"soft": limits.soft, "hard": limits.hard}
-        if worker.container is not None:
-            soft, hard = container_policy.lines(worker.container, limits)
-            shown.update({k: v for k, v in (("container_soft", soft), ("container_hard", hard))
-                          if v is not None})
-        return shown
-
     def _make_view(self, now: float, snapshot: Snapshot | None = None) -> View:
-        state = self.state
-        if snapshot is None:
-            snapshot = state.snapshot(now, trends=True)
-        return View(
-            snapshot=snapshot,
-            limits={"soft": self.config.limits.soft, "hard": self.config.limits.hard},
-            worker_limits={w.name: self._limits_shown(w) for w in snapshot.workers},
-            measure=self.config.limits.measure, dry_run=self.config.recycle.dry_run,
-            recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
-            interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
-            restarts=dict(state.restarts), holds=dict(state.holds),
-            hold_seconds=dict(state.hold_seconds), quarantined=len(state.quarantined),
-            needs=dict(state.needs),
-            growth={task: (g.cumulative(), g.total) for task, g in state.growth.items()},
-            ranking=tuple(task_growth.rank(state.growth)),
-            messages=dict(state.messages), dropped=dict(state.dropped),
-            published_at=now, started_at=self.started_at, memory=self.memory,
-            connections=self.connections(), socket=str(self.config.agent.socket),
-            socket_source=self.config.socket_source,
-            limit_sources={w.name: self._limit_sources(w.name) for w in snapshot.workers},
-            leak_sites=self.forensics.documents(), forensics=self.forensics.status(),
-        )
+        return view.build(self.state, snapshot if snapshot is not None
+                          else self.state.snapshot(now, trends=True),
+                          self.config, self.limits_for, self._limit_sources, now=now,
+                          started_at=self.started_at, memory=self.memory,
+                          connections=self.connections(), leak_sites=self.forensics.documents(),
+                          forensics=self.forensics.status())

@@ -9,9 +9,9 @@ import pytest
 import structlog
 
 from celery_memguard.daemon.actions import Actor
+from celery_memguard.daemon.containers import CONTAINER_CHECK_MIN
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.readings import ProcId
-from celery_memguard.daemon.supervisor import CONTAINER_CHECK_MIN
 from celery_memguard.protocol import messages, rules
 from celery_memguard.protocol.cgroups import ContainerReading, Pressure
 from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello, task_end
