@@ -238,3 +238,11 @@ def test_no_class_reaches_300_lines() -> None:
                 if lines >= 300:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, "\n".join(long)
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """The README's Layout is where a newcomer learns the tree: a new module is named there."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    missing = sorted({path.name for path in SOURCE.rglob("*.py") if path.name not in layout})
+    assert not missing, f"not in the README's Layout: {missing}"
