@@ -67,6 +67,14 @@ def hello(kids: tuple[tuple[int, int], ...] = ((KID0, 0), (KID1, 1)), **kw: Any)
     return messages.WorkerHello(**values)
 
 
+def child_hello(pid: int, tasks: int = 0, rss_mib: float = 50, ppid: int = MAIN,
+                index: int | None = None, **kw: Any) -> messages.ChildHello:
+    """A pool child's hello: by default a fresh child of MAIN at 50 MiB, its index from its
+    pid (KID0 is 0)."""
+    return messages.ChildHello(pid=pid, ppid=ppid, index=index if index is not None else pid - KID0,
+                               tasks=tasks, rss=int(rss_mib * MiB), **kw)
+
+
 def task_end(pid: int, rss_mib: float, tasks: int = 1, index: int | None = None) -> messages.TaskEnd:
     return messages.TaskEnd(pid=pid, ppid=MAIN, index=index if index is not None else pid - KID0,
                         task="app.leak", id=f"id-{pid}-{tasks}", rss_before=0,

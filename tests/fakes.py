@@ -119,3 +119,21 @@ class RecordingSender:
 
     def of(self, kind: type) -> list[Any]:
         return [m for m in self.sent if isinstance(m, kind)]
+
+
+@dataclass
+class RecordingProcs(Procs):
+    """The real process table, except that signals are recorded and never delivered, and the
+    scan finds no worker (this host's other workers have nothing to do with this test)."""
+
+    signals: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        Procs.__init__(self)
+
+    def scan_workers(self, full: bool = True) -> list[FoundWorker]:
+        return []
+
+    def send_signal(self, pid: int, signum: int) -> bool:
+        self.signals.append((pid, signum))
+        return True

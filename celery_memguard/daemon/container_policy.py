@@ -14,10 +14,10 @@ from __future__ import annotations
 from celery_memguard.daemon.config import LimitsConfig, RecycleConfig
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.snapshot import Child, Worker
+from celery_memguard.daemon.units import MiB
 from celery_memguard.protocol.cgroups import ContainerReading
 from celery_memguard.protocol.signals import CONTAINER_SIGNAL
 
-MiB = 1024 * 1024
 GROWING = 8 * MiB  # what a task must have added to count as the one growing
 FREEABLE = 16 * MiB  # what a child must hold over a fresh one for its recycle to free anything
 

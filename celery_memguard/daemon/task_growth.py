@@ -13,7 +13,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-MiB = 1024 * 1024
+from celery_memguard.daemon.units import MiB
+
 # Growth, not change: a call that freed memory is observed as 0, so the buckets start at 0
 # (OpenMetrics drops _sum and _count from histograms with negative buckets).
 BUCKETS: tuple[float, ...] = (

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import re
 
+MiB = 1024 * 1024  # for sizes written in code
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,

@@ -15,9 +15,9 @@ from celery_memguard.cli import main
 from celery_memguard.cli.fleet import FleetReport, Group, document, fold
 from celery_memguard.cli.fleet_render import fleet_tables
 from celery_memguard.cli.prometheus_api import Sample
+from tests.builders import MiB
 from tests.support import free_port
 
-MiB = 1024 * 1024
 A = {"job": "celery-memguard", "instance": "a:9808", "namespace": "billing"}
 B = {"job": "celery-memguard", "instance": "b:9808", "namespace": "billing"}
 C = {"job": "celery-memguard", "instance": "c:9808"}

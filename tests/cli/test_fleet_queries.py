@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from celery_memguard.cli.fleet_queries import BadArgument, Selector, check_window, queries
+from tests.builders import MiB
 
-MiB = 1024 * 1024
 JOB = 'job="celery-memguard"'
 POD_A = f'{JOB},instance="10.0.0.1:9808",namespace="billing",pod="reports-a"'
 POD_B = f'{JOB},instance="10.0.0.2:9808",namespace="billing",pod="reports-b"'

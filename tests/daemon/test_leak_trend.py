@@ -21,9 +21,9 @@ from celery_memguard.daemon.leak_trend import (
     seconds_to_limit,
     tasks_to_limit,
 )
+from tests.builders import MiB
 
 KiB = 1024
-MiB = 1024 * KiB
 FRESH = 90 * MiB  # a fresh child's RSS
 TASKS = 160
 SEEDS = (1, 2, 3)

@@ -16,6 +16,7 @@ import structlog
 from celery_memguard.daemon import config
 from celery_memguard.daemon.loop import Daemon
 from celery_memguard.protocol import messages, paths
+from tests.builders import hello
 from tests.fakes import FakeProcs
 from tests.support import free_port, wait_for
 
@@ -23,9 +24,8 @@ GAP = 5.0  # long enough that a report read before it ends was read because of t
 
 
 def _hello(node: str) -> bytes:
-    return messages.encode(messages.WorkerHello(
-        pid=os.getpid(), node=node, pool="prefork", concurrency=1, max_tasks=None,
-        max_memory_kib=None, recycle_signal=38, kids=(), agent="t"))
+    """This test process's hello, as a worker's main process with no children yet."""
+    return messages.encode(hello((), pid=os.getpid(), node=node, concurrency=1))
 
 
 @pytest.fixture

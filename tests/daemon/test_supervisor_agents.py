@@ -10,15 +10,15 @@ import pytest
 from celery_memguard.daemon.status import status_document
 from celery_memguard.daemon.supervisor import HELLO_GRACE
 from celery_memguard.protocol import hooks, messages, rules
-from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello, task_end
+from tests.builders import KID0, KID1, MAIN, MiB, child_hello, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import FakeProcs
 
 
-def child_hello(pid: int, node: str = "w@h", pool: int = 2,
+def named_hello(pid: int, node: str = "w@h", pool: int = 2,
                 missing: tuple[str, ...] = ()) -> messages.ChildHello:
-    return messages.ChildHello(pid=pid, ppid=MAIN, index=pid - KID0, tasks=0, rss=40 * MiB,
-                               node=node, jitter_pool=pool, missing=missing)
+    """A fresh child's hello that names its worker (the main process said none)."""
+    return child_hello(pid, rss_mib=40, node=node, jitter_pool=pool, missing=missing)
 
 
 def info_line(sup: Any, worker: str = "w@h") -> str:
@@ -32,8 +32,8 @@ def test_a_worker_whose_main_process_never_said_hello_is_named_by_its_children(
     """An embedded worker without the consumer step: its children's hellos name it, and it
     is shown and supervised, as degraded, instead of hidden."""
     sup = make(procs)
-    sup.receive(dgram(child_hello(KID0)), 0.0)
-    sup.receive(dgram(child_hello(KID1)), 0.0)
+    sup.receive(dgram(named_hello(KID0)), 0.0)
+    sup.receive(dgram(named_hello(KID1)), 0.0)
     sup.receive(dgram(task_end(KID0, 150)), 0.1)
     sup.tick(0.5)
     [worker] = status_document(sup.view)["workers"]
@@ -50,7 +50,7 @@ def test_a_worker_whose_main_process_never_said_hello_is_named_by_its_children(
 def test_a_worker_known_only_from_children_without_a_nodename_is_shown_under_its_pid(
         procs: FakeProcs, logs: list[dict[str, Any]]) -> None:
     sup = make(procs)
-    sup.receive(dgram(child_hello(KID0, node="")), 0.0)
+    sup.receive(dgram(named_hello(KID0, node="")), 0.0)
     sup.tick(1.0)
     assert status_document(sup.view)["workers"] == []  # a hello may still come
     sup.tick(4.5)
@@ -75,7 +75,7 @@ def test_missing_hooks_make_a_worker_degraded_and_hold_what_cannot_be_done_safel
         state: str, recycled: bool) -> None:
     sup = make(procs)
     sup.receive(dgram(hello(missing=worker_missing)), 0.0)
-    sup.receive(dgram(child_hello(KID0, missing=child_missing)), 0.0)
+    sup.receive(dgram(named_hello(KID0, missing=child_missing)), 0.0)
     sup.receive(dgram(task_end(KID0, 150)), 0.1)
     sup.tick(0.5)
     assert status_document(sup.view)["workers"][0]["agent_state"] == state

@@ -13,7 +13,7 @@ from celery_memguard.daemon.status import status_document
 from celery_memguard.daemon.supervisor import Supervisor
 from celery_memguard.protocol import forensics, messages, paths
 from celery_memguard.protocol.signals import TRACE_SIGNAL
-from tests.builders import KID0, KID1, MAIN, MiB, batch, dgram, hello
+from tests.builders import KID0, KID1, MAIN, MiB, batch, child_hello, dgram, hello
 from tests.daemon.harness import make
 from tests.fakes import Clock, FakeProcs
 
@@ -31,8 +31,7 @@ def _ready(procs: FakeProcs, clock: Clock, **sections: Any) -> Supervisor:
     sup = make(procs, clock, **sections)
     sup.receive(dgram(hello()), clock())
     for pid in (KID0, KID1):
-        sup.receive(dgram(messages.ChildHello(pid=pid, ppid=MAIN, index=pid - KID0, tasks=0,
-                                              rss=50 * MiB)), clock())
+        sup.receive(dgram(child_hello(pid)), clock())
     return sup
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from celery_memguard.protocol import grants, messages
-from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello
+from tests.builders import KID0, KID1, MAIN, MiB, child_hello, dgram, hello
 from tests.daemon.harness import grant_file, make, take
 from tests.fakes import FakeProcs
 
@@ -109,7 +109,7 @@ def test_the_daemon_does_not_signal_a_child_that_took_a_unit_meanwhile(
     sup = make(procs)
     sup.receive(dgram(hello()), 0.0)
     procs.table[KID0].rss = 150 * MiB
-    sup.receive(dgram(messages.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=3, rss=150 * MiB)), 0.0)
+    sup.receive(dgram(child_hello(KID0, tasks=3, rss_mib=150)), 0.0)
     sup.tick(0.0)
     sup.tick(1.0)
     take(sup, KID0)

@@ -6,7 +6,7 @@ import pytest
 
 from celery_memguard.daemon.supervisor import Supervisor
 from celery_memguard.protocol import messages
-from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello
+from tests.builders import KID0, KID1, MAIN, MiB, child_hello, dgram, hello
 from tests.daemon.harness import make
 from tests.fakes import FakeProcs
 
@@ -45,7 +45,7 @@ def _leak_reports(sup: Supervisor, pid: int, index: int, n: int, step: int, star
 def test_a_steady_leak_is_exported_with_its_rate_time_to_limit_and_advice(procs: FakeProcs) -> None:
     sup = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
     sup.receive(dgram(hello()), 0.0)
-    sup.receive(dgram(messages.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    sup.receive(dgram(child_hello(KID1)), 0.0)
     _leak_reports(sup, KID0, 0, 60, 1 * MiB)  # 1 MiB a task, 10 tasks a second
     procs.table[KID0].rss = 110 * MiB  # what the tick reads: where the reports left it
     sup.tick(6.0)
@@ -115,7 +115,7 @@ def test_the_report_names_the_leaking_task_and_the_advice(procs: FakeProcs) -> N
 
     sup = make(procs, limits={"soft": "512MiB", "hard": "1GiB"})
     sup.receive(dgram(hello()), 0.0)
-    sup.receive(dgram(messages.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.0)
+    sup.receive(dgram(child_hello(KID1)), 0.0)
     _leak_reports(sup, KID0, 0, 60, 1 * MiB)
     sup.tick(6.0)
     console = Console(width=200, record=True)

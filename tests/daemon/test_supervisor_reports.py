@@ -10,7 +10,7 @@ import pytest
 from celery_memguard.daemon.inbox import Datagram
 from celery_memguard.daemon.supervisor import Supervisor
 from celery_memguard.protocol import messages, paths, quarantine
-from tests.builders import KID0, KID1, MAIN, MiB, batch, dgram, hello, task_end
+from tests.builders import KID0, KID1, MAIN, MiB, batch, child_hello, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import Clock, FakeProcs
 
@@ -188,7 +188,7 @@ def test_our_own_sigkill_is_not_counted_as_an_oom_kill(procs: FakeProcs) -> None
     clock = Clock(0.0)
     sup = make(procs, clock=clock, limits={"kill_after": "1s"}, sampling={"interval": "1s"})
     sup.receive(dgram(hello()), 0.0)
-    sup.receive(dgram(messages.ChildHello(pid=KID0, ppid=MAIN, index=0, tasks=0, rss=50 * MiB)), 0.0)
+    sup.receive(dgram(child_hello(KID0)), 0.0)
     procs.table[KID0].rss = 250 * MiB
     for _ in range(4):
         sup.tick(clock())

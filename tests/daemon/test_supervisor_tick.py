@@ -14,7 +14,7 @@ from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.readings import ProcId
 from celery_memguard.protocol import messages, rules
 from celery_memguard.protocol.cgroups import ContainerReading, Pressure
-from tests.builders import KID0, KID1, MAIN, MiB, dgram, hello, task_end
+from tests.builders import KID0, KID1, MAIN, MiB, child_hello, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import FakeProcs
 
@@ -22,7 +22,7 @@ from tests.fakes import FakeProcs
 def test_the_tick_samples_rss_and_recycles_idle_children(procs: FakeProcs) -> None:
     sup = make(procs)
     sup.receive(dgram(hello()), 0.0)
-    sup.receive(dgram(messages.ChildHello(pid=KID1, ppid=MAIN, index=1, tasks=3, rss=50 * MiB)), 0.0)
+    sup.receive(dgram(child_hello(KID1, tasks=3)), 0.0)
     procs.table[KID1].rss = 130 * MiB
     sup.tick(1.0)
     assert procs.signals == []  # seen over on the tick: recycle.grace (2 s) must pass first
@@ -51,7 +51,7 @@ def test_a_replacement_child_takes_the_slot_index_not_the_pid(procs: FakeProcs) 
     sup.receive(dgram(hello()), 0.0)
     del procs.table[KID1]
     procs.add(13, MAIN)
-    sup.receive(dgram(messages.ChildHello(pid=13, ppid=MAIN, index=1, tasks=0, rss=50 * MiB)), 0.5)
+    sup.receive(dgram(child_hello(13, index=1)), 0.5)
     sup.tick(1.0)
     text = sup.metrics.render().decode()
     assert 'celery_memguard_child_tasks{index="1",worker="w@h"} 0.0' in text
@@ -160,8 +160,7 @@ def test_worker_total_reads_uss_only_when_the_rss_sum_is_over(procs: FakeProcs) 
     sup = make(procs, limits={"worker_total": "170MiB"})
     sup.receive(dgram(hello()), 0.0)
     for pid, index in ((KID0, 0), (KID1, 1)):
-        sup.receive(dgram(messages.ChildHello(pid=pid, ppid=MAIN, index=index, tasks=3,
-                                             rss=80 * MiB)), 0.0)
+        sup.receive(dgram(child_hello(pid, tasks=3, rss_mib=80, index=index)), 0.0)
     sup.tick(0.0)
     assert [c.uss for c in sup.view.snapshot.workers[0].children] == [None, None]  # 160 MiB RSS
     procs.table[KID0].rss = procs.table[KID1].rss = 95 * MiB
@@ -213,7 +212,7 @@ def test_a_storm_is_not_warned_again_when_the_pool_is_empty_between_recycles(
         del procs.table[pid]
     sup.tick(1.0)
     procs.add(13, MAIN, rss=150 * MiB)
-    sup.receive(dgram(messages.ChildHello(pid=13, ppid=MAIN, index=0, tasks=1, rss=150 * MiB)), 1.5)
+    sup.receive(dgram(child_hello(13, tasks=1, rss_mib=150, index=0)), 1.5)
     sup.tick(2.0)
     assert [c.pid for w in sup.view.snapshot.workers for c in w.children] == [13]
     assert len([e for e in logs if e["event"] == "recycle_storm"]) == 1
@@ -315,8 +314,8 @@ def test_two_workers_in_two_containers_are_each_judged_by_their_own(procs: FakeP
     sup.receive(dgram(hello()), 0.0)
     sup.receive(dgram(hello(((21, 0),), pid=20, node="other@h")), 0.0)
     for kid, parent, index, tasks in ((KID0, MAIN, 0, 5), (KID1, MAIN, 1, 0), (21, 20, 0, 5)):
-        sup.receive(dgram(messages.ChildHello(pid=kid, ppid=parent, index=index, tasks=tasks,
-                                              rss=50 * MiB)), 0.0)  # KID1: a fresh child
+        sup.receive(dgram(child_hello(kid, tasks, ppid=parent, index=index)),
+                    0.0)  # KID1: a fresh child
     for now in (1.0, 2.0, 3.5):
         sup.tick(now)
     assert procs.signals == [(KID0, 38)]
@@ -359,8 +358,7 @@ def test_recycles_of_children_grown_by_a_leak_leave_the_rate_for_a_storm(procs: 
     and none of them counts towards max_per_minute: the grant is still there afterwards."""
     sup = _pool_of_eight(procs)
     for pid in range(KID0, 19):
-        sup.receive(dgram(messages.ChildHello(pid=pid, ppid=MAIN, index=pid - KID0, tasks=0,
-                                              rss=40 * MiB)), 0.0)
+        sup.receive(dgram(child_hello(pid, rss_mib=40)), 0.0)
     for pid in range(KID0, 19):
         sup.receive(dgram(task_end(pid, 150, tasks=30)), 1.0)
     assert len(procs.signals) == 8

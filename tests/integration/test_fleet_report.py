@@ -21,12 +21,12 @@ import pytest
 from celery_memguard.cli import main
 from celery_memguard.cli.fleet import FleetTask, rank
 from celery_memguard.daemon.task_growth import LEAK_MEDIAN
+from tests.builders import MiB
 from tests.prometheus_server import PrometheusServer
 from tests.support import ROOT, Daemon, Worker, free_port
 
 pytestmark = pytest.mark.slow
 
-MiB = 1024 * 1024
 RULES = ROOT / "deploy" / "prometheus" / "fleet_rules.yaml"
 KEEP, HOARD, NOOP = "tests.apps.leaky.keep", "tests.apps.leaky.hoard", "tests.apps.leaky.noop"
 LEAKS, NOOPS = 50, 10  # calls per worker: 50 a child is enough for a steady-leak verdict (40)

@@ -12,7 +12,7 @@ import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from celery_memguard.daemon import config
 from celery_memguard.daemon.loop import Daemon
-from celery_memguard.daemon.procs import Procs
-from celery_memguard.daemon.readings import FoundWorker
 from celery_memguard.protocol import messages, signals
 from tests.builders import MiB
+from tests.fakes import RecordingProcs
 from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -212,24 +211,6 @@ def near_valid(draw: st.DrawFn) -> Sample:
 
 samples = st.lists(near_valid() | st.binary(max_size=600).map(lambda b: (b, None)),
                    min_size=1, max_size=6)
-
-
-@dataclass
-class RecordingProcs(Procs):
-    """The real process table, except that signals are recorded and never delivered, and the
-    scan finds no worker (this host's other workers have nothing to do with this test)."""
-
-    signals: list[tuple[int, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        Procs.__init__(self)
-
-    def scan_workers(self, full: bool = True) -> list[FoundWorker]:
-        return []
-
-    def send_signal(self, pid: int, signum: int) -> bool:
-        self.signals.append((pid, signum))
-        return True
 
 
 @dataclass

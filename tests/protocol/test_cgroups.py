@@ -21,10 +21,10 @@ from celery_memguard.protocol.cgroups import (
     parse_limit,
     parse_pressure,
 )
+from tests.builders import MiB
 from tests.support import MemoryCgroup
 
 GiB = 1024**3
-MiB = 1024**2
 
 
 def write(root: Path, relative: str, text: str) -> None:

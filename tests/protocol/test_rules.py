@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from celery_memguard.protocol import rules
-
-MiB = 1 << 20
+from tests.builders import MiB
 
 
 @pytest.mark.parametrize(("tasks", "rss_mib", "fresh_mib", "soft_mib", "grown"), [
