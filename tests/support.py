@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -437,3 +437,24 @@ class MemoryCgroup:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def daemon_on_a_thread(cfg: Any, procs: Procs, **kw: Any) -> Iterator[Any]:
+    """A daemon's real loop on a thread (its socket and HTTP port real, ``procs`` a fake or
+    the real one); stopped, and its thread joined, whatever the test did."""
+    import structlog  # noqa: PLC0415
+
+    from celery_memguard.daemon.loop import Daemon  # noqa: PLC0415
+
+    daemon = Daemon(cfg, procs=procs, log=structlog.get_logger(), **kw)
+    up = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(lambda _d: up.set(),), daemon=True)
+    thread.start()
+    try:
+        assert up.wait(10), "the daemon did not start"
+        yield daemon
+    finally:
+        daemon.stop()
+        thread.join(10)
+    assert not thread.is_alive()

@@ -33,7 +33,7 @@ PURE = {"policy", "container_policy", "leak_trend", "task_growth", "state", "rec
 # The rest of the daemon: the OS seam, the loop, metrics, and what drives them. A pure module
 # imports pure ones only, so no pure module reaches these through another one either.
 IMPURE = {"procs", "loop", "supervisor", "metrics", "http", "status", "actions", "inbox",
-          "publisher", "sampler", "forensics", "forensics_store", "containers"}
+          "publisher", "sampler", "forensics", "forensics_store", "containers", "pressure"}
 # The demo's Celery app stands for a user's app: it calls the public API as users do.
 MAY_IMPORT_THE_ROOT = {f"{PACKAGE}.cli.demo_app"}
 

@@ -159,7 +159,9 @@ class LimitsConfig(_Section):
         description=(
             "Memory pressure (the share of the last 10 s in which some of the container's "
             "tasks stalled on memory: PSI some avg10) past which, for recycle.grace, the "
-            "child that grows fastest is recycled after its task. null turns it off."
+            "child that grows fastest is recycled after its task. A PSI trigger at this share "
+            "of a short window also wakes the daemon as soon as tasks stall, between ticks. "
+            "null turns both off."
         ),
     )
     container_hold: float = Field(
@@ -490,6 +492,34 @@ class Config(_Section):
                                f"as the daemon sees it)")
             sources[key] = where
         return sources
+
+
+class LimitsByName:
+    """A config's limits and their sources per worker name, each looked up once: a tick asks
+    for every child's."""
+
+    MAX_NAMES = 4096
+
+    def __init__(self, config: Config, memory: tuple[int, str]) -> None:
+        self.config, self.memory = config, memory
+        self._limits: dict[str, LimitsConfig] = {}
+        self._sources: dict[str, dict[str, str]] = {}
+
+    def limits(self, worker: str) -> LimitsConfig:
+        found = self._limits.get(worker)
+        if found is None:
+            if len(self._limits) > self.MAX_NAMES:
+                self._limits.clear()
+            found = self._limits[worker] = self.config.limits_for(worker)
+        return found
+
+    def sources(self, worker: str) -> dict[str, str]:
+        found = self._sources.get(worker)
+        if found is None:
+            if len(self._sources) > self.MAX_NAMES:
+                self._sources.clear()
+            found = self._sources[worker] = self.config.limit_sources(worker, self.memory)
+        return found
 
 
 _SOURCED_LIMITS = ("soft", "hard", "worker_total", "container_soft", "container_hard")

@@ -70,6 +70,31 @@ class Containers:
         self._reads[key] = (now, reading)
         return reading
 
+    def stall_files(self, workers: Iterable[WorkerRec]) -> dict[Path, float]:
+        """The pressure files to keep a stall trigger on (pressure.py), each at the smallest
+        limits.container_pressure among the workers whose container it measures."""
+        wanted: dict[Path, float] = {}
+        for rec in workers:
+            container = self._found.get(rec.proc.pid)
+            share = self.limits_for(rec.name or "").container_pressure
+            if container is not None and container.pressure_file is not None and share:
+                path = container.pressure_file
+                wanted[path] = min(share, wanted.get(path, share))
+        return wanted
+
+    def stalled(self, fired: list[Path], workers: Iterable[WorkerRec], now: float,
+                ) -> list[WorkerRec]:
+        """The workers whose container's stall trigger fired, their container read afresh
+        and the stall counted."""
+        found = []
+        for rec in list(workers):
+            container = self._found.get(rec.proc.pid)
+            if container is not None and container.pressure_file in fired:
+                self.read(rec, now)
+                self.state.stalls[rec.name or ""] += 1
+                found.append(rec)
+        return found
+
     def watch(self, workers: Iterable[WorkerRec], now: float, interval: float,
               ) -> tuple[list[WorkerRec], float]:
         """Between ticks: read the containers that have a hard line. Returns the workers past

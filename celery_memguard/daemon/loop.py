@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
+import select
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,6 +24,7 @@ import structlog
 from celery_memguard.daemon.config import Config, ConfigError, split_listen
 from celery_memguard.daemon.http import HttpServer
 from celery_memguard.daemon.inbox import Inbox, raise_fd_limit
+from celery_memguard.daemon.pressure import StallTriggers
 from celery_memguard.daemon.procs import Procs
 from celery_memguard.daemon.status import status_document
 from celery_memguard.daemon.supervisor import Supervisor
@@ -55,6 +57,7 @@ class Daemon:
         self.signals: deque[int] = deque()
         self.inbox: Inbox | None = None
         self.http: HttpServer | None = None
+        self.triggers = StallTriggers()  # memory stalls wake the loop between ticks
         self._wake_r, self._wake_w = -1, -1
 
     @property
@@ -70,6 +73,9 @@ class Daemon:
         inbox.open()
         self.inbox = inbox
         supervisor.connections = lambda: inbox.connections
+        supervisor.stall_triggers = lambda: {"armed": self.triggers.armed(),
+                                             "unavailable": {str(path): why for path, why in
+                                                             self.triggers.unavailable.items()}}
         raise_fd_limit()
         supervisor.publisher.remove_grants()  # a previous daemon's: each is written anew
         supervisor.publisher.settings(self.config)
@@ -103,6 +109,7 @@ class Daemon:
             self._restore_signal_handlers(previous)
             self.http.stop()
             inbox.close()
+            self.triggers.close()
             supervisor.procs.close()
             supervisor.publisher.remove_all()  # no daemon: children no longer leave on their own
             os.close(self._wake_r)
@@ -132,13 +139,18 @@ class Daemon:
         which is always watched, and everything waiting is read at once.
         """
         supervisor = self.supervisor
-        waits = _Waits(inbox, self._wake_r)
+        waits = _Waits(inbox, self._wake_r, self.triggers)
         next_tick = next_watch = self.clock()  # next_watch: containers near their hard line
         try:
             while not self.stopping.is_set():
-                for what in waits.wait(min(next_tick, next_watch), self.clock):
-                    if self._handle(what, inbox):
+                stalled = []
+                for what, pressure_file in waits.wait(min(next_tick, next_watch), self.clock):
+                    if pressure_file is not None:
+                        stalled.append(pressure_file)
+                    elif self._handle(what, inbox):
                         waits.rest(self.clock() + self.batch_gap)  # let the next ones gather
+                if stalled:  # the containers they measure are read and decided on at once
+                    supervisor.on_stall(stalled, self.clock())
                 while self.signals:
                     self._dispatch_signal(self.signals.popleft())
                 now = self.clock()
@@ -155,10 +167,15 @@ class Daemon:
 
     def _tick(self, inbox: Inbox, now: float) -> None:
         """Sample every worker, reading the reports that wait between two; decide and act;
-        publish."""
+        keep a stall trigger on each container's pressure; publish."""
         for _ in self.supervisor.sample(now):
             self._drain(inbox)
         self.supervisor.decide_all(now)
+        for path, why in self.triggers.arm(
+                self.supervisor.containers.stall_files(self.supervisor.state.workers.values())):
+            self.log.warning("stall_trigger_unavailable", pressure_file=str(path), why=why,
+                             advice="memory pressure is still read every tick; a stall does "
+                                    "not wake the daemon sooner")
         self.supervisor.publish(now)
 
     def _drain(self, inbox: Inbox) -> int:
@@ -233,32 +250,63 @@ class Daemon:
 
 
 class _Waits:
-    """What the loop waits on: the wake-up pipe, the bell, and the reports, which can rest
-    out of the wait for a while so that routine ones are read together."""
+    """What the loop waits on: the wake-up pipe, the bell, the reports, and each stall
+    trigger (for ``EPOLLPRI``). The reports can rest out of the wait for a while so that
+    routine ones are read together."""
 
-    def __init__(self, inbox: Inbox, wake: int) -> None:
+    def __init__(self, inbox: Inbox, wake: int, triggers: StallTriggers) -> None:
         self.inbox = inbox
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(wake, selectors.EVENT_READ, "wake")
+        self.triggers = triggers
+        self.poll = select.epoll()
+        self.names: dict[int, str] = {wake: "wake", inbox.fileno(): "inbox"}
         if inbox.bell is not None:
-            self.selector.register(inbox.bell.fileno(), selectors.EVENT_READ, "bell")
-        self.selector.register(inbox.fileno(), selectors.EVENT_READ, "inbox")
+            self.names[inbox.bell.fileno()] = "bell"
+        for fd in self.names:
+            self.poll.register(fd, select.EPOLLIN)
         self.resume_at: float | None = None  # the reports are out of the wait until then
+        self._stalls: dict[int, Path] = {}  # the trigger descriptors registered
+        self._revision = -1
 
-    def wait(self, until: float, clock: Callable[[], float]) -> list[str]:
-        """What is ready, waiting at most until ``until`` (sooner when the reports' rest ends)."""
+    def wait(self, until: float, clock: Callable[[], float]) -> list[tuple[str, Path | None]]:
+        """What is ready, waiting at most until ``until`` (sooner when the reports' rest
+        ends): (name, None), or ("stall", the pressure file) for a trigger that fired."""
         if self.resume_at is not None and clock() >= self.resume_at:
-            self.selector.register(self.inbox.fileno(), selectors.EVENT_READ, "inbox")
+            self.poll.register(self.inbox.fileno(), select.EPOLLIN)
             self.resume_at = None
         if self.resume_at is not None:
             until = min(until, self.resume_at)
-        return [key.data for key, _ in self.selector.select(max(0.0, until - clock()))]
+        if self._revision != self.triggers.revision:
+            self._watch_triggers()
+        ready: list[tuple[str, Path | None]] = []
+        try:
+            events = self.poll.poll(max(0.0, until - clock()))
+        except InterruptedError:
+            return ready
+        for fd, mask in events:
+            path = self._stalls.get(fd)
+            if path is None:
+                ready.append((self.names[fd], None))
+            elif mask & (select.EPOLLERR | select.EPOLLHUP):
+                self.triggers.gone(fd)  # its cgroup went away
+            elif mask & select.EPOLLPRI:
+                ready.append(("stall", path))
+        return ready
+
+    def _watch_triggers(self) -> None:
+        """Poll the triggers armed now (closing a descriptor took it out of the poll)."""
+        for fd in self._stalls:
+            with contextlib.suppress(OSError, ValueError):
+                self.poll.unregister(fd)
+        self._stalls = self.triggers.descriptors()
+        for fd in self._stalls:
+            self.poll.register(fd, select.EPOLLPRI)
+        self._revision = self.triggers.revision
 
     def rest(self, until: float) -> None:
         """Leave the reports out of the wait until ``until``."""
         if self.resume_at is None:
-            self.selector.unregister(self.inbox.fileno())
+            self.poll.unregister(self.inbox.fileno())
             self.resume_at = until
 
     def close(self) -> None:
-        self.selector.close()
+        self.poll.close()

@@ -191,6 +191,10 @@ class StateCollector(Collector):
              ["worker", "outcome"], view.holds),
             ("task_hold_seconds", "Time children waited for their container to have room.",
              ["worker"], view.hold_seconds),
+            ("container_memory_stalls",
+             "Memory stall triggers (PSI) of the worker's container that woke the daemon between "
+             "ticks: its container was read and decided on at once.",
+             ["worker"], view.stalls),
             ("messages", "Agent messages accepted, by type.", ["type"], view.messages),
             ("messages_dropped", "Agent datagrams refused, by reason.", ["reason"], view.dropped),
         )

@@ -50,6 +50,7 @@ class State:
         self.holds: Counter[tuple[str, str]] = Counter()  # (worker, outcome): room, gave_up
         self.needs: dict[str, int] = {}  # task name -> most a run raised a child's RSS
         self.hold_seconds: defaultdict[str, float] = defaultdict(float)  # by worker
+        self.stalls: Counter[str] = Counter()  # memory stall triggers fired, by worker
         self.quarantine_after = 0  # incidents that quarantine a task id (0: off)
         self.incidents: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # id -> (task,
         # OOM kills, interrupts) of the task ids that were running at one

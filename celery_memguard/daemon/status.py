@@ -71,6 +71,7 @@ def status_document(view: View) -> dict[str, Any]:
         "last_publish_seconds_ago": round(now - view.published_at, 3), "workers": workers,
         "messages": view.messages, "dropped": view.dropped,
         "agent_connections": view.connections,
+        "stall_triggers": view.stall_triggers,
         "daemon": {"pid": os.getpid(), "uid": os.geteuid(), "gid": os.getegid(),
                    "socket": socket_facts(view.socket) | {"source": view.socket_source}},
         "tasks": [{"task": r.task, "calls": r.calls, "median_growth_bytes": r.median_bytes,

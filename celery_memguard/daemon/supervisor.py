@@ -16,11 +16,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from celery_memguard.daemon import policy, reports, sampler, view
 from celery_memguard.daemon.actions import Actor
-from celery_memguard.daemon.config import Config, LimitsConfig
+from celery_memguard.daemon.config import Config, LimitsByName, LimitsConfig
 from celery_memguard.daemon.containers import Containers
 from celery_memguard.daemon.decision import Decision
 from celery_memguard.daemon.forensics import Forensics
@@ -47,8 +48,8 @@ class Supervisor:
         self.procs = procs
         self.clock = clock
         self.log = log
-        self._limits: dict[str, LimitsConfig] = {}  # limits_for, per worker name
-        self._sources: dict[str, dict[str, str]] = {}  # where each limit comes from, per name
+        self.memory = procs.memory_limit()  # what percentages in the config resolved against
+        self.by_name = LimitsByName(config, self.memory)
         self.state = State(procs.stat, limits=self._soft_hard, jitter=config.recycle.jitter,
                            max_share=config.recycle.max_share,
                            max_task_names=config.metrics.max_task_names,
@@ -59,8 +60,8 @@ class Supervisor:
         self.forensics = Forensics(config, self.actor, log, time.time)
         self.publisher = Publisher(str(config.agent.socket))
         self.metrics = Metrics(lambda: self.view)
-        self.memory = procs.memory_limit()  # what percentages in the config resolved against
         self.connections: Callable[[], int] = lambda: 0  # agent connections, from the loop's inbox
+        self.stall_triggers: Callable[[], dict[str, Any]] = dict  # the loop's (pressure.py)
         self.started_at = time.time()
         self.last_tick = clock()
         self._next_scan = 0.0
@@ -76,21 +77,7 @@ class Supervisor:
     # -- config ---------------------------------------------------------------------------------
 
     def limits_for(self, worker: str) -> LimitsConfig:
-        """The config's limits for a worker name, remembered: a tick asks for every child."""
-        limits = self._limits.get(worker)
-        if limits is None:
-            if len(self._limits) > 4096:
-                self._limits.clear()
-            limits = self._limits[worker] = self.config.limits_for(worker)
-        return limits
-
-    def _limit_sources(self, worker: str) -> dict[str, str]:
-        sources = self._sources.get(worker)
-        if sources is None:
-            if len(self._sources) > 4096:
-                self._sources.clear()
-            sources = self._sources[worker] = self.config.limit_sources(worker, self.memory)
-        return sources
+        return self.by_name.limits(worker)
 
     def _soft_hard(self, worker: str) -> tuple[int, int]:
         limits = self.limits_for(worker)
@@ -100,8 +87,7 @@ class Supervisor:
         """Apply a new config; ``publish``: rewrite the agents' settings file (when running)."""
         self.state.task_names.limit = new.metrics.max_task_names
         self.config = new
-        self._limits.clear()
-        self._sources.clear()
+        self.by_name = LimitsByName(new, self.memory)
         self.actor.dry_run = new.recycle.dry_run
         self.state.jitter, self.state.max_share = new.recycle.jitter, new.recycle.max_share
         self.state.quarantine_after = new.quarantine.after
@@ -226,12 +212,25 @@ class Supervisor:
     def publish(self, now: float) -> None:
         """What the tick did, for scrapes, logs and the children; the tick's time."""
         self.view = replace(self.view, leak_sites=self.forensics.documents(),
-                            forensics=self.forensics.status())
+                            forensics=self.forensics.status(),
+                            stall_triggers=self.stall_triggers())
         self._log_events()
         self.publish_quarantine()
         self.procs.sweep()
         self.last_tick = now
         self.metrics.tick_seconds.observe(self.clock() - self._tick_started)
+
+    def on_stall(self, fired: list[Path], now: float) -> None:
+        """A stall trigger fired (pressure.py): decide now for the workers of the containers
+        it measures, read afresh, not at the next tick."""
+        for rec in self.containers.stalled(fired, self.state.workers.values(), now):
+            reading = rec.container_reading
+            self.log.info("memory_stall", worker=rec.name, pid=rec.proc.pid,
+                          some_avg10=reading.pressure.some_avg10
+                          if reading and reading.pressure else None,
+                          working_set_bytes=reading.working_set if reading else None,
+                          limit_bytes=reading.limit if reading else None)
+            self.decide(now, rec)
 
     def watch_containers(self, now: float) -> float:
         """Between ticks: a container past its hard line is decided on at once (its growing
@@ -332,7 +331,7 @@ class Supervisor:
     def _make_view(self, now: float, snapshot: Snapshot | None = None) -> View:
         return view.build(self.state, snapshot if snapshot is not None
                           else self.state.snapshot(now, trends=True),
-                          self.config, self.limits_for, self._limit_sources, now=now,
+                          self.config, self.limits_for, self.by_name.sources, now=now,
                           started_at=self.started_at, memory=self.memory,
                           connections=self.connections(), leak_sites=self.forensics.documents(),
-                          forensics=self.forensics.status())
+                          forensics=self.forensics.status(), stall_triggers=self.stall_triggers())

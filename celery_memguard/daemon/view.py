@@ -33,6 +33,8 @@ class View:
     restarts: dict[tuple[str, str], int] = field(default_factory=dict)
     holds: dict[tuple[str, str], int] = field(default_factory=dict)
     hold_seconds: dict[str, float] = field(default_factory=dict)
+    stalls: dict[str, int] = field(default_factory=dict)  # stall triggers fired, by worker
+    stall_triggers: dict[str, Any] = field(default_factory=dict)  # armed and unavailable files
     quarantined: int = 0  # task ids no child may run again
     needs: dict[str, int] = field(default_factory=dict)  # task -> its peak rise, as children saw
     growth: dict[str, tuple[list[tuple[float, int]], int]] = field(default_factory=dict)
@@ -55,7 +57,7 @@ def build(state: State, snapshot: Snapshot, config: Config,
           limits_for: Callable[[str], LimitsConfig],
           sources_for: Callable[[str], dict[str, str]], *, now: float, started_at: float,
           memory: tuple[int, str], connections: int, leak_sites: tuple[dict[str, Any], ...],
-          forensics: dict[str, Any]) -> View:
+          forensics: dict[str, Any], stall_triggers: dict[str, Any]) -> View:
     """The view of the state at ``now``, its counters copied: the loop goes on changing them."""
     return View(
         snapshot=snapshot,
@@ -65,7 +67,8 @@ def build(state: State, snapshot: Snapshot, config: Config,
         recycles=dict(state.recycles), dry_run_recycles=dict(state.dry_run_recycles),
         interrupted=dict(state.interrupted), oom_kills=dict(state.oom_kills),
         restarts=dict(state.restarts), holds=dict(state.holds),
-        hold_seconds=dict(state.hold_seconds), quarantined=len(state.quarantined),
+        hold_seconds=dict(state.hold_seconds), stalls=dict(state.stalls),
+        stall_triggers=stall_triggers, quarantined=len(state.quarantined),
         needs=dict(state.needs),
         growth={task: (g.cumulative(), g.total) for task, g in state.growth.items()},
         ranking=tuple(task_growth.rank(state.growth)),

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from celery_memguard.daemon import config
 from celery_memguard.daemon.loop import Daemon
 from celery_memguard.protocol import messages, paths
 from tests.builders import hello
 from tests.fakes import FakeProcs
-from tests.support import free_port, wait_for
+from tests.support import daemon_on_a_thread, free_port, wait_for
 
 GAP = 5.0  # long enough that a report read before it ends was read because of the bell
 
@@ -35,15 +33,8 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     cfg = config.parse({"agent": {"socket": str(tmp_path / "agent.sock")},
                         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
                         "sampling": {"interval": "10s", "scan_interval": "1h"}}, env={})
-    daemon = Daemon(cfg, procs=procs, log=structlog.get_logger(), batch_gap=GAP)
-    started = threading.Event()
-    thread = threading.Thread(target=daemon.run, args=(lambda _d: started.set(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield daemon
-    daemon.stop()
-    thread.join(10)
-    assert not thread.is_alive()
+    with daemon_on_a_thread(cfg, procs, batch_gap=GAP) as daemon:
+        yield daemon
 
 
 def _hellos(daemon: Daemon) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ from celery_memguard.daemon.containers import CONTAINER_CHECK_MIN
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.readings import ProcId
 from celery_memguard.protocol import messages, rules
-from celery_memguard.protocol.cgroups import ContainerReading, Pressure
-from tests.builders import KID0, KID1, MAIN, MiB, child_hello, dgram, hello, task_end
+from celery_memguard.protocol.cgroups import Container, ContainerReading, Pressure
+from celery_memguard.protocol.signals import CONTAINER_SIGNAL
+from tests.builders import KID0, KID1, MAIN, MiB, batch, child_hello, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import FakeProcs
 
@@ -363,3 +365,31 @@ def test_recycles_of_children_grown_by_a_leak_leave_the_rate_for_a_storm(procs: 
         sup.receive(dgram(task_end(pid, 150, tasks=30)), 1.0)
     assert len(procs.signals) == 8
     assert list(sup.state.requests.get("w@h", ())) == []
+
+
+def test_a_stall_reads_the_container_at_once_and_interrupts_the_growing_task_past_hard(
+        procs: FakeProcs) -> None:
+    """The trigger of the file the worker's container's pressure is read from fired: its
+    container is read now (it crossed its hard line since the tick), the stall is counted, and
+    the task that grew is interrupted without waiting for the next tick. A trigger of another
+    file changes nothing."""
+    psi = Path("/fake/psi")
+    procs.container = lambda pid: Container(  # type: ignore[method-assign]
+        version=2, directory=Path(f"/fake/cgroup/{pid}"), pressure_file=psi,
+        path=f"/fake/cgroup/{pid}", own=Path(f"/fake/cgroup/{pid}"))
+    procs.containers[MAIN] = ContainerReading(usage=600 * MiB, working_set=500 * MiB,
+                                              limit=1000 * MiB, high=None, events={},
+                                              pressure=None)
+    sup = make(procs, limits={"soft": "2GiB", "hard": "3GiB"})
+    sup.receive(dgram(hello()), 0.0)
+    sup.receive(dgram(batch(KID0, 1, ("app.big", 50, 50, 0))), 0.5)  # idle at 50 MiB
+    procs.table[KID0].rss = 400 * MiB  # its next task has grown 350 MiB
+    sup.tick(1.0)
+    assert sup.containers.stall_files(sup.state.workers.values()) == {psi: 0.4}
+    assert procs.signals == []
+    procs.containers[MAIN] = dataclasses.replace(procs.containers[MAIN], working_set=960 * MiB)
+    sup.on_stall([Path("/fake/other")], 1.2)
+    assert (procs.signals, sup.state.stalls) == ([], {})
+    sup.on_stall([psi], 1.3)
+    assert sup.state.stalls == {"w@h": 1}
+    assert procs.signals == [(KID0, CONTAINER_SIGNAL)]

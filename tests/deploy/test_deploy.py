@@ -63,7 +63,7 @@ COMING = {
     "container_memory_usage_bytes", "container_memory_working_set_bytes",
     "container_memory_limit_bytes", "container_memory_high_bytes",
     "container_memory_events_total", "container_memory_pressure",
-    "container_memory_pressure_seconds_total",
+    "container_memory_pressure_seconds_total", "container_memory_stalls_total",
 }
 ALLOWED = {"celery_memguard_" + name for name in EXISTING | COMING}
 METRIC = re.compile(r"celery_memguard_[a-z_]+")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,7 +25,7 @@ from celery_memguard.daemon.loop import Daemon
 from celery_memguard.protocol import messages, signals
 from tests.builders import MiB
 from tests.fakes import RecordingProcs
-from tests.support import free_port, wait_for
+from tests.support import daemon_on_a_thread, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -244,17 +242,8 @@ def running(tmp_path: Path) -> Iterator[Running]:
     cfg = config.parse({"agent": {"socket": path}, "metrics": {"listen": f"127.0.0.1:{port}"},
                         "limits": {"soft": "100MiB", "hard": "1GiB"},
                         "sampling": {"interval": "50ms", "scan_interval": "1h"}}, env={})
-    daemon = Daemon(cfg, procs=procs, log=structlog.get_logger())
-    up = threading.Event()
-    thread = threading.Thread(target=daemon.run, args=(lambda _d: up.set(),), daemon=True)
-    thread.start()
-    try:
-        assert up.wait(10), "the daemon did not start"
+    with daemon_on_a_thread(cfg, procs) as daemon:
         yield Running(daemon, procs, path, f"http://127.0.0.1:{port}")
-    finally:
-        daemon.stop()
-        thread.join(10)
-    assert not thread.is_alive()
 
 
 # The daemon is shared by the examples on purpose: each one measures its own increments.
