@@ -12,7 +12,8 @@ from celery_memguard.agent import job_loop
 from celery_memguard.agent.child_agent import RETAKE_SECONDS, ChildAgent
 from celery_memguard.agent.quarantine import Guard
 from celery_memguard.errors import MemoryLimitExceeded
-from celery_memguard.protocol import grants, messages, paths, quarantine
+from celery_memguard.protocol import grants, messages, paths, quarantine, settings
+from celery_memguard.protocol.signals import CONTAINER_SIGNAL, EX_RECYCLE
 from tests.builders import MiB
 from tests.fakes import RecordingSender
 
@@ -388,3 +389,58 @@ def test_without_a_unit_of_the_grant_the_task_runs(tmp_path: Path) -> None:
         agent.left.add("app.keep", 2 * MiB)
     assert not agent.leave_before(99 * MiB)
     assert not agent.recycle_requested
+
+
+def _growing_task(agent: ChildAgent) -> None:
+    """A task's own code: the container signal arrives while it runs."""
+    agent.on_container_signal(CONTAINER_SIGNAL, sys._getframe())
+
+
+def test_the_container_signal_interrupts_the_task_in_its_own_code_and_the_child_leaves_after(
+        tmp_path: Path) -> None:
+    """The daemon's container interrupt: MemoryLimitExceeded (reason container) where the
+    task's own code runs; its end reports the interrupt, and the child leaves after it."""
+    agent = _agent(tmp_path)
+    sender = agent.sender = RecordingSender()  # type: ignore[assignment]
+    agent.begin("app.big", "t1", _growing_task.__code__)
+    with pytest.raises(MemoryLimitExceeded) as raised:
+        _growing_task(agent)
+    assert raised.value.reason == "container"
+    assert agent.recycle_requested
+    agent.end(False)
+    [report] = sender.of(messages.TaskInterrupted)
+    assert (report.task, report.id, report.reason) == ("app.big", "t1", "container")
+
+
+def test_the_container_signal_outside_the_tasks_code_only_asks_the_child_to_leave(
+        tmp_path: Path) -> None:
+    """Arriving in Celery's or billiard's bookkeeping (not the task's code), it raises
+    nothing there: the child leaves after the task, as for a recycle."""
+    agent = _agent(tmp_path)
+    agent.sender = RecordingSender()  # type: ignore[assignment]
+    agent.begin("app.big", "t1", _growing_task.__code__)
+    agent.on_container_signal(CONTAINER_SIGNAL, sys._getframe())  # this test's frame
+    assert agent.recycle_requested
+    assert agent.container_hit is None
+
+
+def test_an_idle_child_given_the_container_signal_leaves_at_once(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    agent.sender = RecordingSender()  # type: ignore[assignment]
+    agent.waiting = True  # blocked in billiard's read of the next job
+    with pytest.raises(SystemExit) as exited:
+        agent.on_container_signal(CONTAINER_SIGNAL, sys._getframe())
+    assert exited.value.code == EX_RECYCLE
+
+
+@pytest.mark.parametrize(("dry_run", "hold"), [(False, 30.0), (True, 0.0)])
+def test_in_a_dry_run_a_child_never_waits_for_its_container(
+        tmp_path: Path, dry_run: bool, hold: float) -> None:
+    """A dry run acts on nothing: the published wait for room is taken as zero."""
+    agent = _agent(tmp_path)
+    Path(paths.settings_path(agent.socket_path)).write_bytes(settings.encode(
+        settings.AgentSettings(hard=0, watch_interval=0.05, container_soft=0.85,
+                               container_hold=30.0, dry_run=dry_run)))
+    agent.load_settings()
+    assert agent.dry_run is dry_run
+    assert agent.headroom.hold_max == hold
