@@ -14,9 +14,14 @@ run, and a child asked to leave meanwhile leaves at once and the pool gives the 
   allocated (protocol.room). If it all fits under the line it reserves its need and starts;
   otherwise it waits in steps of ``STEP``, at most ``container_hold``, then starts anyway.
 
-A name no child of the worker ran yet needs nothing known: its first runs can still
-overcommit a container (an OOM kill, counted and quarantined; a task that grows in steps is
-interrupted at the container's hard line by the daemon).
+- **A name no child of the worker ran yet** needs nothing known. One child runs it first; the
+  others wait, up to ``FIRST_RUN_WAIT``, until its run has shown what it needs (a run that
+  goes past what is known writes it at once, from the watch thread), or has ended: three
+  children that each start a task of 150 MiB in a container with room for two would
+  otherwise all allocate before any of them knows. A first run that shows nothing within
+  the wait (it allocates later, or little) can still overcommit a container: an OOM kill,
+  counted and quarantined, and a task that grows in steps is interrupted at the container's
+  hard line by the daemon.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ FASTEST_GROWTH = 16 << 30  # bytes a second a container may grow
 MAX_NAMES = 256  # task names whose needs this child remembers
 REFRESH_SECONDS = 1.0  # how often the worker's shared needs are read again
 LEARN_MARGIN = 1 << 20  # a need is written to the room when it exceeds the known one by this
+FIRST_RUN_WAIT = 1.0  # seconds another child's first run of a name holds this one at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,7 @@ class Headroom:
         self.shared: dict[str, int] = {}  # the same, as the worker's children know it
         self.reserved = False  # this child's running task has a reservation in the room
         self.maxrss_before = 0  # ru_maxrss when the running task began (KiB)
+        self._first: str | None = None  # the name whose first run in the worker this child runs
         self._usage_fd: int | None = None
         self._next_look = 0.0
         self._next_refresh = 0.0
@@ -95,8 +102,11 @@ class Headroom:
         self.reserved = False
         if self.line <= 0 or self._usage_fd is None:
             return None
+        start = self._clock()
+        waited = (self.room_path is not None and name not in self.needs
+                  and name not in self.shared and self._first_run(name, start))
         now = self._clock()
-        if now < self._next_look:
+        if now < self._next_look and not waited:
             return None
         if now >= self._next_refresh and self.room_path is not None:
             found = room.read(self.room_path, self.worker)
@@ -105,20 +115,50 @@ class Headroom:
                 self._next_refresh = now + REFRESH_SECONDS
         largest = max([*self.needs.values(), *self.shared.values()], default=0)
         gap = self.line - self._usage() - largest * self.pool
+        need, gave_up, current = self.need(name), False, None
         if gap > 0:  # usage bounds the working set from above
             self._next_look = now + gap / FASTEST_GROWTH
-            return None
-        need, start, waited = self.need(name), now, False
-        while True:
-            gave_up = self._clock() - start >= self.hold_max
-            fits, current = self._reserve(need, rss_before, force=gave_up)
-            if fits:
-                break
-            waited = True
-            self._sleep(STEP)
+        else:
+            while True:
+                gave_up = self._clock() - start >= self.hold_max
+                fits, current = self._reserve(need, rss_before, force=gave_up)
+                if fits:
+                    break
+                waited = True
+                self._sleep(STEP)
         if not waited:
             return None
+        if current is None:  # it waited for a first run only
+            current = self._working_set(self._usage())
         return Held(self._clock() - start, current, self.line, gave_up)
+
+    def _first_run(self, name: str, start: float) -> bool:
+        """Before a name's first run in this worker: run it, or wait while another child's
+        first run of it shows what it needs (at most ``FIRST_RUN_WAIT``, and never longer
+        than container_hold). Returns whether it waited."""
+        wait = min(FIRST_RUN_WAIT, self.hold_max)
+        waited = False
+        while True:
+            at = int(self._clock() * 1000)
+
+            def change(shared: room.Room, at: int = at) -> bool:
+                shared.first = [f for f in shared.first if f[1] not in shared.needs
+                                and at - f[2] < FIRST_RUN_WAIT * 1000 and f[0] != self.pid
+                                and self._rss(f[0]) is not None]
+                self.shared = dict(shared.needs)
+                if name in shared.needs:
+                    return False  # known now: the usual check decides
+                if any(f[1] == name for f in shared.first):
+                    return True  # another child's first run of it
+                shared.first.append((self.pid, name, at))
+                self._first = name
+                return False
+
+            busy = room.update(self.room_path or "", self.worker, change)
+            if busy is None or busy is False or self._clock() - start >= wait:
+                return waited
+            waited = True  # another's first run, or the room busy: look again shortly
+            self._sleep(STEP)
 
     def _reserve(self, need: int, rss_before: int, force: bool) -> tuple[bool, int]:
         """Whether the task fits (or must start anyway), and the working set it was judged
@@ -183,18 +223,24 @@ class Headroom:
         if name in self.needs or len(self.needs) < MAX_NAMES:
             self.needs[name] = max(self.needs.get(name, 0), rose)
         release = ended and self.reserved
-        if self.room_path is None or not (news or release):
+        first = ended and self._first == name  # its first run ended: the others know now
+        if self.room_path is None or not (news or release or first):
             return
 
         def change(shared: room.Room) -> None:
             if release:
                 shared.starting = [s for s in shared.starting if s[0] != self.pid]
-            if rose > shared.needs.get(name, 0):
+            if first:
+                shared.first = [f for f in shared.first if f[0] != self.pid]
+            if rose > shared.needs.get(name, 0) or (first and name not in shared.needs):
                 shared.needs[name] = rose
             self.shared = dict(shared.needs)
 
-        if room.update(self.room_path, self.worker, change) is not None and release:
-            self.reserved = False
+        if room.update(self.room_path, self.worker, change) is not None:
+            if release:
+                self.reserved = False
+            if first:
+                self._first = None
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ things make that check right where one child alone would get it wrong:
 - **tasks that have started but not yet allocated**: children that read their jobs at the same
   moment all see the same usage and would all start. A child reserves its task's need before
   it starts, and another counts what is not yet allocated of each reservation (its need less
-  what the starting child's RSS has risen since).
+  what the starting child's RSS has risen since);
+- **first runs**: a task name whose need no child knows yet is run by one child first, for a
+  moment (agent/headroom.py ``FIRST_RUN_WAIT``): the others wait until it has shown what it
+  needs, or ended, or the moment has passed.
 
 ``<socket>.room.<worker pid>`` (paths.room_path) is created by the daemon for each worker with
 the agent, beside its grant file, with the same mode, and removed with it; children read and
@@ -34,12 +37,15 @@ VERSION = 1
 _T = TypeVar("_T")
 MAX_NEEDS = 512  # task names
 MAX_STARTING = 1024
+MAX_FIRST = 256  # first runs under way
 
 
 @dataclass
 class Room:
     needs: dict[str, int] = field(default_factory=dict)  # task name -> bytes at its peak
     starting: list[tuple[int, int, int]] = field(default_factory=list)  # (pid, need, RSS before)
+    first: list[tuple[int, str, int]] = field(default_factory=list)  # (pid, task name, started:
+    # CLOCK_MONOTONIC in ms, which every process of the host shares)
 
 
 def create(path: str, worker: tuple[int, int]) -> bool:
@@ -123,19 +129,24 @@ def _read(fd: int, worker: tuple[int, int]) -> Room | None:
     if (not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != VERSION
             or body.get("worker") != list(worker)):
         return None
-    needs, starting = body.get("needs"), body.get("starting")
+    needs, starting, first = body.get("needs"), body.get("starting"), body.get("first", [])
     if (not isinstance(needs, dict) or len(needs) > MAX_NEEDS
             or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in needs.items())
             or not isinstance(starting, list) or len(starting) > MAX_STARTING
             or not all(isinstance(s, list) and len(s) == 3 and all(type(x) is int and x >= 0
-                                                                   for x in s) for s in starting)):
+                                                                   for x in s) for s in starting)
+            or not isinstance(first, list) or len(first) > MAX_FIRST
+            or not all(isinstance(f, list) and len(f) == 3 and type(f[0]) is int
+                       and isinstance(f[1], str) and type(f[2]) is int for f in first)):
         return None
-    return Room(needs=dict(needs), starting=[(s[0], s[1], s[2]) for s in starting])
+    return Room(needs=dict(needs), starting=[(s[0], s[1], s[2]) for s in starting],
+                first=[(f[0], f[1], f[2]) for f in first])
 
 
 def _write(fd: int, worker: tuple[int, int], room: Room) -> None:
     needs = dict(list(room.needs.items())[-MAX_NEEDS:])
     data = json.dumps({"v": VERSION, "worker": list(worker), "needs": needs,
-                       "starting": [list(s) for s in room.starting[-MAX_STARTING:]]}).encode()
+                       "starting": [list(s) for s in room.starting[-MAX_STARTING:]],
+                       "first": [list(f) for f in room.first[-MAX_FIRST:]]}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)

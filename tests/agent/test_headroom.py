@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from celery_memguard.agent.headroom import STEP, Headroom
+import pytest
+
+from celery_memguard.agent.headroom import FIRST_RUN_WAIT, STEP, Headroom
 from celery_memguard.protocol import paths, room
 from celery_memguard.protocol.cgroups import Cgroups
 from tests.builders import MiB
@@ -26,6 +29,7 @@ class Container:
         (self.cgroup / "memory.max").write_text(f"{limit}\n" if limit else "max\n")
         self.now = 0.0
         self.frees: list[tuple[float, int]] = []  # (at, usage from then on)
+        self.then: list[tuple[float, Callable[[], object]]] = []  # (at, what happens)
         self.set(100 * MiB)
         self.headroom = Headroom(cgroups=Cgroups(root=str(tmp / "cgroup"), proc=str(tmp / "proc")),
                                  clock=lambda: self.now, sleep=self.sleep, **room)
@@ -38,6 +42,8 @@ class Container:
         self.now += seconds
         while self.frees and self.frees[0][0] <= self.now:
             self.set(self.frees.pop(0)[1])
+        while self.then and self.then[0][0] <= self.now:
+            self.then.pop(0)[1]()
 
 
 def test_under_the_line_a_task_starts_at_once(tmp_path: Path) -> None:
@@ -166,3 +172,85 @@ def test_a_reservation_of_a_child_that_is_gone_is_dropped(tmp_path: Path) -> Non
     shared = room.read(path, worker)
     assert shared is not None
     assert [s[0] for s in shared.starting] == [os.getpid()]
+
+
+@pytest.fixture
+def sibling() -> Iterator[int]:
+    """Another live process: a pool child of the same worker, as the room file sees it."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _worker_room(tmp_path: Path) -> tuple[str, tuple[int, int]]:
+    worker = (4242, 1)
+    path = paths.room_path(str(tmp_path / "agent.sock"), 4242)
+    assert room.create(path, worker)
+    return path, worker
+
+
+def test_a_name_no_child_ran_yet_waits_for_the_first_run_to_show_its_need(
+        tmp_path: Path, sibling: int) -> None:
+    """Three children start a 150 MiB task no child of the worker ran yet, in a container with
+    room for two: one runs it first, the others wait until it has shown what it needs (its
+    watch writes it at once), then judge with it."""
+    path, worker = _worker_room(tmp_path)
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 30.0)
+    room.update(path, worker, lambda r: r.first.append((sibling, "app.big", 0)))
+    box.then.append((0.3, lambda: room.update(path, worker, lambda r: r.needs.update(
+        {"app.big": 150 * MiB}))))  # the sibling's run has allocated: its watch wrote it
+    box.set(750 * MiB)  # the sibling's 150 MiB in: 150 more would pass the 850 MiB line
+    box.frees.append((0.6, 400 * MiB))  # the sibling's run ends and frees it
+    held = box.headroom.hold("app.big", 50 * MiB)
+    assert held is not None
+    assert 0.6 <= held.seconds < 0.6 + 2 * STEP
+
+
+def test_the_first_child_to_start_a_name_runs_it_at_once_and_tells_the_others_at_its_end(
+        tmp_path: Path) -> None:
+    path, worker = _worker_room(tmp_path)
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 30.0)
+    assert box.headroom.hold("app.new", 50 * MiB) is None
+    shared = room.read(path, worker)
+    assert shared is not None
+    assert shared.first == [(os.getpid(), "app.new", 0)]
+    box.headroom.learn("app.new", 0)  # it ended, needing nothing: known to need nothing
+    shared = room.read(path, worker)
+    assert shared is not None
+    assert (shared.first, shared.needs) == ([], {"app.new": 0})
+
+
+def test_a_first_run_that_shows_nothing_holds_the_others_only_a_moment(
+        tmp_path: Path, sibling: int) -> None:
+    path, worker = _worker_room(tmp_path)
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 30.0)
+    room.update(path, worker, lambda r: r.first.append((sibling, "app.slow", 0)))
+    held = box.headroom.hold("app.slow", 50 * MiB)
+    assert held is not None
+    assert FIRST_RUN_WAIT <= held.seconds < FIRST_RUN_WAIT + 2 * STEP
+    assert not held.gave_up
+
+
+def test_a_first_run_of_a_child_that_is_gone_holds_nobody(tmp_path: Path) -> None:
+    path, worker = _worker_room(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    room.update(path, worker, lambda r: r.first.append((gone.pid, "app.big", 0)))
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 30.0)
+    assert box.headroom.hold("app.big", 50 * MiB) is None
+    shared = room.read(path, worker)
+    assert shared is not None
+    assert shared.first == [(os.getpid(), "app.big", 0)]  # this child's first run, now
+
+
+def test_in_a_dry_run_nobody_waits_for_a_first_run(tmp_path: Path, sibling: int) -> None:
+    path, worker = _worker_room(tmp_path)
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 0.0)  # a dry run publishes no wait
+    room.update(path, worker, lambda r: r.first.append((sibling, "app.big", 0)))
+    assert box.headroom.hold("app.big", 50 * MiB) is None

@@ -39,27 +39,33 @@ def outcomes(results: list[Any], timeout: float = 120) -> collections.Counter[st
     return seen
 
 
+@pytest.mark.parametrize("primed", [True, False], ids=["after-a-first-run", "fresh-worker"])
 def test_children_under_their_limits_but_too_many_for_the_container_are_held_back(
         memory_cgroup: Callable[[int], MemoryCgroup], start_daemon: Callable[..., Daemon],
-        start_worker: Callable[..., Worker]) -> None:
+        start_worker: Callable[..., Worker], primed: bool) -> None:
     """520 MiB, concurrency 3, tasks that take 150 MiB in one allocation for 1.5 s: no child
-    nears its own limits, three at once overflow the container. After one run of the task
-    name, no OOM kill: each child waits before its task until the others have freed theirs,
-    every task runs once and succeeds, and the waits are counted."""
+    nears its own limits, three at once overflow the container. No OOM kill: each child waits
+    before its task until the others have freed theirs, every task runs once and succeeds, and
+    the waits are counted; nothing is recycled or interrupted. After one run of the task name
+    its need is known to every child; on a fresh worker nothing knows it yet, so one child
+    runs it first and the other two wait until its watch has written what it took."""
     group = memory_cgroup(520 * MiB)
     daemon = start_daemon(sampling={"interval": "250ms"})
     worker = start_worker(socket_path=daemon.socket_path, concurrency=3, cgroup=group)
-    assert worker.send(HOLD, 150, 0.1).get(timeout=60)  # the task name's first run
-    wait_for(lambda: daemon.metric("celery_memguard_task_peak_growth_bytes") >= 140 * MiB, 10,
-             "the children did not share what the task needs")
+    if primed:
+        assert worker.send(HOLD, 150, 0.1).get(timeout=60)  # the task name's first run
+        wait_for(lambda: daemon.metric("celery_memguard_task_peak_growth_bytes") >= 140 * MiB,
+                 10, "the children did not share what the task needs")
     base = group.oom_kills()
     results = [worker.send(HOLD, 150, 1.5) for _ in range(12)]
     seen = outcomes(results)
     assert group.oom_kills() == base, daemon.output()
     assert seen == {"ok": 12}
-    assert sorted(collections.Counter(worker.runs()).values()) == [1] * 13
-    assert daemon.metric("celery_memguard_task_holds_total", worker=worker.name) >= 1
+    assert sorted(collections.Counter(worker.runs()).values()) == [1] * (13 if primed else 12)
+    assert daemon.metric("celery_memguard_task_holds_total", worker=worker.name) >= 2
     assert daemon.metric("celery_memguard_oom_kills_total") == 0
+    assert daemon.metric("celery_memguard_interrupted_tasks_total") == 0
+    assert daemon.metric("celery_memguard_recycles_total") == 0
     peak = int((group.path / "memory.max_usage_in_bytes").read_text())
     assert peak < 520 * MiB
 

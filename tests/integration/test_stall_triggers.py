@@ -137,5 +137,6 @@ def test_a_stall_wakes_the_daemon_and_its_workers_container_is_read_at_once(
         thrash()
         wait_for(lambda: daemon.supervisor.state.stalls["w@h"] >= 1, 30,
                  "the stall did not wake the daemon")
-        text = daemon.supervisor.metrics.render().decode()
-        assert 'celery_memguard_container_memory_stalls_total{worker="w@h"}' in text
+        wait_for(lambda: 'celery_memguard_container_memory_stalls_total{worker="w@h"}'
+                 in daemon.supervisor.metrics.render().decode(), 5,
+                 "the stall was not exported with the next tick's view")
