@@ -244,7 +244,7 @@ class Metrics:
         self.tick_seconds = Histogram(
             PREFIX + "tick_seconds", "Time one sampling tick takes (scan, sample, decide, act).",
             registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

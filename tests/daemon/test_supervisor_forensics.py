@@ -4,6 +4,7 @@ child, what it makes of the reports, what it keeps and shows."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,13 @@ def _leaking(sup: Supervisor, pid: int = KID0, task: str = "app.leak", n: int = 
     sup.receive(dgram(batch(pid, first, *ends)), now)
 
 
+WALL = time.time()  # the wall clock when the test clock reads 0
+
 def _ready(procs: FakeProcs, clock: Clock, **sections: Any) -> Supervisor:
+    """A daemon with a worker and its two children; its results are dated by the test's
+    clock (three results within one real millisecond would have no order)."""
     sup = make(procs, clock, **sections)
+    sup.forensics.wall = lambda: WALL + clock()
     sup.receive(dgram(hello()), clock())
     for pid in (KID0, KID1):
         sup.receive(dgram(child_hello(pid)), clock())
