@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from types import FrameType
 
@@ -114,3 +115,23 @@ def test_the_watch_reads_often_only_where_a_fast_task_could_reach_the_hard_limit
     for rss in range(0, hard, 7 * mib):  # the promise itself
         delay = next_delay(rss, hard, 0.01)
         assert rss + FASTEST_GROWTH * delay <= hard or delay == 0.01
+
+
+def test_with_no_daemons_settings_the_child_stays_single_threaded() -> None:
+    """No settings, no thread: there is no hard limit to watch and no one to report to, and a
+    two-threaded child that the OOM killer picks is often followed by a second kill in the same
+    OOM event. The thread starts at the first task after a daemon's settings arrive."""
+    polls: list[float] = []
+    watch = Watch(lambda: 0, lambda r, limit: None, lambda: polls.append(time.monotonic()))
+    before = {t.ident for t in threading.enumerate()}
+    watch.task_started(None)
+    time.sleep(0.1)
+    watch.task_ended()
+    assert {t.ident for t in threading.enumerate()} == before
+    assert polls == []
+    watch.configure(0, 0.005)
+    watch.task_started(None)
+    time.sleep(0.1)
+    watch.task_ended()
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == ["memguard-watch"]
+    assert polls

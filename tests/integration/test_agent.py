@@ -23,8 +23,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def inbox(tmp_path: Path) -> Iterator[Inbox]:
+    """The daemon's end of the socket, read by the test, and the settings a daemon publishes
+    beside it (no limits): a child starts its watch thread once it has read them."""
     box = Inbox(tmp_path / "sock" / "agent.sock")
     box.open()
+    Path(paths.settings_path(str(box.path))).write_bytes(
+        settings.encode(settings.AgentSettings(hard=0, watch_interval=0.01)))
     yield box
     box.close()
 
