@@ -15,10 +15,10 @@ run, and a child asked to leave meanwhile leaves at once and the pool gives the 
   otherwise it waits in steps of ``STEP``, at most ``container_hold``, then starts anyway.
 
 - **A name no child of the worker ran yet** needs nothing known. One child runs it first; the
-  others wait, up to ``FIRST_RUN_WAIT``, until its run has shown what it needs (a run that
-  goes past what is known writes it at once, from the watch thread), or has ended: three
-  children that each start a task of 150 MiB in a container with room for two would
-  otherwise all allocate before any of them knows. A first run that shows nothing within
+  others wait until its run has ended, at most ``FIRST_RUN_WAIT``, then judge with what it
+  took (a run writes what it has reached from the watch thread as it goes): three children
+  that each start a task of 150 MiB in a container with room for two would otherwise all
+  allocate before any of them knows. A first run that shows nothing within
   the wait (it allocates later, or little) can still overcommit a container: an OOM kill,
   counted and quarantined, and a task that grows in steps is interrupted at the container's
   hard line by the daemon.
@@ -104,7 +104,7 @@ class Headroom:
             return None
         start = self._clock()
         waited = (self.room_path is not None and name not in self.needs
-                  and name not in self.shared and self._first_run(name, start))
+                  and self._first_run(name, start))
         now = self._clock()
         if now < self._next_look and not waited:
             return None
@@ -133,26 +133,27 @@ class Headroom:
         return Held(self._clock() - start, current, self.line, gave_up)
 
     def _first_run(self, name: str, start: float) -> bool:
-        """Before a name's first run in this worker: run it, or wait while another child's
-        first run of it shows what it needs (at most ``FIRST_RUN_WAIT``, and never longer
-        than container_hold). Returns whether it waited."""
+        """Before this child's first run of a name: while another child's first run of it is
+        under way, wait until it ends (at most ``FIRST_RUN_WAIT``, and never longer than
+        container_hold); where none is and the worker knows no need for it, mark this run as
+        the first. Not released by the need a running first run writes: that is a figure
+        taken mid-allocation, which let waiters start together on a slow host. Returns
+        whether it waited."""
         wait = min(FIRST_RUN_WAIT, self.hold_max)
         waited = False
         while True:
             at = int(self._clock() * 1000)
 
             def change(shared: room.Room, at: int = at) -> bool:
-                shared.first = [f for f in shared.first if f[1] not in shared.needs
-                                and at - f[2] < FIRST_RUN_WAIT * 1000 and f[0] != self.pid
-                                and self._rss(f[0]) is not None]
+                shared.first = [f for f in shared.first if at - f[2] < FIRST_RUN_WAIT * 1000
+                                and f[0] != self.pid and self._rss(f[0]) is not None]
                 self.shared = dict(shared.needs)
-                if name in shared.needs:
-                    return False  # known now: the usual check decides
                 if any(f[1] == name for f in shared.first):
-                    return True  # another child's first run of it
-                shared.first.append((self.pid, name, at))
-                self._first = name
-                return False
+                    return True  # another child's first run of it is under way
+                if name not in shared.needs:
+                    shared.first.append((self.pid, name, at))
+                    self._first = name
+                return False  # known, or this run is the first: the usual check decides
 
             busy = room.update(self.room_path or "", self.worker, change)
             if busy is None or busy is False or self._clock() - start >= wait:
@@ -236,7 +237,8 @@ class Headroom:
                 shared.needs[name] = rose
             self.shared = dict(shared.needs)
 
-        if room.update(self.room_path, self.worker, change) is not None:
+        result = room.update(self.room_path, self.worker, change)
+        if result is not None and not isinstance(result, room.Busy):  # else: at the next task
             if release:
                 self.reserved = False
             if first:

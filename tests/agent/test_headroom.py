@@ -190,19 +190,26 @@ def _worker_room(tmp_path: Path) -> tuple[str, tuple[int, int]]:
     return path, worker
 
 
-def test_a_name_no_child_ran_yet_waits_for_the_first_run_to_show_its_need(
+def test_a_name_no_child_ran_yet_waits_for_the_first_run_to_end(
         tmp_path: Path, sibling: int) -> None:
     """Three children start a 150 MiB task no child of the worker ran yet, in a container with
-    room for two: one runs it first, the others wait until it has shown what it needs (its
-    watch writes it at once), then judge with it."""
+    room for two: one runs it first, and the others wait until that run ends (at most
+    FIRST_RUN_WAIT), then judge with what it took. The figure its watch writes mid-allocation
+    (60 MiB at 0.3 s) does not release them: with it they would have started together."""
     path, worker = _worker_room(tmp_path)
     box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
     box.headroom.configure(0.85, 30.0)
     room.update(path, worker, lambda r: r.first.append((sibling, "app.big", 0)))
+    box.set(750 * MiB)  # the sibling's run is allocating
+
+    def ended(shared: room.Room) -> None:
+        shared.first.clear()
+        shared.needs["app.big"] = 150 * MiB
+
     box.then.append((0.3, lambda: room.update(path, worker, lambda r: r.needs.update(
-        {"app.big": 150 * MiB}))))  # the sibling's run has allocated: its watch wrote it
-    box.set(750 * MiB)  # the sibling's 150 MiB in: 150 more would pass the 850 MiB line
-    box.frees.append((0.6, 400 * MiB))  # the sibling's run ends and frees it
+        {"app.big": 60 * MiB}))))  # its watch, mid-allocation
+    box.then.append((0.6, lambda: room.update(path, worker, ended)))  # its run has ended
+    box.frees.append((0.6, 600 * MiB))
     held = box.headroom.hold("app.big", 50 * MiB)
     assert held is not None
     assert 0.6 <= held.seconds < 0.6 + 2 * STEP

@@ -62,7 +62,7 @@ def test_children_under_their_limits_but_too_many_for_the_container_are_held_bac
     assert group.oom_kills() == base, daemon.output()
     assert seen == {"ok": 12}
     assert sorted(collections.Counter(worker.runs()).values()) == [1] * (13 if primed else 12)
-    assert daemon.metric("celery_memguard_task_holds_total", worker=worker.name) >= 2
+    assert daemon.metric("celery_memguard_task_holds_total", worker=worker.name) >= 1
     assert daemon.metric("celery_memguard_oom_kills_total") == 0
     assert daemon.metric("celery_memguard_interrupted_tasks_total") == 0
     assert daemon.metric("celery_memguard_recycles_total") == 0
