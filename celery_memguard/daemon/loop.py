@@ -172,7 +172,8 @@ class Daemon:
             self._drain(inbox)
         self.supervisor.decide_all(now)
         for path, why in self.triggers.arm(
-                self.supervisor.containers.stall_files(self.supervisor.state.workers.values())):
+                self.supervisor.containers.stall_files(self.supervisor.state.workers.values()),
+                self.clock()):
             self.log.warning("stall_trigger_unavailable", pressure_file=str(path), why=why,
                              advice="memory pressure is still read every tick; a stall does "
                                     "not wake the daemon sooner")
@@ -264,7 +265,7 @@ class _Waits:
         for fd in self.names:
             self.poll.register(fd, select.EPOLLIN)
         self.resume_at: float | None = None  # the reports are out of the wait until then
-        self._stalls: dict[int, Path] = {}  # the trigger descriptors registered
+        self._stalls: dict[int, tuple[Path, int]] = {}  # the trigger descriptors registered
         self._revision = -1
 
     def wait(self, until: float, clock: Callable[[], float]) -> list[tuple[str, Path | None]]:
@@ -283,23 +284,28 @@ class _Waits:
         except InterruptedError:
             return ready
         for fd, mask in events:
-            path = self._stalls.get(fd)
-            if path is None:
+            stall = self._stalls.get(fd)
+            if stall is None:
                 ready.append((self.names[fd], None))
             elif mask & (select.EPOLLERR | select.EPOLLHUP):
                 self.triggers.gone(fd)  # its cgroup went away
             elif mask & select.EPOLLPRI:
-                ready.append(("stall", path))
+                ready.append(("stall", stall[0]))
         return ready
 
     def _watch_triggers(self) -> None:
-        """Poll the triggers armed now (closing a descriptor took it out of the poll)."""
-        for fd in self._stalls:
-            with contextlib.suppress(OSError, ValueError):
-                self.poll.unregister(fd)
-        self._stalls = self.triggers.descriptors()
-        for fd in self._stalls:
-            self.poll.register(fd, select.EPOLLPRI)
+        """Poll the triggers armed now. Only the descriptors that changed are registered anew:
+        registering one makes the kernel look at it, which clears a stall it had to report
+        (closing a descriptor took it out of the poll already)."""
+        now = self.triggers.descriptors()
+        for fd, (_, serial) in self._stalls.items():
+            if now.get(fd, (None, -1))[1] != serial:
+                with contextlib.suppress(OSError, ValueError):
+                    self.poll.unregister(fd)
+        for fd, (_, serial) in now.items():
+            if self._stalls.get(fd, (None, -1))[1] != serial:
+                self.poll.register(fd, select.EPOLLPRI)
+        self._stalls = now
         self._revision = self.triggers.revision
 
     def rest(self, until: float) -> None:

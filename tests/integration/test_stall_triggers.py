@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from celery_memguard.daemon import config
-from celery_memguard.daemon.pressure import StallTriggers
+from celery_memguard.daemon.pressure import RETRY_SECONDS, StallTriggers
 from celery_memguard.protocol import messages
 from celery_memguard.protocol.cgroups import Container, ContainerReading
 from tests.builders import MiB, hello
@@ -68,7 +68,7 @@ def thrash(memory_cgroup: Callable[[int], MemoryCgroup], tmp_path: Path,
 
 
 def _armed_or_skip(triggers: StallTriggers, share: float) -> None:
-    failed = triggers.arm({SYSTEM: share})
+    failed = triggers.arm({SYSTEM: share}, 0.0)
     if failed:
         pytest.skip(f"no stall trigger on {SYSTEM}: {failed[0][1]}")
 
@@ -80,7 +80,7 @@ def test_a_trigger_fires_when_tasks_stall_on_memory(
     try:
         _armed_or_skip(triggers, 0.05)
         assert list(triggers.armed()) == [str(SYSTEM)]
-        [(fd, path)] = triggers.descriptors().items()
+        [(fd, (path, _serial))] = triggers.descriptors().items()
         assert path == SYSTEM
         poll.register(fd, select.EPOLLPRI)
         poll.poll(0)  # a stall elsewhere on this host before now may have fired it already
@@ -95,15 +95,29 @@ def test_a_trigger_fires_when_tasks_stall_on_memory(
         triggers.close()
 
 
-def test_a_file_without_psi_is_said_unavailable_once(tmp_path: Path) -> None:
+def test_a_file_without_psi_is_said_unavailable_once_and_tried_again_now_and_then(
+        tmp_path: Path) -> None:
+    """A cgroup's pressure file that takes no trigger (here: none there yet) is said once,
+    tried again every RETRY_SECONDS while a worker still needs it, and forgotten when none
+    does."""
     triggers = StallTriggers()
     try:
         missing = tmp_path / "memory.pressure"
-        [(path, why)] = triggers.arm({missing: 0.4})
+        [(path, why)] = triggers.arm({missing: 0.4}, 0.0)
         assert path == missing
         assert "cannot open it" in why
-        assert triggers.arm({missing: 0.4}) == []  # not tried again, not said again
+        assert triggers.arm({missing: 0.4}, 1.0) == []  # not said again
+        missing.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+        assert triggers.arm({missing: 0.4}, 2.0) == []  # not tried again yet
         assert triggers.unavailable == {missing: why}
+        assert triggers.arm({missing: 0.4}, RETRY_SECONDS + 1) == []  # tried again: there now
+        assert triggers.unavailable == {}
+        assert list(triggers.armed()) == [str(missing)]  # (a plain file takes any write)
+        assert triggers.arm({}, RETRY_SECONDS + 2) == []
+        assert triggers.armed() == {}
+        assert triggers.arm({tmp_path / "gone" / "memory.pressure": 0.4}, 0.0) != []
+        assert triggers.arm({}, 1.0) == []
+        assert triggers.unavailable == {}  # no worker needs it any more: forgotten
     finally:
         triggers.close()
 
