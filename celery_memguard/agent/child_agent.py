@@ -82,6 +82,7 @@ class ChildAgent:
         self.left = LeftBehind()  # what its tasks left behind: the leave-before figure
         self.rang: set[str] = set()  # reasons the daemon was rung for already
         self.retake_at = 0.0
+        self.waited_for_unit = False  # job_loop's one wait for a unit of the grant
         self._settings_mtime = 0.0
         self._batch = Batch()
         self.headroom = Headroom(paths.room_path(socket_path, self.ppid), self.worker, pool)
@@ -193,12 +194,13 @@ class ChildAgent:
         if self.tracing.tracer is not None:
             self.tracing.end(rss - self.rss_before)
 
-    def leave_before(self, rss: int) -> bool:
+    def leave_before(self, rss: int) -> bool | None:
         """Leave before reading the next job, when the task it brings would likely take this
         child past its soft threshold and a unit of the grant is there. Before the read, not
         after it: nothing is read yet, so nothing is handed back (a child that exits between
         billiard's read of a job and its acknowledgement leaves the prefork pool to recover a
-        half-delivered job, which can stall it). False: read and run it (its end decides)."""
+        half-delivered job, which can stall it). False: read and run it (its end decides);
+        None: it would cross, but no unit is there now (job_loop waits a moment for one)."""
         now = time.monotonic()
         if (self.measure != "rss" or self.dry_run
                 or not self.left.would_cross(rss, self.soft_threshold)
@@ -206,7 +208,7 @@ class ChildAgent:
                 or rules.too_young(now - self.born, self.min_lifetime, rss, self.hard)):
             return False
         if not grants.take(self.grant_path, self.pid, self.worker, "soft"):
-            return False  # no unit: the task runs, and its end rings the daemon as usual
+            return None
         self.recycle_requested = True
         self.exit_reason = "soft"
         return True

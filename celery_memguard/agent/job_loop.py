@@ -17,6 +17,9 @@ from typing import Any
 from celery_memguard.agent.child_agent import CHILD_HELLO_SECONDS, ChildAgent
 from celery_memguard.protocol import messages
 
+UNIT_WAIT = 0.5  # seconds a child that would cross waits for a unit of its grant, once
+UNIT_STEP = 0.01
+
 
 def wrap_wait_for_job(agent: ChildAgent, original: Callable[..., Any],
                       describe: Callable[[Any], tuple[str, str, CodeType | None]],
@@ -75,9 +78,21 @@ def wrap_prepare_result(agent: ChildAgent, original: Callable[[Any], Any],
 
 
 def _leave_before_next(agent: ChildAgent) -> bool:
-    """At the read of the next job, by the RSS the last task left (nothing ran since)."""
+    """At the read of the next job, by the RSS the last task left (nothing ran since). A
+    child whose next task would likely cross, but that finds no unit of its grant (a sibling
+    just took the last one), waits for one at most ``UNIT_WAIT``, once in its life: the
+    daemon grants the worker's units again as soon as the sibling's exit reaches it. Without
+    the wait the task ran and crossed; with none left after it, the task runs as before and
+    its end asks the daemon (a storm held by the rate limit costs each child one wait)."""
     try:
-        return agent.leave_before(agent.last_rss)
+        verdict = agent.leave_before(agent.last_rss)
+        if verdict is None and not agent.waited_for_unit:
+            agent.waited_for_unit = True
+            deadline = time.monotonic() + UNIT_WAIT
+            while verdict is None and time.monotonic() < deadline and not agent.recycle_requested:
+                time.sleep(UNIT_STEP)
+                verdict = agent.leave_before(agent.last_rss)
+        return bool(verdict)
     except Exception:  # noqa: BLE001 - the agent never raises into the worker
         return False
 

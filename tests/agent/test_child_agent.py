@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -444,3 +446,32 @@ def test_in_a_dry_run_a_child_never_waits_for_its_container(
     agent.load_settings()
     assert agent.dry_run is dry_run
     assert agent.headroom.hold_max == hold
+
+
+def test_a_child_that_would_cross_waits_a_moment_for_a_unit_its_sibling_just_used_up(
+        tmp_path: Path) -> None:
+    """No unit left (a sibling took the last one and is leaving): the daemon grants the worker
+    again once the sibling's exit reaches it, and the child leaves before the task instead of
+    after it. Once in its life: with none coming, it runs the task as before."""
+    agent = _agent(tmp_path, grant=0)
+    for n in range(10):
+        agent.left.add("app.keep", 2 * MiB if n else 0)
+    agent.last_rss = 99 * MiB
+    granted = threading.Timer(0.1, lambda: grants.exchange(agent.grant_path, agent.worker, 1))
+    granted.start()
+    started = time.monotonic()
+    assert job_loop._leave_before_next(agent)
+    assert 0.09 <= time.monotonic() - started < job_loop.UNIT_WAIT
+    assert _taken(agent) == [(os.getpid(), "soft")]
+
+    (tmp_path / "b").mkdir()
+    other = _agent(tmp_path / "b", grant=0)
+    for n in range(10):
+        other.left.add("app.keep", 2 * MiB if n else 0)
+    other.last_rss = 99 * MiB
+    started = time.monotonic()
+    assert not job_loop._leave_before_next(other)
+    assert time.monotonic() - started >= job_loop.UNIT_WAIT
+    started = time.monotonic()
+    assert not job_loop._leave_before_next(other)
+    assert time.monotonic() - started < job_loop.UNIT_WAIT / 2  # waited once already
