@@ -41,6 +41,7 @@ MAX_NAMES = 256  # task names whose needs this child remembers
 REFRESH_SECONDS = 1.0  # how often the worker's shared needs are read again
 LEARN_MARGIN = 1 << 20  # a need is written to the room when it exceeds the known one by this
 FIRST_RUN_WAIT = 1.0  # seconds another child's first run of a name holds this one at most
+ROOM_WAIT = 0.5  # seconds a child's first task waits for the daemon to make the room file
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class Headroom:
         self.reserved = False  # this child's running task has a reservation in the room
         self.maxrss_before = 0  # ru_maxrss when the running task began (KiB)
         self._first: str | None = None  # the name whose first run in the worker this child runs
+        self._room_awaited = False  # this child's first task waited for the room file
         self._usage_fd: int | None = None
         self._next_look = 0.0
         self._next_refresh = 0.0
@@ -103,6 +105,8 @@ class Headroom:
         if self.line <= 0 or self._usage_fd is None:
             return None
         start = self._clock()
+        if self.room_path is not None and not self._room_awaited:
+            self._await_room(start)
         waited = (self.room_path is not None and name not in self.needs
                   and self._first_run(name, start))
         now = self._clock()
@@ -131,6 +135,16 @@ class Headroom:
         if current is None:  # it waited for a first run only
             current = self._working_set(self._usage())
         return Held(self._clock() - start, current, self.line, gave_up)
+
+    def _await_room(self, start: float) -> None:
+        """A fresh worker's first tasks can start before the daemon has heard of it and made
+        its room file; without it no child can tell what the others start. So a child's
+        first task waits for it, at most ``ROOM_WAIT`` (the daemon makes it at the first
+        child's hello)."""
+        self._room_awaited = True
+        while (not os.path.exists(self.room_path or "")
+               and self._clock() - start < min(ROOM_WAIT, self.hold_max)):
+            self._sleep(STEP)
 
     def _first_run(self, name: str, start: float) -> bool:
         """Before this child's first run of a name: while another child's first run of it is

@@ -72,6 +72,7 @@ class WorkerRec:
     reported_container: ContainerReading | None = None  # as its agent read it (its hello)
     container_over_since: float | None = None  # past its soft line, or under pressure, since
     announced: bool = False  # its main process said hello (else it is known from its children)
+    room_made: bool = False  # its room file (protocol.room) was made for its children
     first_report: float | None = None  # when the first child report named it as a parent
     hello_overdue: bool = False  # known from its children past the grace, and still no hello
     jitter_pool: int = 0  # the pool size its children's jitter is computed for (0: unknown)

@@ -126,8 +126,11 @@ class Supervisor:
         self.publish_quarantine()
         if isinstance(message, messages.WorkerHello) and worker is not None:
             self._refresh_children(worker, now)
-            if message.pool == "prefork":  # its children share what their tasks need there
-                self.publisher.read_room(worker.proc.pid, (worker.proc.pid, worker.proc.start))
+        if worker is not None and not worker.room_made and (
+                isinstance(message, messages.ChildHello)  # a pool's children start first
+                or (isinstance(message, messages.WorkerHello) and message.pool == "prefork")):
+            self.publisher.read_room(worker.proc.pid, (worker.proc.pid, worker.proc.start))
+            worker.room_made = True  # its children share what their tasks need there
         if isinstance(message, messages.WorkerBye):
             self.publisher.remove_grant(message.pid)
         if worker is None:

@@ -261,3 +261,24 @@ def test_in_a_dry_run_nobody_waits_for_a_first_run(tmp_path: Path, sibling: int)
     box.headroom.configure(0.85, 0.0)  # a dry run publishes no wait
     room.update(path, worker, lambda r: r.first.append((sibling, "app.big", 0)))
     assert box.headroom.hold("app.big", 50 * MiB) is None
+
+
+def test_a_childs_first_task_waits_a_moment_for_the_daemon_to_make_the_room(
+        tmp_path: Path) -> None:
+    """A fresh worker's first tasks can start before the daemon has made its room file: the
+    first task of each child waits for it (here it appears after 0.2 s), at most ROOM_WAIT,
+    and then marks its first run there. Later tasks do not wait for it again."""
+    worker = (4242, 1)
+    path = paths.room_path(str(tmp_path / "agent.sock"), 4242)
+    box = Container(tmp_path / "c", room_path=path, worker=worker, pool=3)
+    box.headroom.configure(0.85, 30.0)
+    box.then.append((0.2, lambda: room.create(path, worker)))
+    assert box.headroom.hold("app.new", 50 * MiB) is None
+    assert 0.2 <= box.now < 0.2 + 2 * STEP
+    shared = room.read(path, worker)
+    assert shared is not None
+    assert [f[1] for f in shared.first] == ["app.new"]
+    os.unlink(path)
+    now = box.now
+    box.headroom.hold("app.other", 50 * MiB)
+    assert box.now == now

@@ -3,13 +3,14 @@ the pool size both sides compute the jitter for, and messages it cannot attach t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from celery_memguard.daemon.status import status_document
 from celery_memguard.daemon.supervisor import HELLO_GRACE
-from celery_memguard.protocol import hooks, messages, rules
+from celery_memguard.protocol import hooks, messages, paths, room, rules
 from tests.builders import KID0, KID1, MAIN, MiB, child_hello, dgram, hello, task_end
 from tests.daemon.harness import make
 from tests.fakes import FakeProcs
@@ -146,3 +147,13 @@ def test_a_child_the_hello_does_not_list_as_a_pool_slot_is_not_shown(procs: Fake
     sup.tick(1.0)
     shown = status_document(sup.view)["workers"][0]["children"]
     assert sorted((c["pid"], c["index"]) for c in shown) == [(KID0, 0), (KID1, 1)]
+
+
+def test_the_room_file_is_made_at_the_first_childs_hello(procs: FakeProcs) -> None:
+    """A fresh worker's children can take tasks before its main process's hello: the room
+    through which they share what their tasks need is made as soon as the first child speaks."""
+    sup = make(procs)
+    path = Path(paths.room_path(str(sup.config.agent.socket), MAIN))
+    assert not path.exists()
+    sup.receive(dgram(child_hello(KID0)), 0.0)
+    assert room.read(str(path), (MAIN, MAIN * 10)) is not None
