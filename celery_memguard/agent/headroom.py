@@ -7,7 +7,8 @@ run, and a child asked to leave meanwhile leaves at once and the pool gives the 
 
 - **Far from the line** (the whole pool could start its largest known task and stay under it)
   nothing is checked, and the usage is read again only as often as a container growing
-  ``FASTEST_GROWTH`` could close the gap.
+  ``FASTEST_GROWTH`` could close the gap; only a name this child never ran is looked up in
+  the worker's room file first (below).
 - **Near it**, the child counts its container's working set (usage less inactive page cache),
   what its task name needs (the most a run of it raised a child's RSS, shared by the worker's
   children through the room file), and what tasks that other children started have not yet
