@@ -106,9 +106,9 @@ class ChildAgent:
         self.last_hello = time.monotonic()
         self.load_settings()
         self.send(messages.ChildHello(pid=self.pid, ppid=self.ppid, index=self.index,
-                                       tasks=self.tasks, rss=self.statm.rss(),
-                                       node=self.node[: messages.MAX_NAME], jitter_pool=self.pool,
-                                       missing=self.missing[: messages.MAX_HOOKS]))
+                                      tasks=self.tasks, rss=self.statm.rss(),
+                                      node=self.node[: messages.MAX_NAME], jitter_pool=self.pool,
+                                      missing=self.missing[: messages.MAX_HOOKS]))
 
     def load_settings(self) -> None:
         """Pick up the limits and rules the daemon publishes beside its socket, when changed."""
@@ -158,8 +158,8 @@ class ChildAgent:
         """A quarantined task id: it fails as its body starts, and the daemon hears of it."""
         self._untrace = raise_in_body(run_code, MemoryLimitExceeded(0, 0, "quarantined", detail))
         self.send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
-                                            task=self.task_name, id=self.task_id,
-                                            rss=self.rss_before, limit=0, reason="quarantined"))
+                                           task=self.task_name, id=self.task_id,
+                                           rss=self.rss_before, limit=0, reason="quarantined"))
 
     def end(self, ok: bool) -> None:
         self.watch.task_ended()
@@ -285,8 +285,8 @@ class ChildAgent:
         if self.exit_reason == "requested":
             self.exit_reason = "hard"
         self.send(messages.TaskInterrupted(pid=self.pid, ppid=self.ppid, index=self.index,
-                                        task=self.task_name, id=self.task_id, rss=rss,
-                                        limit=limit))
+                                           task=self.task_name, id=self.task_id, rss=rss,
+                                           limit=limit))
 
     # -- leaving ----------------------------------------------------------------------------
 

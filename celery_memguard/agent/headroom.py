@@ -19,10 +19,9 @@ run, and a child asked to leave meanwhile leaves at once and the pool gives the 
   others wait until its run has ended, at most ``FIRST_RUN_WAIT``, then judge with what it
   took (a run writes what it has reached from the watch thread as it goes): three children
   that each start a task of 150 MiB in a container with room for two would otherwise all
-  allocate before any of them knows. A first run that shows nothing within
-  the wait (it allocates later, or little) can still overcommit a container: an OOM kill,
-  counted and quarantined, and a task that grows in steps is interrupted at the container's
-  hard line by the daemon.
+  allocate before any of them knows. A first run that allocates only after the wait (or in
+  small steps) can still overcommit a container: an OOM kill, counted and quarantined, and a
+  task that grows in steps is interrupted at the container's hard line by the daemon.
 """
 
 from __future__ import annotations
@@ -170,8 +169,9 @@ class Headroom:
                     self._first = name
                 return False  # known, or this run is the first: the usual check decides
 
-            busy = room.update(self.room_path or "", self.worker, change)
-            if busy is None or busy is False or self._clock() - start >= wait:
+            outcome = room.update(self.room_path or "", self.worker, change)
+            # True: another's first run is under way; BUSY: the room is being written. Else go.
+            if outcome is None or outcome is False or self._clock() - start >= wait:
                 return waited
             waited = True  # another's first run, or the room busy: look again shortly
             self._sleep(STEP)

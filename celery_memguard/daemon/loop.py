@@ -73,9 +73,7 @@ class Daemon:
         inbox.open()
         self.inbox = inbox
         supervisor.connections = lambda: inbox.connections
-        supervisor.stall_triggers = lambda: {"armed": self.triggers.armed(),
-                                             "unavailable": {str(path): why for path, why in
-                                                             self.triggers.unavailable.items()}}
+        supervisor.stall_triggers = self.triggers.status
         raise_fd_limit()
         supervisor.publisher.remove_grants()  # a previous daemon's: each is written anew
         supervisor.publisher.settings(self.config)

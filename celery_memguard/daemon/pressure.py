@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 WINDOWS = (0.5, 2.0)  # seconds, tried in order
 RETRY_SECONDS = 60.0  # a file that took no trigger is tried again this often
@@ -96,8 +97,13 @@ class StallTriggers:
             self._disarm(found[0])
 
     def armed(self) -> dict[str, float]:
-        """Each armed file with its window in seconds (for /status)."""
+        """Each armed file with its window in seconds."""
         return {str(path): window for path, (_, _, window) in self._armed.items()}
+
+    def status(self) -> dict[str, Any]:
+        """What /status shows: the armed files with their windows, the others with why."""
+        return {"armed": self.armed(),
+                "unavailable": {str(path): why for path, why in self.unavailable.items()}}
 
     def close(self) -> None:
         for path in list(self._armed):
