@@ -32,6 +32,7 @@ class FakeProcs(Procs):
     signals: list[tuple[int, int]] = field(default_factory=list)
     denied: set[int] = field(default_factory=set)
     containers: dict[int, ContainerReading] = field(default_factory=dict)  # worker pid -> cgroup
+    pressure_file: Path | None = None  # where every container's pressure is read (PSI)
 
     def __post_init__(self) -> None:
         Procs.__init__(self, root="/nonexistent")
@@ -69,7 +70,8 @@ class FakeProcs(Procs):
         if pid not in self.containers:
             return None
         where = Path(f"/fake/cgroup/{pid}")
-        return Container(version=2, directory=where, pressure_file=None, path=str(where), own=where)
+        return Container(version=2, directory=where, pressure_file=self.pressure_file,
+                         path=str(where), own=where)
 
     def read_container(self, container: Container) -> ContainerReading | None:
         return self.containers.get(int(container.directory.name))

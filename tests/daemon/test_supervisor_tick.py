@@ -14,7 +14,7 @@ from celery_memguard.daemon.containers import CONTAINER_CHECK_MIN
 from celery_memguard.daemon.decision import Decision, Reason
 from celery_memguard.daemon.readings import ProcId
 from celery_memguard.protocol import messages, rules
-from celery_memguard.protocol.cgroups import Container, ContainerReading, Pressure
+from celery_memguard.protocol.cgroups import ContainerReading, Pressure
 from celery_memguard.protocol.signals import CONTAINER_SIGNAL
 from tests.builders import KID0, KID1, MAIN, MiB, batch, child_hello, dgram, hello, task_end
 from tests.daemon.harness import make
@@ -374,9 +374,7 @@ def test_a_stall_reads_the_container_at_once_and_interrupts_the_growing_task_pas
     the task that grew is interrupted without waiting for the next tick. A trigger of another
     file changes nothing."""
     psi = Path("/fake/psi")
-    procs.container = lambda pid: Container(  # type: ignore[method-assign]
-        version=2, directory=Path(f"/fake/cgroup/{pid}"), pressure_file=psi,
-        path=f"/fake/cgroup/{pid}", own=Path(f"/fake/cgroup/{pid}"))
+    procs.pressure_file = psi
     procs.containers[MAIN] = ContainerReading(usage=600 * MiB, working_set=500 * MiB,
                                               limit=1000 * MiB, high=None, events={},
                                               pressure=None)

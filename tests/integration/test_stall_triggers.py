@@ -23,7 +23,7 @@ import pytest
 from celery_memguard.daemon import config
 from celery_memguard.daemon.pressure import RETRY_SECONDS, StallTriggers
 from celery_memguard.protocol import messages
-from celery_memguard.protocol.cgroups import Container, ContainerReading
+from celery_memguard.protocol.cgroups import ContainerReading
 from tests.builders import MiB, hello
 from tests.fakes import FakeProcs
 from tests.support import MemoryCgroup, daemon_on_a_thread, free_port, wait_for
@@ -132,9 +132,7 @@ def test_a_stall_wakes_the_daemon_and_its_workers_container_is_read_at_once(
     procs.containers[os.getpid()] = ContainerReading(
         usage=100 * MiB, working_set=90 * MiB, limit=1024 * MiB, high=None, events={},
         pressure=None)
-    where = Path("/fake/cgroup") / str(os.getpid())
-    procs.container = lambda pid: Container(  # type: ignore[method-assign]
-        version=1, directory=where, pressure_file=SYSTEM, path=str(where), own=where)
+    procs.pressure_file = SYSTEM
     cfg = config.parse({"agent": {"socket": str(tmp_path / "agent.sock")},
                         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
                         "limits": {"container_pressure": "5%"},
